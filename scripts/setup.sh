@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Creates .venv and installs Souverain with its test tools. Idempotent: re-runs only when
+# pyproject.toml changed. torch is pinned to the CPU build 2.13.0 in pyproject.toml.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=python3.11
+command -v "$PY" >/dev/null 2>&1 || PY=python3
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+stamp=".venv/.souverain-installed"
+want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  .venv/bin/python -m pip install --quiet --disable-pip-version-check --upgrade pip
+  .venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[test]"
+  echo "$want" > "$stamp"
+fi

@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# The test suite: set up, lint, then pytest (extra arguments go to pytest).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+.venv/bin/ruff check souverain tests
+exec .venv/bin/python -m pytest -q "$@"

@@ -1,0 +1,1 @@
+"""Generation. `simple` is the batch-1 loop; the batched engine builds on the same model API."""

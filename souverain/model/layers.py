@@ -1,0 +1,80 @@
+"""The blocks of a decoder layer: RMSNorm, attention (GQA, sliding window), SwiGLU feed-forward."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from souverain.model.args import ModelArgs
+from souverain.model.kv import KVView
+from souverain.model.moe import MoeFeedForward
+from souverain.model.rope import apply_rope
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 whatever the compute dtype, as the reference implementations do.
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.hd
+        bias = args.attention_bias
+        self.wq = nn.Linear(args.dim, args.n_heads * args.hd, bias=bias)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.hd, bias=bias)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.hd, bias=bias)
+        self.wo = nn.Linear(args.n_heads * args.hd, args.dim, bias=bias)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                mask: torch.Tensor | None, kv: KVView | None) -> torch.Tensor:
+        """x [B, T, D]; mask [B, 1, T, S] (True = may attend) or None for plain causal attention."""
+        b, t, _ = x.shape
+        q = self.wq(x).view(b, t, self.n_heads, self.head_dim)
+        k = self.wk(x).view(b, t, self.n_kv_heads, self.head_dim)
+        v = self.wv(x).view(b, t, self.n_kv_heads, self.head_dim)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if kv is not None:
+            k, v = kv.update(self.layer, k, v)  # [B, S, Hkv, hd]
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),  # [B, H, T|S, hd]
+            attn_mask=mask, is_causal=mask is None, enable_gqa=self.n_heads != self.n_kv_heads,
+        )
+        return self.wo(out.transpose(1, 2).reshape(b, t, -1))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(args.dim, args.hidden_dim, bias=args.mlp_bias)
+        self.w2 = nn.Linear(args.hidden_dim, args.dim, bias=args.mlp_bias)
+        self.w3 = nn.Linear(args.dim, args.hidden_dim, bias=args.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs, layer: int) -> None:
+        super().__init__()
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.attention = Attention(args, layer)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+        self.feed_forward: nn.Module = MoeFeedForward(args) if args.moe else FeedForward(args)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                mask: torch.Tensor | None, kv: KVView | None) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), rope, mask, kv)
+        return h + self.feed_forward(self.ffn_norm(h))

@@ -1,0 +1,59 @@
+"""The decoder-only transformer: embeddings, N blocks, final norm, output projection."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from souverain.model.args import ModelArgs
+from souverain.model.kv import KVView
+from souverain.model.layers import RMSNorm, TransformerBlock
+from souverain.model.rope import rope_cos_sin, rope_inv_freq
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(TransformerBlock(args, i) for i in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        # Tied models (SmolLM2) project with the embedding matrix and own no output weight.
+        self.output = None if args.tie_embeddings else nn.Linear(args.dim, args.vocab_size, bias=False)
+        # A plain attribute, not a buffer: it stays fp32 whatever dtype the weights take,
+        # and is built on the CPU even under a `meta` device context.
+        self._inv_freq = rope_inv_freq(args)
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
+                kv: KVView | None = None) -> torch.Tensor:
+        """tokens [B, T] -> logits [B, T, V].
+
+        positions [B, T] defaults to 0..T-1. Without `kv` this is plain causal attention over the
+        given tokens; with `kv` the step's keys/values are written there and earlier ones are read.
+        """
+        b, t = tokens.shape
+        if positions is None:
+            positions = torch.arange(t, device=tokens.device).expand(b, t)
+        if self._inv_freq.device != tokens.device:
+            self._inv_freq = self._inv_freq.to(tokens.device)
+        h = self.tok_embeddings(tokens)
+        rope = rope_cos_sin(self._inv_freq, positions, h.dtype)
+        mask = self._mask(positions, kv)
+        for layer in self.layers:
+            h = layer(h, rope, mask, kv)
+        h = self.norm(h)
+        weight = self.tok_embeddings.weight if self.output is None else self.output.weight
+        return F.linear(h, weight)
+
+    def _mask(self, positions: torch.Tensor, kv: KVView | None) -> torch.Tensor | None:
+        """[B, 1, T, S] bool, True where a query may attend a key; None means plain causal."""
+        window = self.args.sliding_window
+        if kv is None and (window is None or positions.shape[1] <= window):
+            return None
+        keys = positions if kv is None else kv.key_positions(positions)  # [B, S]
+        q, k = positions[:, :, None], keys[:, None, :]  # [B, T, 1], [B, 1, S]
+        allowed = (k >= 0) & (k <= q)
+        if window is not None:
+            allowed &= q - k < window
+        return allowed[:, None]

@@ -1,0 +1,89 @@
+"""Tokenizers backed by HF `tokenizers` (from tokenizer.json, or built from a GGUF vocabulary)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from tokenizers import Tokenizer as RawTokenizer
+
+from souverain.tokenizer.base import ChatMessage
+from souverain.tokenizer.chat import ChatTemplateError, render_chat
+
+
+class HFTokenizer:
+    def __init__(self, raw: RawTokenizer, *, bos: str | None, eos: Sequence[str], add_bos: bool,
+                 chat_template: str | None, extra_eos_ids: Sequence[int] = ()) -> None:
+        self.raw = raw
+        self.vocab_size = raw.get_vocab_size(with_added_tokens=True)
+        self.bos_token = bos
+        self.bos_id = raw.token_to_id(bos) if bos else None
+        self.eos_tokens = [e for e in eos if raw.token_to_id(e) is not None]
+        self.eos_ids = frozenset([raw.token_to_id(e) for e in self.eos_tokens] + list(extra_eos_ids))
+        self.add_bos = add_bos and self.bos_id is not None
+        self.chat_template = chat_template
+        self._special = frozenset(i for i, t in raw.get_added_tokens_decoder().items() if t.special)
+
+    def encode(self, text: str, *, add_special: bool = True, parse_special: bool = True) -> list[int]:
+        self.raw.encode_special_tokens = not parse_special
+        try:
+            ids = self.raw.encode(text, add_special_tokens=False).ids
+        finally:
+            self.raw.encode_special_tokens = False
+        if add_special and self.add_bos:
+            ids = [self.bos_id, *ids]  # type: ignore[list-item]
+        return ids
+
+    def decode(self, ids: Sequence[int], *, skip_special: bool = True) -> str:
+        return self.raw.decode(list(ids), skip_special_tokens=skip_special)
+
+    def is_special(self, token_id: int) -> bool:
+        return token_id in self._special
+
+    def render_chat(self, messages: Sequence[ChatMessage], *, add_generation_prompt: bool = True,
+                    tools: Sequence[dict[str, Any]] | None = None) -> str:
+        if not self.chat_template:
+            raise ChatTemplateError("this model has no chat template")
+        return render_chat(self.chat_template, messages, add_generation_prompt=add_generation_prompt, tools=tools,
+                           bos_token=self.bos_token or "", eos_token=self.eos_tokens[0] if self.eos_tokens else "")
+
+    def apply_chat_template(self, messages: Sequence[ChatMessage], *, add_generation_prompt: bool = True,
+                            tools: Sequence[dict[str, Any]] | None = None) -> list[int]:
+        # The template writes BOS itself where the model wants one, as transformers assumes.
+        text = self.render_chat(messages, add_generation_prompt=add_generation_prompt, tools=tools)
+        return self.encode(text, add_special=False, parse_special=True)
+
+
+def _token_str(value: Any) -> str | None:
+    if isinstance(value, dict):  # {"content": "<s>", ...} in older tokenizer_config files
+        return value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def hf_tokenizer_from_folder(folder: Path) -> HFTokenizer:
+    """tokenizer.json plus tokenizer_config.json (specials, chat template) and generation_config."""
+    import json
+
+    raw = RawTokenizer.from_file(str(folder / "tokenizer.json"))
+    config: dict[str, Any] = {}
+    if (folder / "tokenizer_config.json").exists():
+        config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+    template = config.get("chat_template")
+    if (folder / "chat_template.jinja").exists():
+        template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
+    if isinstance(template, list):  # named templates: take the default one
+        template = next((t["template"] for t in template if t.get("name") == "default"), None)
+    extra_eos: list[int] = []
+    if (folder / "generation_config.json").exists():
+        eos = json.loads((folder / "generation_config.json").read_text(encoding="utf-8")).get("eos_token_id")
+        extra_eos = [eos] if isinstance(eos, int) else list(eos or [])
+    bos = _token_str(config.get("bos_token"))
+    eos_token = _token_str(config.get("eos_token"))
+    # tokenizer.json's post-processor is what adds BOS in transformers; we add it ourselves, so
+    # read whether it does.
+    post = json.loads(raw.to_str()).get("post_processor") or {}
+    add_bos = config.get("add_bos_token", bos is not None and bos in json.dumps(post))
+    raw.post_processor = None
+    return HFTokenizer(raw, bos=bos, eos=[eos_token] if eos_token else [], add_bos=bool(add_bos),
+                       chat_template=template, extra_eos_ids=extra_eos)

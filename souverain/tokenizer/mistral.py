@@ -1,0 +1,58 @@
+"""Mistral's own tokenizers (SentencePiece v1-v7, tekken) through mistral-common."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from mistral_common.protocol.instruct.request import ChatCompletionRequest
+from mistral_common.tokens.tokenizers.base import SpecialTokenPolicy
+from mistral_common.tokens.tokenizers.mistral import MistralTokenizer as MistralCommonTokenizer
+
+from souverain.tokenizer.base import ChatMessage
+
+# The files mistral-common knows: tekken.json, tokenizer.model.v1/v3/v7..., and older names.
+MISTRAL_FILES = ("tekken.json", "tokenizer.model.v*", "mistral_instruct_tokenizer_*", "tokenizer.model")
+
+
+class MistralTokenizer:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.mistral = MistralCommonTokenizer.from_file(str(path))
+        self.raw = self.mistral.instruct_tokenizer.tokenizer
+        self.vocab_size = self.raw.n_words
+        self.bos_id: int | None = self.raw.bos_id
+        self.eos_ids = frozenset([self.raw.eos_id])
+        self._special = frozenset(self.raw.special_ids) if hasattr(self.raw, "special_ids") else frozenset()
+
+    def encode(self, text: str, *, add_special: bool = True, parse_special: bool = True) -> list[int]:
+        # mistral-common never turns text into control tokens, whatever parse_special says:
+        # "[INST]" typed by a user stays plain text, which is what a chat server wants.
+        return list(self.raw.encode(text, bos=add_special, eos=False))
+
+    def decode(self, ids: Sequence[int], *, skip_special: bool = True) -> str:
+        policy = SpecialTokenPolicy.IGNORE if skip_special else SpecialTokenPolicy.KEEP
+        return str(self.raw.decode(list(ids), special_token_policy=policy))
+
+    def is_special(self, token_id: int) -> bool:
+        return token_id in self._special
+
+    def apply_chat_template(self, messages: Sequence[ChatMessage], *, add_generation_prompt: bool = True,
+                            tools: Sequence[dict[str, Any]] | None = None) -> list[int]:
+        """Mistral's instruct format, as mistral-common builds it (a final assistant message is
+        continued when add_generation_prompt is False)."""
+        request: dict[str, Any] = {"messages": list(messages)}
+        if tools:
+            request["tools"] = list(tools)
+        if not add_generation_prompt and messages and messages[-1].get("role") == "assistant":
+            request["continue_final_message"] = True
+        return list(self.mistral.encode_chat_completion(ChatCompletionRequest(**request)).tokens)
+
+
+def find_mistral_tokenizer(folder: Path) -> Path | None:
+    for pattern in MISTRAL_FILES:
+        found = sorted(folder.glob(pattern))
+        if found:
+            return found[-1]  # the newest version when several are shipped
+    return None

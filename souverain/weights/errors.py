@@ -1,0 +1,20 @@
+"""One error type for every checkpoint problem, always naming the file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class WeightsError(ValueError):
+    def __init__(self, path: str | Path, problem: str) -> None:
+        super().__init__(f"{path}: {problem}")
+        self.path = str(path)
+        self.problem = problem
+
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def refuse_pickle(path: str | Path) -> WeightsError:
+    return WeightsError(path, "pickle checkpoint refused: loading a pickle can run arbitrary code. "
+                              "Convert it to safetensors (or GGUF) with a tool you trust, then load that.")

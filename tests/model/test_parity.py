@@ -1,0 +1,90 @@
+"""Our Transformer against HF transformers on the same random weights, from every format."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+from gguf import GGMLQuantizationType
+
+from souverain.weights import load_model
+from tests.writers import build_hf, our_state, quantize_roundtrip, write_gguf, write_mistral
+
+CASES = {
+    # A window of 8 over 24-token prompts: most queries see only part of their past.
+    "mistral": ("mistral", dict(sliding_window=8)),
+    "mixtral": ("mixtral", dict(num_local_experts=8, num_experts_per_tok=2, sliding_window=None)),
+    "llama_tied": ("llama", dict(tie_word_embeddings=True, attention_bias=True, mlp_bias=True,
+                                 rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
+                                                   high_freq_factor=4.0, original_max_position_embeddings=16),
+                                 rope_theta=500000.0)),
+}
+TOL = 1e-4
+
+
+def prompts() -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(0, 256, (3, 24), generator=g)
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def reference(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    kind, overrides = CASES[request.param]
+    folder = tmp_path_factory.mktemp(request.param)
+    model = build_hf(kind, folder, **overrides)
+    with torch.no_grad():
+        logits = model(prompts()).logits
+    return request.param, folder, model, logits
+
+
+def _ours(path: Path) -> torch.Tensor:
+    with torch.no_grad():
+        return load_model(path)(prompts())
+
+
+def test_hf_layout_matches_transformers(reference) -> None:
+    _, folder, _, expected = reference
+    assert (_ours(folder) - expected).abs().max().item() <= TOL
+
+
+def test_hf_sharded_layout(reference, tmp_path: Path) -> None:
+    _, _, model, expected = reference
+    model.save_pretrained(tmp_path, max_shard_size="20KB")
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    assert (_ours(tmp_path) - expected).abs().max().item() <= TOL
+
+
+def test_mistral_layout_matches(reference, tmp_path: Path) -> None:
+    name, folder, _, expected = reference
+    if name == "llama_tied":
+        pytest.skip("Mistral's params.json has no Llama 3 rope scaling")
+    args, state = our_state(folder)
+    write_mistral(args, state, tmp_path)
+    assert (_ours(tmp_path) - expected).abs().max().item() <= TOL
+
+
+def test_gguf_f32_matches(reference, tmp_path: Path) -> None:
+    _, folder, _, expected = reference
+    args, state = our_state(folder)
+    write_gguf(args, state, tmp_path / "m.gguf")
+    assert (_ours(tmp_path / "m.gguf") - expected).abs().max().item() <= TOL
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "F16", "BF16"])
+def test_gguf_quantised_matches_dequantised_reference(reference, tmp_path: Path, qtype: str) -> None:
+    name, folder, model, _ = reference
+    if qtype != "Q8_0" and name != "mistral":
+        pytest.skip("Q8_0 on every architecture; the other types on one")
+    quant = GGMLQuantizationType[qtype]
+    args, state = our_state(folder)
+    write_gguf(args, state, tmp_path / "q.gguf", quant)
+    # The reference: transformers with every matrix replaced by its round trip through `qtype`.
+    model = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.copy_(quantize_roundtrip(p.reshape(-1, p.shape[-1]), quant).reshape(p.shape))
+        expected = model(prompts()).logits
+    assert (_ours(tmp_path / "q.gguf") - expected).abs().max().item() <= TOL

@@ -1,0 +1,79 @@
+"""The real packaged SmolLM2-135M-Instruct (GGUF Q4_1) against transformers loading the same file."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from souverain import load_model, load_tokenizer
+from souverain.engine.simple import generate_tokens
+
+PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):\n    ",
+    "Once upon a time, in a land far away, there lived",
+    "Les fromages français les plus connus sont",
+    "1, 1, 2, 3, 5, 8,",
+]
+
+
+@pytest.fixture(scope="module")
+def ours(smollm2_path: Path):
+    return load_model(smollm2_path), load_tokenizer(smollm2_path)
+
+
+@pytest.fixture(scope="module")
+def reference(smollm2_path: Path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(smollm2_path.parent, gguf_file=smollm2_path.name,
+                                                dtype=torch.float32).eval()
+
+
+def test_logits_match_transformers(ours, reference) -> None:
+    model, tok = ours
+    for prompt in PROMPTS:
+        ids = torch.tensor([tok.encode(prompt)])
+        with torch.no_grad():
+            diff = (model(ids) - reference(ids).logits).abs().max().item()
+        assert diff <= 1e-3, (prompt, diff)
+
+
+def test_greedy_continuations_identical(ours, reference) -> None:
+    model, tok = ours
+    for prompt in PROMPTS[:3]:
+        ids = tok.encode(prompt)
+        got = list(generate_tokens(model, ids, max_tokens=32))
+        with torch.no_grad():
+            out = reference.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False,
+                                     eos_token_id=None, pad_token_id=0)
+        assert got == out[0, len(ids):].tolist(), prompt
+
+
+def test_chat_answer_names_paris(ours) -> None:
+    model, tok = ours
+    ids = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}])
+    out = list(generate_tokens(model, ids, max_tokens=40, stop_ids=tok.eos_ids))
+    assert "Paris" in tok.decode(out)
+
+
+def test_cli_generate_names_paris(smollm2_path: Path) -> None:
+    done = subprocess.run([sys.executable, "-m", "souverain", "generate", str(smollm2_path),
+                           "The capital of France is", "--max-tokens", "12"],
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("The capital of France is")
+    assert "Paris" in done.stdout[len("The capital of France is"):]
+
+
+def test_cli_generate_bad_model_fails_cleanly(tmp_path: Path) -> None:
+    bad = tmp_path / "model.gguf"
+    bad.write_bytes(b"GGUF\x03\x00\x00\x00" + b"\xff" * 16)
+    done = subprocess.run([sys.executable, "-m", "souverain", "generate", str(bad), "hi"],
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 1
+    assert "model.gguf" in done.stderr and "Traceback" not in done.stderr
