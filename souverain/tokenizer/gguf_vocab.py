@@ -45,15 +45,16 @@ def _bpe(tokens: Sequence[str], merges: Sequence[str], pre: str) -> RawTokenizer
 
 
 def _spm_merges(tokens: Sequence[str], scores: Sequence[float], types: Sequence[int]) -> list[tuple[str, str]]:
-    """SentencePiece-BPE merges, ranked by the merged piece's score (llama.cpp's rule: the
-    adjacent pair whose union has the highest score merges first)."""
+    """SentencePiece-BPE as BPE merges: the adjacent pair whose union scores highest merges first
+    (llama.cpp's and sentencepiece's rule). Splits of the same piece tie on score; SentencePiece
+    merges leftmost first, so runs grow from the left: the split with the longer left part wins."""
     vocab = {t: i for i, t in enumerate(tokens) if types[i] == NORMAL}
     ranked = []
     for piece, i in vocab.items():
         for cut in range(1, len(piece)):
             left, right = piece[:cut], piece[cut:]
             if left in vocab and right in vocab:
-                ranked.append((-scores[i], vocab[left], vocab[right], left, right))
+                ranked.append((-scores[i], -cut, left, right))
     ranked.sort()
     return [(left, right) for *_, left, right in ranked]
 

@@ -1,0 +1,44 @@
+"""Mistral's tokenizer files, as the mistral-common package ships them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mistral_common
+
+DATA = Path(mistral_common.__file__).parent / "data"
+MISTRAL_FILES = {
+    "v1": "tokenizer.model.v1",
+    "v3": "mistral_instruct_tokenizer_240323.model.v3",
+    "v7": "mistral_instruct_tokenizer_241114.model.v7",
+    "tekken": "tekken_240911.json",
+}
+
+
+def mistral_file(version: str) -> Path:
+    return DATA / MISTRAL_FILES[version]
+
+
+def spm_gguf_metadata(path: Path) -> dict[str, object]:
+    """The tokenizer metadata llama.cpp's converter writes for a SentencePiece model."""
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(path))
+    tokens, scores, types = [], [], []
+    for i in range(sp.get_piece_size()):
+        tokens.append(sp.id_to_piece(i))
+        scores.append(sp.get_score(i))
+        if sp.is_unknown(i):
+            types.append(2)
+        elif sp.is_control(i):
+            types.append(3)
+        elif sp.is_byte(i):
+            types.append(6)
+        elif sp.is_unused(i):
+            types.append(5)
+        else:
+            types.append(1)
+    return {"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.scores": scores,
+            "tokenizer.ggml.token_type": types, "tokenizer.ggml.bos_token_id": sp.bos_id(),
+            "tokenizer.ggml.eos_token_id": sp.eos_id(), "tokenizer.ggml.unknown_token_id": sp.unk_id(),
+            "tokenizer.ggml.add_bos_token": True, "tokenizer.ggml.add_space_prefix": True}
