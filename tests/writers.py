@@ -106,6 +106,23 @@ def quantize_roundtrip(t: torch.Tensor, qtype: GGMLQuantizationType) -> torch.Te
     return torch.from_numpy(quants.dequantize(q, qtype).reshape(t.shape).copy())
 
 
+# Where the fp16 super-block scales sit in each k-quant block (byte offsets), and the block size.
+K_QUANT_SCALES = {"Q2_K": (84, (80, 82)), "Q3_K": (110, (108,)), "Q4_K": (144, (0, 2)),
+                  "Q5_K": (176, (0, 2)), "Q6_K": (210, (208,))}
+
+
+def random_k_quant(shape: tuple[int, ...], qtype: str, seed: int = 0) -> np.ndarray:
+    """Valid random k-quant bytes (gguf-py cannot quantise to these types): random payload,
+    small finite fp16 scales."""
+    block, scale_offsets = K_QUANT_SCALES[qtype]
+    rng = np.random.default_rng(seed)
+    n_blocks = int(np.prod(shape)) // 256
+    data = rng.integers(0, 256, (n_blocks, block), dtype=np.uint8)
+    for off in scale_offsets:
+        data[:, off : off + 2] = rng.uniform(0.001, 0.01, (n_blocks, 1)).astype(np.float16).view(np.uint8)
+    return data.reshape(*shape[:-1], shape[-1] // 256 * block)
+
+
 def write_gguf(args: ModelArgs, state: dict[str, torch.Tensor], path: Path,
                qtype: GGMLQuantizationType = GGMLQuantizationType.F32,
                metadata: dict[str, object] | None = None) -> None:
@@ -140,7 +157,9 @@ def write_gguf(args: ModelArgs, state: dict[str, torch.Tensor], path: Path,
     for name, t in state.items():
         data = _interleaved(name, t, args).contiguous().numpy().astype(np.float32)
         gname = gguf_tensor_name(name, args.moe is not None)
-        if data.ndim >= 2 and qtype != GGMLQuantizationType.F32:
+        if data.ndim >= 2 and qtype.name in K_QUANT_SCALES:
+            w.add_tensor(gname, random_k_quant(data.shape, qtype.name), raw_dtype=qtype)
+        elif data.ndim >= 2 and qtype != GGMLQuantizationType.F32:
             w.add_tensor(gname, quants.quantize(data, qtype), raw_dtype=qtype)
         else:
             w.add_tensor(gname, data)

@@ -88,3 +88,19 @@ def test_gguf_quantised_matches_dequantised_reference(reference, tmp_path: Path,
                 p.copy_(quantize_roundtrip(p.reshape(-1, p.shape[-1]), quant).reshape(p.shape))
         expected = model(prompts()).logits
     assert (_ours(tmp_path / "q.gguf") - expected).abs().max().item() <= TOL
+
+
+@pytest.mark.parametrize("qtype", ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"])
+def test_gguf_k_quants_match_transformers_reading_the_same_file(tmp_path: Path, qtype: str) -> None:
+    """k-quant blocks hold 256 values, so these use wider matrices (hidden 256, MLP 512). The
+    reference is transformers loading the very same GGUF file."""
+    import transformers
+
+    folder = tmp_path / "hf"
+    build_hf("llama", folder, hidden_size=256, intermediate_size=512)
+    args, state = our_state(folder)
+    write_gguf(args, state, tmp_path / "k.gguf", GGMLQuantizationType[qtype])
+    ref = transformers.LlamaForCausalLM.from_pretrained(tmp_path, gguf_file="k.gguf", dtype=torch.float32).eval()
+    with torch.no_grad():
+        expected = ref(prompts()).logits
+    assert (_ours(tmp_path / "k.gguf") - expected).abs().max().item() <= TOL

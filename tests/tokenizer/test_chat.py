@@ -1,0 +1,53 @@
+"""Chat templates are untrusted input: rendered sandboxed, errors reported, never code execution."""
+
+from __future__ import annotations
+
+import pytest
+
+from souverain import load_tokenizer
+from souverain.tokenizer.chat import ChatTemplateError, render_chat
+from tests.tokenizer.mistral_files import mistral_file
+
+MESSAGES = [{"role": "user", "content": "Hi"}]
+
+
+@pytest.mark.parametrize("template", [
+    "{{ ''.__class__.__mro__[1].__subclasses__() }}",
+    "{{ messages.__class__.__init__.__globals__ }}",
+    "{% set x = messages.append({'role': 'x'}) %}{{ x }}",
+    "{{ cycler.__init__.__globals__.os.system('echo pwned') }}",
+])
+def test_sandbox_blocks_escapes(template: str) -> None:
+    with pytest.raises(ChatTemplateError):
+        render_chat(template, MESSAGES, add_generation_prompt=True)
+
+
+def test_raise_exception_and_syntax_errors_are_reported() -> None:
+    with pytest.raises(ChatTemplateError, match="only user roles"):
+        render_chat("{{ raise_exception('only user roles') }}", MESSAGES, add_generation_prompt=True)
+    with pytest.raises(ChatTemplateError, match="does not parse"):
+        render_chat("{% for %}", MESSAGES, add_generation_prompt=True)
+
+
+def test_template_features_transformers_templates_use() -> None:
+    template = ("{% for m in messages %}{{ bos_token }}{{ m['role'] | upper }}:{{ m['content'] | tojson }}"
+                "{% if loop.last %}{% break %}{% endif %}{% endfor %}{% if add_generation_prompt %}>{% endif %}")
+    out = render_chat(template, [{"role": "user", "content": "é"}], add_generation_prompt=True, bos_token="<s>")
+    assert out == '<s>USER:"é">'
+
+
+@pytest.mark.parametrize("version", ["v3", "v7", "tekken"])
+def test_mistral_chat_format_is_mistral_commons(version: str) -> None:
+    from mistral_common.protocol.instruct.request import ChatCompletionRequest
+    from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+
+    ref = MistralTokenizer.from_file(str(mistral_file(version)))
+    messages = [{"role": "system", "content": "Réponds brièvement."}, {"role": "user", "content": "Bonjour"},
+                {"role": "assistant", "content": "Salut !"}, {"role": "user", "content": "[INST] 2+2?"}]
+    expected = ref.encode_chat_completion(ChatCompletionRequest(messages=messages)).tokens
+    ours = load_tokenizer(mistral_file(version))
+    got = ours.apply_chat_template(messages)
+    assert got == expected
+    # The user's "[INST]" stays text: exactly two [INST] control tokens for two user turns.
+    inst = ref.instruct_tokenizer.tokenizer.get_special_token("[INST]")
+    assert got.count(inst) == 2
