@@ -8,7 +8,7 @@ from typing import Any
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as RawTokenizer
 
-from souverain.tokenizer.hf import HFTokenizer
+from souverain.tokenizer.hf import HFTokenizer, set_specials
 
 # llama.cpp token types
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -105,7 +105,9 @@ def gguf_tokenizer(meta: dict[str, Any]) -> HFTokenizer:
     raw.add_tokens([AddedToken(t, special=False, normalized=False)
                     for t, ty in zip(tokens, types, strict=True) if ty == USER_DEFINED])
     eos = special("eos")
+    set_specials(raw, special("bos") if add_bos else None,
+                 eos if meta.get("tokenizer.ggml.add_eos_token") else None)
     extra = [int(i) for i in (meta.get("tokenizer.ggml.eot_token_id"), meta.get("tokenizer.ggml.eom_token_id"))
              if i is not None]
-    return HFTokenizer(raw, bos=special("bos"), eos=[eos] if eos else [], add_bos=add_bos,
+    return HFTokenizer(raw, bos=special("bos"), eos=[eos] if eos else [],
                        chat_template=meta.get("tokenizer.chat_template"), extra_eos_ids=extra)

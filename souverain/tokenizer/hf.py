@@ -2,38 +2,40 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from tokenizers import Tokenizer as RawTokenizer
+from tokenizers import processors
 
 from souverain.tokenizer.base import ChatMessage
 from souverain.tokenizer.chat import ChatTemplateError, render_chat
 
 
 class HFTokenizer:
-    def __init__(self, raw: RawTokenizer, *, bos: str | None, eos: Sequence[str], add_bos: bool,
+    """`raw`'s post-processor decides what `add_special` adds (BOS for Llama/Mistral), exactly
+    as transformers does with add_special_tokens=True."""
+
+    def __init__(self, raw: RawTokenizer, *, bos: str | None, eos: Sequence[str],
                  chat_template: str | None, extra_eos_ids: Sequence[int] = ()) -> None:
         self.raw = raw
+        # A twin that never matches special-token strings in text; two objects rather than a
+        # flag flipped per call, so concurrent encodes cannot race.
+        self.plain = RawTokenizer.from_str(raw.to_str())
+        self.plain.encode_special_tokens = True
         self.vocab_size = raw.get_vocab_size(with_added_tokens=True)
         self.bos_token = bos
         self.bos_id = raw.token_to_id(bos) if bos else None
         self.eos_tokens = [e for e in eos if raw.token_to_id(e) is not None]
         self.eos_ids = frozenset([raw.token_to_id(e) for e in self.eos_tokens] + list(extra_eos_ids))
-        self.add_bos = add_bos and self.bos_id is not None
         self.chat_template = chat_template
         self._special = frozenset(i for i, t in raw.get_added_tokens_decoder().items() if t.special)
 
     def encode(self, text: str, *, add_special: bool = True, parse_special: bool = True) -> list[int]:
-        self.raw.encode_special_tokens = not parse_special
-        try:
-            ids = self.raw.encode(text, add_special_tokens=False).ids
-        finally:
-            self.raw.encode_special_tokens = False
-        if add_special and self.add_bos:
-            ids = [self.bos_id, *ids]  # type: ignore[list-item]
-        return ids
+        raw = self.raw if parse_special else self.plain
+        return list(raw.encode(text, add_special_tokens=add_special).ids)
 
     def decode(self, ids: Sequence[int], *, skip_special: bool = True) -> str:
         return self.raw.decode(list(ids), skip_special_tokens=skip_special)
@@ -63,7 +65,6 @@ def _token_str(value: Any) -> str | None:
 
 def hf_tokenizer_from_folder(folder: Path) -> HFTokenizer:
     """tokenizer.json plus tokenizer_config.json (specials, chat template) and generation_config."""
-    import json
 
     raw = RawTokenizer.from_file(str(folder / "tokenizer.json"))
     config: dict[str, Any] = {}
@@ -80,10 +81,19 @@ def hf_tokenizer_from_folder(folder: Path) -> HFTokenizer:
         extra_eos = [eos] if isinstance(eos, int) else list(eos or [])
     bos = _token_str(config.get("bos_token"))
     eos_token = _token_str(config.get("eos_token"))
-    # tokenizer.json's post-processor is what adds BOS in transformers; we add it ourselves, so
-    # read whether it does.
-    post = json.loads(raw.to_str()).get("post_processor") or {}
-    add_bos = config.get("add_bos_token", bos is not None and bos in json.dumps(post))
-    raw.post_processor = None
-    return HFTokenizer(raw, bos=bos, eos=[eos_token] if eos_token else [], add_bos=bool(add_bos),
-                       chat_template=template, extra_eos_ids=extra_eos)
+    # What encode() adds around a text is tokenizer.json's post-processor's business: transformers
+    # 5 follows it too (an add_bos_token in tokenizer_config.json does not override it).
+    return HFTokenizer(raw, bos=bos, eos=[eos_token] if eos_token else [], chat_template=template,
+                       extra_eos_ids=extra_eos)
+
+
+def set_specials(raw: RawTokenizer, bos: str | None, eos: str | None = None) -> None:
+    """Make `add_special` put `bos` before (and `eos` after) a text, or add nothing."""
+    ends = [(t, raw.token_to_id(t)) for t in (bos, eos) if t is not None and raw.token_to_id(t) is not None]
+    if not ends:
+        raw.post_processor = None
+        return
+    head = f"{bos}:0 " if bos else ""
+    tail = f" {eos}:0" if eos else ""
+    raw.post_processor = processors.TemplateProcessing(
+        single=f"{head}$A:0{tail}", pair=f"{head}$A:0{tail} {head}$B:1{tail}", special_tokens=ends)

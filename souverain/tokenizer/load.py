@@ -7,7 +7,6 @@ from pathlib import Path
 from souverain.tokenizer.base import Tokenizer
 from souverain.tokenizer.gguf_vocab import gguf_tokenizer
 from souverain.tokenizer.hf import hf_tokenizer_from_folder
-from souverain.tokenizer.mistral import MistralTokenizer, find_mistral_tokenizer
 
 
 class TokenizerError(ValueError):
@@ -25,9 +24,14 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
             from souverain.weights.gguf_file import GGUFFile
 
             return gguf_tokenizer(GGUFFile(path).metadata)
+        from souverain.tokenizer.mistral import MistralTokenizer
+
         return MistralTokenizer(path)
     if not path.is_dir():
         raise TokenizerError(f"{path}: no such file or folder")
+    # mistral-common is imported only when a Mistral tokenizer is actually needed.
+    from souverain.tokenizer.mistral import MistralTokenizer, find_mistral_tokenizer
+
     mistral_file = find_mistral_tokenizer(path)
     # Mistral layout is read with Mistral's tokenizer; an HF folder with its own tokenizer.json
     # uses that, as transformers would.

@@ -116,3 +116,28 @@ def test_special_tokens_not_parsed_from_untrusted_text(smol) -> None:
     ours, _ = smol
     assert ours.encode("<|im_start|>") == [1]
     assert 1 not in ours.encode("<|im_start|>", parse_special=False)
+
+
+def test_tokenizer_json_post_processor_adds_bos(smol, tmp_path: Path) -> None:
+    """Llama/Mistral tokenizer.json files add BOS through a TemplateProcessing post-processor."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    _, ref = smol
+    ref.save_pretrained(tmp_path)
+    path = tmp_path / "tokenizer.json"
+    data = json.loads(path.read_text())
+    data["post_processor"] = {
+        "type": "TemplateProcessing",
+        "single": [{"SpecialToken": {"id": "<|endoftext|>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+        "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+        "special_tokens": {"<|endoftext|>": {"id": "<|endoftext|>", "ids": [0], "tokens": ["<|endoftext|>"]}},
+    }
+    path.write_text(json.dumps(data))
+    expected = AutoTokenizer.from_pretrained(tmp_path)
+    ours = load_tokenizer(tmp_path)
+    for text in CORPUS[:50]:
+        assert ours.encode(text) == expected.encode(text), text
+        assert ours.encode(text, add_special=False) == expected.encode(text, add_special_tokens=False), text
+    assert ours.encode("hi")[0] == 0
