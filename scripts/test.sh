@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The test suite: set up, lint, then pytest (extra arguments go to pytest).
+# The test suite: set up, lint and type-check, then pytest (extra arguments go to pytest).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 .venv/bin/ruff check souverain tests
+.venv/bin/mypy souverain
 exec .venv/bin/python -m pytest -q "$@"

@@ -3,9 +3,12 @@ passes a view in (the engine passes its paged one; this contiguous one serves si
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
+
+if TYPE_CHECKING:
+    from souverain.model.transformer import Transformer
 
 
 class KVView(Protocol):
@@ -35,7 +38,7 @@ class ContiguousKV:
         self._length = 0
 
     @classmethod
-    def for_model(cls, model: torch.nn.Module, batch: int, max_len: int) -> ContiguousKV:
+    def for_model(cls, model: Transformer, batch: int, max_len: int) -> ContiguousKV:
         args = model.args
         p = next(model.parameters())
         return cls(args.n_layers, batch, max_len, args.n_kv_heads, args.hd, p.dtype, p.device)

@@ -37,7 +37,7 @@ def _gpt2_pre_tokenizer(pre: str) -> pre_tokenizers.PreTokenizer:
 
 def _bpe(tokens: Sequence[str], merges: Sequence[str], pre: str) -> RawTokenizer:
     vocab = {t: i for i, t in enumerate(tokens)}
-    pairs = [tuple(m.split(" ", 1)) for m in merges]
+    pairs = [(left, right) for left, _, right in (m.partition(" ") for m in merges)]
     raw = RawTokenizer(models.BPE(vocab, pairs, fuse_unk=False, byte_fallback=False))
     raw.pre_tokenizer = _gpt2_pre_tokenizer(pre)
     raw.decoder = decoders.ByteLevel()

@@ -28,8 +28,9 @@ class HFTokenizer:
         self.vocab_size = raw.get_vocab_size(with_added_tokens=True)
         self.bos_token = bos
         self.bos_id = raw.token_to_id(bos) if bos else None
-        self.eos_tokens = [e for e in eos if raw.token_to_id(e) is not None]
-        self.eos_ids = frozenset([raw.token_to_id(e) for e in self.eos_tokens] + list(extra_eos_ids))
+        eos_ids = {e: raw.token_to_id(e) for e in eos}
+        self.eos_tokens = [e for e, i in eos_ids.items() if i is not None]
+        self.eos_ids = frozenset([i for i in eos_ids.values() if i is not None] + list(extra_eos_ids))
         self.chat_template = chat_template
         self._special = frozenset(i for i, t in raw.get_added_tokens_decoder().items() if t.special)
 

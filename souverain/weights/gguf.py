@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -22,7 +23,7 @@ def gguf_args(g: GGUFFile) -> ModelArgs:
     if arch not in ARCHITECTURES:
         raise WeightsError(g.path, f"architecture {arch!r} is not supported (supported: {', '.join(ARCHITECTURES)})")
 
-    def key(name: str, default: object = KeyError) -> object:
+    def key(name: str, default: Any = KeyError) -> Any:
         value = g.field(f"{arch}.{name}", default)
         if value is KeyError:
             raise WeightsError(g.path, f"metadata {arch}.{name} is missing")

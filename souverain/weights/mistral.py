@@ -7,8 +7,8 @@ from typing import Any
 
 from souverain.model.args import ModelArgs, MoeArgs, RopeScaling
 from souverain.weights.checkpoint import Checkpoint, TensorStream, to_rotate_half
-from souverain.weights.errors import PICKLE_SUFFIXES, WeightsError, refuse_pickle
-from souverain.weights.names import Target, mistral_name
+from souverain.weights.errors import WeightsError, missing_weights
+from souverain.weights.names import mistral_name
 from souverain.weights.safetensors import check_safetensors, read_json, stream_safetensors
 
 
@@ -47,10 +47,7 @@ def _weight_files(folder: Path) -> list[Path]:
     files = sorted(folder.glob("consolidated*.safetensors"))
     if files:
         return files
-    pickles = [p for p in folder.glob("consolidated*") if p.suffix in PICKLE_SUFFIXES]
-    if pickles:
-        raise refuse_pickle(pickles[0])
-    raise WeightsError(folder, "no consolidated.safetensors beside params.json")
+    raise missing_weights(folder, sorted(folder.glob("consolidated*")), "consolidated.safetensors beside params.json")
 
 
 def read_mistral(folder: Path) -> Checkpoint:
@@ -61,13 +58,7 @@ def read_mistral(folder: Path) -> Checkpoint:
     for file in files:
         check_safetensors(file)
 
-    def name_map(key: str) -> Target | None:
-        try:
-            return mistral_name(key)
-        except KeyError:
-            raise WeightsError(folder, f"unexpected tensor {key!r}") from None
-
     def tensors() -> TensorStream:
-        return to_rotate_half(stream_safetensors(files, name_map), args)
+        return to_rotate_half(stream_safetensors(files, mistral_name), args)
 
     return Checkpoint(folder, "mistral", args, tensors, {"params": params})

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -12,7 +12,7 @@ from safetensors import SafetensorError, safe_open
 
 from souverain.model.args import ModelArgs, MoeArgs, RopeScaling
 from souverain.weights.checkpoint import Checkpoint, TensorStream
-from souverain.weights.errors import PICKLE_SUFFIXES, WeightsError, refuse_pickle
+from souverain.weights.errors import WeightsError, missing_weights
 from souverain.weights.names import Target, hf_name
 
 SUPPORTED = ("llama", "mistral", "mixtral")
@@ -34,11 +34,15 @@ def check_safetensors(path: Path) -> list[str]:
         return list(f.keys())
 
 
-def stream_safetensors(files: list[Path], name_map: Any) -> TensorStream:
+def stream_safetensors(files: list[Path], name_map: Callable[[str], Target | None]) -> TensorStream:
+    """(our name, tensor) for every tensor of `files`; a name the map does not know is an error."""
     for file in files:
         with open_safetensors(file) as f:
             for key in f.keys():  # noqa: SIM118 - safe_open has no __iter__
-                target = name_map(key)
+                try:
+                    target = name_map(key)
+                except KeyError:
+                    raise WeightsError(file, f"unexpected tensor {key!r}") from None
                 if target is not None:
                     yield target, f.get_tensor(key)
 
@@ -114,10 +118,7 @@ def _weight_files(folder: Path) -> list[Path]:
     single = folder / "model.safetensors"
     if single.exists():
         return [single]
-    pickles = [p for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES]
-    if pickles:
-        raise refuse_pickle(pickles[0])
-    raise WeightsError(folder, "no model.safetensors or model.safetensors.index.json")
+    raise missing_weights(folder, sorted(folder.iterdir()), "model.safetensors or model.safetensors.index.json")
 
 
 def read_hf(folder: Path) -> Checkpoint:
@@ -131,10 +132,7 @@ def read_hf(folder: Path) -> Checkpoint:
         check_safetensors(file)
 
     def name_map(key: str) -> Target | None:
-        try:
-            target = hf_name(key)
-        except KeyError:
-            raise WeightsError(folder, f"unexpected tensor {key!r}") from None
+        target = hf_name(key)
         # Tied checkpoints sometimes store lm_head too; the embedding is the one we use.
         if target is not None and args.tie_embeddings and target.name == "output.weight":
             return None
