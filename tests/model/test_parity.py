@@ -29,14 +29,26 @@ def prompts() -> torch.Tensor:
     return torch.randint(0, 256, (3, 24), generator=g)
 
 
-@pytest.fixture(scope="module", params=list(CASES))
-def reference(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
-    kind, overrides = CASES[request.param]
-    folder = tmp_path_factory.mktemp(request.param)
-    model = build_hf(kind, folder, **overrides)
-    with torch.no_grad():
-        logits = model(prompts()).logits
-    return request.param, folder, model, logits
+@pytest.fixture(scope="module")
+def references(tmp_path_factory: pytest.TempPathFactory):
+    """Each case's transformers model, saved once per module, built on first use."""
+    built: dict[str, tuple] = {}
+
+    def get(name: str):
+        if name not in built:
+            kind, overrides = CASES[name]
+            folder = tmp_path_factory.mktemp(name)
+            model = build_hf(kind, folder, **overrides)
+            with torch.no_grad():
+                built[name] = (name, folder, model, model(prompts()).logits)
+        return built[name]
+
+    return get
+
+
+@pytest.fixture(params=list(CASES))
+def reference(request: pytest.FixtureRequest, references):
+    return references(request.param)
 
 
 def _ours(path: Path) -> torch.Tensor:
@@ -56,10 +68,9 @@ def test_hf_sharded_layout(reference, tmp_path: Path) -> None:
     assert (_ours(tmp_path) - expected).abs().max().item() <= TOL
 
 
-def test_mistral_layout_matches(reference, tmp_path: Path) -> None:
-    name, folder, _, expected = reference
-    if name == "llama_tied":
-        pytest.skip("Mistral's params.json has no Llama 3 rope scaling")
+@pytest.mark.parametrize("name", ["mistral", "mixtral"])  # params.json has no Llama 3 rope scaling
+def test_mistral_layout_matches(references, name: str, tmp_path: Path) -> None:
+    _, folder, _, expected = references(name)
     args, state = our_state(folder)
     write_mistral(args, state, tmp_path)
     assert (_ours(tmp_path) - expected).abs().max().item() <= TOL
@@ -72,11 +83,14 @@ def test_gguf_f32_matches(reference, tmp_path: Path) -> None:
     assert (_ours(tmp_path / "m.gguf") - expected).abs().max().item() <= TOL
 
 
-@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "F16", "BF16"])
-def test_gguf_quantised_matches_dequantised_reference(reference, tmp_path: Path, qtype: str) -> None:
-    name, folder, model, _ = reference
-    if qtype != "Q8_0" and name != "mistral":
-        pytest.skip("Q8_0 on every architecture; the other types on one")
+# Q8_0 on every architecture; the other types on one.
+QUANT_CASES = [(name, "Q8_0") for name in CASES] + [("mistral", q) for q in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "F16",
+                                                                             "BF16")]
+
+
+@pytest.mark.parametrize(("name", "qtype"), QUANT_CASES)
+def test_gguf_quantised_matches_dequantised_reference(references, name: str, qtype: str, tmp_path: Path) -> None:
+    _, folder, model, _ = references(name)
     quant = GGMLQuantizationType[qtype]
     args, state = our_state(folder)
     write_gguf(args, state, tmp_path / "q.gguf", quant)
