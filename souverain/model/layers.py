@@ -2,14 +2,28 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from souverain.model.args import ModelArgs
+from souverain.model.attention import attend
 from souverain.model.kv import KVView
 from souverain.model.moe import MoeFeedForward
 from souverain.model.rope import apply_rope
+
+
+@dataclass
+class ForwardContext:
+    """What every layer of one forward pass shares: rotary tables, mask or KV view, positions."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    positions: torch.Tensor
+    mask: torch.Tensor | None = None  # plain path only; None means causal
+    kv: KVView | None = None
 
 
 class RMSNorm(nn.Module):
@@ -36,21 +50,18 @@ class Attention(nn.Module):
         self.wv = nn.Linear(args.dim, args.n_kv_heads * args.hd, bias=bias)
         self.wo = nn.Linear(args.n_heads * args.hd, args.dim, bias=bias)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                mask: torch.Tensor | None, kv: KVView | None) -> torch.Tensor:
-        """x [B, T, D]; mask [B, 1, T, S] (True = may attend) or None for plain causal attention."""
+    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        """x [B, T, D] -> [B, T, D]."""
         b, t, _ = x.shape
         q = self.wq(x).view(b, t, self.n_heads, self.head_dim)
         k = self.wk(x).view(b, t, self.n_kv_heads, self.head_dim)
         v = self.wv(x).view(b, t, self.n_kv_heads, self.head_dim)
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        if kv is not None:
-            k, v = kv.update(self.layer, k, v)  # [B, S, Hkv, hd]
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),  # [B, H, T|S, hd]
-            attn_mask=mask, is_causal=mask is None, enable_gqa=self.n_heads != self.n_kv_heads,
-        )
-        return self.wo(out.transpose(1, 2).reshape(b, t, -1))
+        q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
+        if ctx.kv is None:
+            out = attend(q, k, v, ctx.mask)
+        else:
+            out = ctx.kv.attend(self.layer, q, k, v, ctx.positions)
+        return self.wo(out.reshape(b, t, -1))
 
 
 class FeedForward(nn.Module):
@@ -74,7 +85,6 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
         self.feed_forward: nn.Module = MoeFeedForward(args) if args.moe else FeedForward(args)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                mask: torch.Tensor | None, kv: KVView | None) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), rope, mask, kv)
+    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), ctx)
         return h + self.feed_forward(self.ffn_norm(h))

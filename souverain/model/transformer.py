@@ -7,8 +7,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from souverain.model.args import ModelArgs
+from souverain.model.attention import window_mask
 from souverain.model.kv import KVView
-from souverain.model.layers import RMSNorm, TransformerBlock
+from souverain.model.layers import ForwardContext, RMSNorm, TransformerBlock
 from souverain.model.rope import rope_cos_sin, rope_inv_freq
 
 
@@ -26,11 +27,13 @@ class Transformer(nn.Module):
         self._inv_freq = rope_inv_freq(args)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
-                kv: KVView | None = None) -> torch.Tensor:
+                kv: KVView | None = None, output_rows: torch.Tensor | None = None) -> torch.Tensor:
         """tokens [B, T] -> logits [B, T, V].
 
         positions [B, T] defaults to 0..T-1. Without `kv` this is plain causal attention over the
-        given tokens; with `kv` the step's keys/values are written there and earlier ones are read.
+        given tokens (positions then must run on without gaps); with `kv` the view stores this
+        step's keys/values and attends over what it holds. `output_rows` (indices into the
+        flattened B*T tokens) asks for those rows' logits only: [R, V].
         """
         b, t = tokens.shape
         if positions is None:
@@ -38,22 +41,18 @@ class Transformer(nn.Module):
         if self._inv_freq.device != tokens.device:
             self._inv_freq = self._inv_freq.to(tokens.device)
         h = self.tok_embeddings(tokens)
-        rope = rope_cos_sin(self._inv_freq, positions, h.dtype)
-        mask = self._mask(positions, kv)
+        cos, sin = rope_cos_sin(self._inv_freq, positions, h.dtype)
+        ctx = ForwardContext(cos, sin, positions, self._mask(positions) if kv is None else None, kv)
         for layer in self.layers:
-            h = layer(h, rope, mask, kv)
+            h = layer(h, ctx)
+        if output_rows is not None:
+            h = h.reshape(b * t, -1)[output_rows]
         h = self.norm(h)
         weight = self.tok_embeddings.weight if self.output is None else self.output.weight
         return F.linear(h, weight)
 
-    def _mask(self, positions: torch.Tensor, kv: KVView | None) -> torch.Tensor | None:
-        """[B, 1, T, S] bool, True where a query may attend a key; None means plain causal."""
+    def _mask(self, positions: torch.Tensor) -> torch.Tensor | None:
         window = self.args.sliding_window
-        if kv is None and (window is None or positions.shape[1] <= window):
-            return None
-        keys = positions if kv is None else kv.key_positions(positions)  # [B, S]
-        q, k = positions[:, :, None], keys[:, None, :]  # [B, T, 1], [B, 1, S]
-        allowed = (k >= 0) & (k <= q)
-        if window is not None:
-            allowed &= q - k < window
-        return allowed[:, None]
+        if window is None or positions.shape[1] <= window:
+            return None  # plain causal
+        return window_mask(positions, positions, window)
