@@ -77,3 +77,27 @@ def test_cli_generate_bad_model_fails_cleanly(tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 1
     assert "model.gguf" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_engine_batch_matches_alone(ours) -> None:
+    from souverain.engine.engine import EngineConfig, LLMEngine
+    from souverain.engine.request import Request, SamplingParams
+
+    model, tok = ours
+    engine = LLMEngine(model, tok, EngineConfig(kv_cache_memory=64 << 20, max_batched_tokens=64))
+    questions = ["What is the capital of France?", "Name a colour.", "Write a haiku about the sea, in French."]
+    prompts = [tok.apply_chat_template([{"role": "user", "content": q}]) for q in questions]
+    params = SamplingParams(temperature=0, max_tokens=24)
+    for i, p in enumerate(prompts):
+        engine.add_request(Request(f"q{i}", p, params))
+    texts: dict[str, str] = {}
+    tokens: dict[str, list[int]] = {}
+    while engine.has_unfinished():
+        for d in engine.step():
+            texts[d.request_id] = texts.get(d.request_id, "") + d.text
+            tokens.setdefault(d.request_id, []).extend(d.token_ids)
+    for i, p in enumerate(prompts):
+        expected = list(generate_tokens(model, p, max_tokens=24, stop_ids=tok.eos_ids))
+        assert tokens[f"q{i}"] == expected
+        assert texts[f"q{i}"] == tok.decode(expected)
+    assert "Paris" in texts["q0"]

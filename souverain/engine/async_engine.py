@@ -1,0 +1,133 @@
+"""AsyncEngine: the model loop in its own thread; asyncio callers get an async stream per request."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from souverain.engine.engine import LLMEngine
+from souverain.engine.request import Delta, EngineOverloaded, FinishReason, Request
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Stream:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue[Delta | BaseException]
+    open_samples: int
+
+
+class AsyncEngine:
+    """`generate(request)` yields Deltas as the engine thread produces them. Leaving the iterator
+    early (the client went away) cancels the request; its blocks are freed at the next step."""
+
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self._inbox: queue.SimpleQueue[tuple[str, object]] = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._streams: dict[str, _Stream] = {}
+        self._lock = threading.Lock()
+        self._pending_adds = 0  # sequences sent to the thread, not yet in its waiting queue
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        self.error: BaseException | None = None
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="souverain-engine", daemon=True)
+            self._thread.start()
+
+    def shutdown(self) -> None:
+        self._stop = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None
+
+    async def generate(self, request: Request) -> AsyncIterator[Delta]:
+        self.start()
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue(), request.params.n)
+        with self._lock:
+            # Refused at once, here in the caller, rather than after the thread's current step.
+            waiting = len(self.engine.scheduler.waiting) + self._pending_adds
+            if waiting + request.params.n > self.engine.scheduler.config.max_waiting:
+                raise EngineOverloaded(f"{waiting} requests are waiting already")
+            if request.request_id in self._streams:
+                raise ValueError(f"request id {request.request_id!r} is already in use")
+            self._streams[request.request_id] = stream
+            self._pending_adds += request.params.n
+        self._send("add", request)
+        finished = False
+        try:
+            while True:
+                item = await stream.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finish_reason is not None:
+                    stream.open_samples -= 1
+                    if stream.open_samples == 0:
+                        finished = True
+                        return
+        finally:
+            if not finished:
+                self._send("cancel", request.request_id)
+            with self._lock:
+                self._streams.pop(request.request_id, None)
+
+    def _send(self, kind: str, payload: object) -> None:
+        self._inbox.put((kind, payload))
+        self._wake.set()
+
+    def _deliver(self, request_id: str, item: Delta | BaseException) -> None:
+        with self._lock:
+            stream = self._streams.get(request_id)
+        if stream is not None:
+            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
+
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                kind, payload = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "add":
+                assert isinstance(payload, Request)
+                with self._lock:
+                    self._pending_adds -= payload.params.n
+                try:
+                    self.engine.add_request(payload)
+                except (ValueError, EngineOverloaded) as e:
+                    self._deliver(payload.request_id, e)
+            elif kind == "cancel":
+                assert isinstance(payload, str)
+                self.engine.cancel(payload)
+
+    def _loop(self) -> None:
+        while not self._stop:
+            self._drain_inbox()
+            if not self.engine.has_unfinished():
+                self._wake.wait(timeout=0.5)
+                self._wake.clear()
+                continue
+            try:
+                deltas = self.engine.step()
+            except Exception as e:
+                log.exception("engine step failed")
+                self.error = e
+                self._fail_all(e)
+                continue
+            for delta in deltas:
+                self._deliver(delta.request_id, delta)
+
+    def _fail_all(self, error: Exception) -> None:
+        sched = self.engine.scheduler
+        for seq in list(sched.running) + list(sched.waiting):
+            sched.finish(seq, FinishReason.ERROR)
+            self._deliver(seq.request.request_id, Delta(seq.request.request_id, seq.index, "", [],
+                                                        finish_reason=FinishReason.ERROR, error=str(error)))

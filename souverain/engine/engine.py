@@ -1,0 +1,220 @@
+"""LLMEngine.step() drives scheduler, runner and detokenisation; AsyncEngine streams it to asyncio."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from itertools import count
+
+import torch
+
+from souverain.engine.blocks import BlockManager
+from souverain.engine.kv_cache import PagedKVCache
+from souverain.engine.request import (
+    Delta,
+    FinishReason,
+    Request,
+    SeqStatus,
+    Sequence,
+    TokenLogprob,
+)
+from souverain.engine.runner import ModelRunner
+from souverain.engine.scheduler import Batch, Scheduler, SchedulerConfig
+from souverain.engine.stats import EngineStats
+from souverain.engine.stops import StopMatcher
+from souverain.model.transformer import Transformer
+from souverain.tokenizer.base import Tokenizer
+from souverain.tokenizer.incremental import IncrementalDecoder
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    kv_cache_memory: int = 1 << 30  # bytes for the KV block pool
+    block_size: int = 16
+    max_num_seqs: int = 64
+    max_batched_tokens: int = 512  # per step: bounds how long a prompt chunk can stall decodes
+    max_waiting: int = 256
+    max_model_len: int | None = None  # default: the model's context, capped by the pool
+
+
+@dataclass(eq=False)
+class _SeqState:
+    """Per-sequence detokenisation and sampling state (the scheduler's Sequence stays pure)."""
+
+    decoder: IncrementalDecoder
+    stops: StopMatcher
+    generator: torch.Generator | None
+    last_time: float = 0.0
+    first_time: float | None = None
+    pending_logprobs: list[TokenLogprob] = field(default_factory=list)
+    stop_string_hit: bool = False
+
+
+class LLMEngine:
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, config: EngineConfig | None = None) -> None:
+        self.config = config = config or EngineConfig()
+        self.model = model
+        self.tokenizer = tokenizer
+        args = model.args
+        p = next(model.parameters())
+        num_blocks = PagedKVCache.blocks_for_memory(config.kv_cache_memory, args.n_layers, config.block_size,
+                                                    args.n_kv_heads, args.hd, p.dtype)
+        if num_blocks < 2:
+            raise ValueError(f"kv_cache_memory {config.kv_cache_memory} holds fewer than 2 blocks")
+        capacity = num_blocks * config.block_size
+        # A sequence alone must always fit, so preemption can always make progress.
+        max_len = min(config.max_model_len or args.max_seq_len, args.max_seq_len)
+        if args.sliding_window is None:
+            max_len = min(max_len, capacity)
+        elif args.sliding_window + 2 * config.block_size > capacity:
+            raise ValueError("kv_cache_memory is too small for one sliding window")
+        self.max_model_len = max_len
+        self.cache = PagedKVCache(args.n_layers, num_blocks, config.block_size, args.n_kv_heads, args.hd,
+                                  p.dtype, p.device)
+        self.blocks = BlockManager(num_blocks, config.block_size)
+        self.scheduler = Scheduler(self.blocks, SchedulerConfig(
+            max_num_seqs=config.max_num_seqs, max_batched_tokens=config.max_batched_tokens,
+            max_waiting=config.max_waiting, max_model_len=max_len, sliding_window=args.sliding_window,
+        ), tokenizer.eos_ids)
+        self.runner = ModelRunner(model, self.cache, tokenizer.eos_ids)
+        self.stats = EngineStats(kv_blocks_total=num_blocks)
+        self._ids = count()
+        self._state: dict[int, _SeqState] = {}
+        self._unseeded = torch.Generator().manual_seed(0x5EED)
+
+    # -- intake ---------------------------------------------------------------------------------
+    def add_request(self, request: Request) -> None:
+        """Queue a request (ValueError if it cannot run; EngineOverloaded if the queue is full)."""
+        vocab = self.model.args.vocab_size
+        if any(not 0 <= t < vocab for t in request.prompt_ids):
+            raise ValueError(f"prompt holds token ids outside the vocabulary (size {vocab})")
+        if len(request.prompt_ids) >= self.max_model_len:
+            raise ValueError(f"prompt of {len(request.prompt_ids)} tokens leaves no room in the model's "
+                             f"context of {self.max_model_len}")
+        seqs: list[Sequence] = []
+        for i in range(request.params.n):
+            seq = Sequence(next(self._ids), request, i, list(request.prompt_ids), after=seqs[0] if seqs else None)
+            seqs.append(seq)
+        self.scheduler.add(seqs)
+        for seq in seqs:
+            self._state[seq.seq_id] = self._new_state(seq)
+
+    def _new_state(self, seq: Sequence) -> _SeqState:
+        p = seq.params
+        gen = None
+        if p.seed is not None:
+            gen = torch.Generator().manual_seed(p.seed * 1_000_003 + seq.index)
+        return _SeqState(IncrementalDecoder(self.tokenizer, prompt_ids=seq.token_ids), StopMatcher(p.stop),
+                         gen, last_time=seq.request.arrival)
+
+    def cancel(self, request_id: str) -> None:
+        self.scheduler.cancel(request_id)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work
+
+    # -- one step ---------------------------------------------------------------------------------
+    def step(self) -> list[Delta]:
+        batch = self.scheduler.schedule()
+        deltas = [self._final(seq) for seq in batch.finished]
+        if batch.items:
+            deltas += self._run(batch)
+        self._refresh_stats()
+        return deltas
+
+    def _run(self, batch: Batch) -> list[Delta]:
+        sampling = [i for i in batch.items if i.sample]
+        try:
+            logits = self.runner.forward(batch.items)
+        except Exception:
+            log.exception("batched forward failed; retrying sequences one by one")
+            return self._run_isolated(batch)
+        seqs = [i.seq for i in sampling]
+        sampled = self.runner.sample(logits, seqs, [self._uniform(s) for s in seqs])
+        for item in batch.items:
+            self.stats.prompt_tokens += max(0, min(item.start + item.num_tokens, item.seq.prompt_len) - item.start)
+        tokens = {s.seq_id: t for s, t in zip(seqs, sampled.tokens, strict=True)}
+        self.scheduler.update(batch, tokens)
+        deltas = []
+        for seq, token, lp in zip(seqs, sampled.tokens, sampled.logprobs, strict=True):
+            try:
+                delta = self._emit(seq, token, lp)
+            except Exception as e:
+                log.exception("request %s failed", seq.request.request_id)
+                self.scheduler.finish(seq, FinishReason.ERROR)
+                delta = self._final(seq, error=str(e) or type(e).__name__)
+            if delta is not None:
+                deltas.append(delta)
+        return deltas
+
+    def _run_isolated(self, batch: Batch) -> list[Delta]:
+        deltas: list[Delta] = []
+        for item in batch.items:
+            try:
+                self.runner.forward([item])
+            except Exception as e:
+                log.exception("request %s failed", item.seq.request.request_id)
+                self.scheduler.finish(item.seq, FinishReason.ERROR)
+                deltas.append(self._final(item.seq, error=str(e) or type(e).__name__))
+        # Nothing advanced: the healthy sequences run again next step (their KV writes repeat).
+        return deltas
+
+    def _uniform(self, seq: Sequence) -> float:
+        gen = self._state[seq.seq_id].generator or self._unseeded
+        return float(torch.rand((), generator=gen))
+
+    def _emit(self, seq: Sequence, token: int, lp: tuple[float, list[tuple[int, float]]] | None) -> Delta | None:
+        """Turn a sampled token into streamed text, honouring stop strings."""
+        state = self._state[seq.seq_id]
+        now = time.monotonic()
+        if state.first_time is None:
+            state.first_time = now
+            self.stats.time_to_first_token.observe(now - seq.request.arrival)
+        else:
+            self.stats.inter_token_latency.observe(now - state.last_time)
+        state.last_time = now
+        self.stats.generation_tokens += 1
+        if lp is not None:
+            state.pending_logprobs.append(TokenLogprob(token, lp[0], tuple(lp[1])))
+        if seq.status is SeqStatus.FINISHED:
+            # EOS and stop_token_ids end the text without adding theirs.
+            text = "" if seq.finish_reason is FinishReason.STOP else state.decoder.push(token)
+            return self._final(seq, text=state.stops.feed(text)[0], token_ids=[token])
+        out, hit = state.stops.feed(state.decoder.push(token))
+        if hit:
+            state.stop_string_hit = True
+            self.scheduler.finish(seq, FinishReason.STOP)
+            return self._final(seq, text=out, token_ids=[token])
+        return self._delta(seq, state, out, [token])
+
+    def _delta(self, seq: Sequence, state: _SeqState | None, text: str, token_ids: list[int]) -> Delta:
+        logprobs = None
+        if state is not None and seq.params.logprobs is not None:
+            logprobs, state.pending_logprobs = state.pending_logprobs, []
+        return Delta(seq.request.request_id, seq.index, text, token_ids, logprobs)
+
+    def _final(self, seq: Sequence, *, text: str = "", token_ids: list[int] | None = None,
+               error: str | None = None) -> Delta:
+        state = self._state.pop(seq.seq_id, None)
+        if state is not None and not state.stop_string_hit:
+            # Text held back (a partial character, a possible stop string) is output after all.
+            text += state.stops.feed(state.decoder.flush())[0] + state.stops.flush()
+        delta = self._delta(seq, state, text, token_ids or [])
+        delta.finish_reason = seq.finish_reason
+        delta.error = error
+        delta.prompt_tokens = seq.prompt_len
+        delta.completion_tokens = len(seq.output_ids)
+        self.stats.requests_finished += 1
+        return delta
+
+    def _refresh_stats(self) -> None:
+        s = self.stats
+        s.running = len(self.scheduler.running)
+        s.waiting = len(self.scheduler.waiting)
+        s.kv_blocks_used = self.blocks.num_used
+        s.prefix_queries = self.blocks.stats.queries
+        s.prefix_hits = self.blocks.stats.hits
+        s.preemptions = self.scheduler.preemptions

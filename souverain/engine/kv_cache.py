@@ -1,0 +1,89 @@
+"""Paged KV tensors, and the per-step view the model's attention reads through.
+
+The cache is one [slots, Hkv, hd] tensor per layer for K and for V (slots = blocks x block_size).
+Each step the runner builds a PagedStep: where this step's tokens are written, and, for each
+group of sequences (decodes; prefill chunks), which slots to gather as keys, padded, with a mask.
+The metadata is built once per step and shared by every layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from souverain.model.attention import attend, window_mask
+
+
+class PagedKVCache:
+    def __init__(self, n_layers: int, num_blocks: int, block_size: int, n_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str = "cpu") -> None:
+        shape = (n_layers, num_blocks * block_size, n_kv_heads, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+
+    @staticmethod
+    def blocks_for_memory(memory_bytes: int, n_layers: int, block_size: int, n_kv_heads: int, head_dim: int,
+                          dtype: torch.dtype) -> int:
+        per_block = 2 * n_layers * block_size * n_kv_heads * head_dim * torch.tensor([], dtype=dtype).element_size()
+        return memory_bytes // per_block
+
+
+@dataclass
+class AttentionGroup:
+    """Sequences attended together: queries [G, T] (rows into the step's flat tokens), keys [G, S]."""
+
+    q_rows: torch.Tensor  # [G, T] flat row of each query (padding repeats a real row)
+    q_valid: torch.Tensor  # [G, T] bool
+    k_slots: torch.Tensor  # [G, S] cache slot of each key (padding: any slot, masked)
+    mask: torch.Tensor  # [G, 1, T, S]
+
+
+class PagedStep:
+    """A KVView over the paged cache for one engine step (tokens flattened into one row)."""
+
+    def __init__(self, cache: PagedKVCache, slots: torch.Tensor, groups: list[AttentionGroup]) -> None:
+        self.cache = cache
+        self.slots = slots  # [N] where each token's k/v goes
+        self.groups = groups
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               positions: torch.Tensor) -> torch.Tensor:
+        kc, vc = self.cache.k[layer], self.cache.v[layer]
+        kc.index_copy_(0, self.slots, k[0])
+        vc.index_copy_(0, self.slots, v[0])
+        flat_q = q[0]  # [N, H, hd]
+        out = torch.empty_like(flat_q)
+        for g in self.groups:
+            o = attend(flat_q[g.q_rows], kc[g.k_slots], vc[g.k_slots], g.mask)  # [G, T, H, hd]
+            out[g.q_rows[g.q_valid]] = o[g.q_valid]
+        return out[None]
+
+
+def build_group(starts: list[int], counts: list[int], row_offsets: list[int], block_tables: list[list[int]],
+                block_size: int, window: int | None, device: torch.device) -> AttentionGroup:
+    """Attention metadata for sequences computing positions [start, start + count) this step."""
+    t = max(counts)
+    start = torch.tensor(starts, device=device)
+    count = torch.tensor(counts, device=device)
+    ar_t = torch.arange(t, device=device)
+    q_valid = ar_t[None] < count[:, None]  # [G, T]
+    # Padding queries repeat the last real one, so no row of the mask is empty.
+    q_off = torch.minimum(ar_t[None], (count - 1)[:, None])
+    q_rows = torch.tensor(row_offsets, device=device)[:, None] + q_off
+    q_pos = start[:, None] + q_off
+    end = start + count
+    k_start = (start - window + 1).clamp(min=0) if window else torch.zeros_like(start)
+    k_len = end - k_start
+    s = int(k_len.max())
+    ar_s = torch.arange(s, device=device)
+    k_pos = k_start[:, None] + ar_s[None]  # [G, S]
+    k_valid = ar_s[None] < k_len[:, None]
+    width = max(len(b) for b in block_tables)
+    table = torch.tensor([[max(b, 0) for b in bt] + [0] * (width - len(bt)) for bt in block_tables], device=device)
+    safe = torch.where(k_valid, k_pos, torch.zeros_like(k_pos))
+    k_slots = table.gather(1, safe // block_size) * block_size + safe % block_size
+    mask = window_mask(q_pos, torch.where(k_valid, k_pos, torch.full_like(k_pos, -1)), window)
+    return AttentionGroup(q_rows, q_valid, k_slots, mask)

@@ -1,0 +1,115 @@
+"""Batch -> tensors -> model -> sampled tokens. One forward per step for every scheduled sequence."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+
+from souverain.engine.kv_cache import AttentionGroup, PagedKVCache, PagedStep, build_group
+from souverain.engine.request import Sequence
+from souverain.engine.sampling import SamplingTensors, apply_penalties, logprobs_of, sample
+from souverain.engine.scheduler import ScheduledSeq
+from souverain.model.transformer import Transformer
+
+
+@dataclass
+class Sampled:
+    tokens: list[int]
+    logprobs: list[tuple[float, list[tuple[int, float]]] | None]
+
+
+class ModelRunner:
+    def __init__(self, model: Transformer, cache: PagedKVCache, eos_ids: Iterable[int] = ()) -> None:
+        self.model = model
+        self.cache = cache
+        self.device = next(model.parameters()).device
+        self.vocab = model.args.vocab_size
+        self.eos_ids = sorted(set(eos_ids))
+        self.window = model.args.sliding_window
+
+    @torch.inference_mode()
+    def forward(self, items: list[ScheduledSeq]) -> torch.Tensor:
+        """Logits [R, V] (float32) for the items that sample, in their order."""
+        tokens: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        out_rows: list[int] = []
+        offsets: list[int] = []
+        bs = self.cache.block_size
+        for item in items:
+            seq, a, n = item.seq, item.start, item.num_tokens
+            offsets.append(len(tokens))
+            tokens += seq.token_ids[a : a + n]
+            positions += range(a, a + n)
+            table = seq.block_table
+            slots += [table[p // bs] * bs + p % bs for p in range(a, a + n)]
+            if item.sample:
+                out_rows.append(len(tokens) - 1)
+        dev = self.device
+        step = PagedStep(self.cache, torch.tensor(slots, dtype=torch.long, device=dev), self._groups(items, offsets))
+        logits = self.model(torch.tensor([tokens], device=dev), torch.tensor([positions], device=dev), step,
+                            output_rows=torch.tensor(out_rows, dtype=torch.long, device=dev))
+        return logits.float()
+
+    def _groups(self, items: list[ScheduledSeq], offsets: list[int]) -> list[AttentionGroup]:
+        # Decodes (one query each) and prefill chunks are padded separately: mixing them would pad
+        # every decode to the longest chunk.
+        groups = []
+        for want_decode in (True, False):
+            chosen = [(i, off) for i, off in zip(items, offsets, strict=True) if (i.num_tokens == 1) == want_decode]
+            if chosen:
+                groups.append(build_group([i.start for i, _ in chosen], [i.num_tokens for i, _ in chosen],
+                                          [off for _, off in chosen], [i.seq.block_table for i, _ in chosen],
+                                          self.cache.block_size, self.window, self.device))
+        return groups
+
+    @torch.inference_mode()
+    def sample(self, logits: torch.Tensor, seqs: list[Sequence], uniforms: list[float]) -> Sampled:
+        """Sample one token per row of `logits` for `seqs` (same order)."""
+        tensors = self._sampling_tensors(seqs, uniforms)
+        raw = logits
+        logits = apply_penalties(logits, tensors)
+        tokens = sample(logits, tensors)
+        want = [s.params.logprobs for s in seqs]
+        logprobs: list[tuple[float, list[tuple[int, float]]] | None] = [None] * len(seqs)
+        if any(w is not None for w in want):
+            k = max(w or 0 for w in want)
+            chosen, top_v, top_i = logprobs_of(raw, tokens, k)
+            chosen_l, top_vl, top_il = chosen.tolist(), top_v.tolist(), top_i.tolist()
+            for r, w in enumerate(want):
+                if w is not None:
+                    logprobs[r] = (chosen_l[r], list(zip(top_il[r][:w], top_vl[r][:w], strict=True)))
+        return Sampled(tokens.tolist(), logprobs)
+
+    def _sampling_tensors(self, seqs: list[Sequence], uniforms: list[float]) -> SamplingTensors:
+        dev = self.device
+        ps = [s.params for s in seqs]
+        t = SamplingTensors(
+            temperature=torch.tensor([p.temperature for p in ps], device=dev),
+            top_k=torch.tensor([p.top_k if p.top_k > 0 else 0 for p in ps], device=dev),
+            top_p=torch.tensor([p.top_p for p in ps], device=dev),
+            min_p=torch.tensor([p.min_p for p in ps], device=dev),
+            uniform=torch.tensor(uniforms, device=dev),
+        )
+        if any(p.presence_penalty or p.frequency_penalty for p in ps):
+            t.presence = torch.tensor([p.presence_penalty for p in ps], device=dev)
+            t.frequency = torch.tensor([p.frequency_penalty for p in ps], device=dev)
+            t.output_counts = self._counts([s.output_ids for s in seqs])
+        if any(p.repetition_penalty != 1.0 for p in ps):
+            t.repetition = torch.tensor([p.repetition_penalty for p in ps], device=dev)
+            t.seen = self._counts([s.token_ids for s in seqs]) > 0
+        short = [r for r, s in enumerate(seqs) if len(s.output_ids) < s.params.min_tokens]
+        if short:
+            t.banned = torch.zeros(len(seqs), self.vocab, dtype=torch.bool, device=dev)
+            for r in short:
+                stop = [i for i in {*self.eos_ids, *seqs[r].params.stop_token_ids} if 0 <= i < self.vocab]
+                t.banned[r, stop] = True
+        return t
+
+    def _counts(self, histories: list[list[int]]) -> torch.Tensor:
+        width = max(1, max(len(h) for h in histories))
+        ids = torch.tensor([h + [0] * (width - len(h)) for h in histories], device=self.device)
+        present = torch.tensor([[1.0] * len(h) + [0.0] * (width - len(h)) for h in histories], device=self.device)
+        return torch.zeros(len(histories), self.vocab, device=self.device).scatter_add_(1, ids, present)

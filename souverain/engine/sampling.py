@@ -1,0 +1,80 @@
+"""Sampling: small pure tensor functions over a batch of rows, each with its own parameters."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class SamplingTensors:
+    """Per-row parameters [R] (and, when any row uses penalties, token histories [R, V])."""
+
+    temperature: torch.Tensor
+    top_k: torch.Tensor  # 0 = off
+    top_p: torch.Tensor
+    min_p: torch.Tensor
+    uniform: torch.Tensor  # one U(0,1) draw per row, from the row's own generator
+    presence: torch.Tensor | None = None
+    frequency: torch.Tensor | None = None
+    repetition: torch.Tensor | None = None
+    output_counts: torch.Tensor | None = None  # [R, V] how often each token was generated
+    seen: torch.Tensor | None = None  # [R, V] bool: in prompt or output (repetition penalty)
+    banned: torch.Tensor | None = None  # [R, V] bool: not allowed yet (EOS before min_tokens)
+
+
+def apply_penalties(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
+    """OpenAI presence/frequency penalties on generated tokens; HF/vLLM repetition penalty on
+    prompt and generated tokens (positive logits divided, negative multiplied)."""
+    if t.repetition is not None and t.seen is not None:
+        r = t.repetition[:, None]
+        penalised = torch.where(logits > 0, logits / r, logits * r)
+        logits = torch.where(t.seen, penalised, logits)
+    if t.output_counts is not None and t.presence is not None and t.frequency is not None:
+        counts = t.output_counts
+        logits = logits - t.frequency[:, None] * counts - t.presence[:, None] * (counts > 0).to(logits.dtype)
+    if t.banned is not None:
+        logits = logits.masked_fill(t.banned, float("-inf"))
+    return logits
+
+
+def sample(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
+    """logits [R, V] (float32, penalties applied) -> token ids [R]. Temperature 0 rows are greedy."""
+    greedy = t.temperature == 0
+    if bool(greedy.all()):
+        return logits.argmax(-1)
+    temp = torch.where(greedy, torch.ones_like(t.temperature), t.temperature)
+    probs = torch.softmax(logits / temp[:, None], dim=-1)
+    if bool(((t.top_k > 0) | (t.top_p < 1) | (t.min_p > 0)).any()):
+        probs, order = probs.sort(dim=-1, descending=True)
+        probs = _truncate(probs, t)
+    else:
+        order = None
+    # Inverse CDF with the row's own uniform draw: reproducible whatever else is in the batch.
+    cdf = probs.cumsum(-1)
+    target = t.uniform[:, None] * cdf[:, -1:]
+    choice = torch.searchsorted(cdf, target).clamp(max=probs.shape[-1] - 1).squeeze(-1)
+    tokens = choice if order is None else order.gather(1, choice[:, None]).squeeze(-1)
+    return torch.where(greedy, logits.argmax(-1), tokens)
+
+
+def _truncate(sorted_probs: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
+    """Zero what top-k, top-p (nucleus) and min-p exclude; the best token always stays."""
+    ranks = torch.arange(sorted_probs.shape[-1], device=sorted_probs.device)[None]
+    k = torch.where(t.top_k > 0, t.top_k, torch.full_like(t.top_k, sorted_probs.shape[-1]))
+    keep = ranks < k[:, None]
+    before = sorted_probs.cumsum(-1) - sorted_probs  # mass of the better tokens
+    keep &= before < t.top_p[:, None]
+    keep &= sorted_probs >= t.min_p[:, None] * sorted_probs[:, :1]
+    keep[:, 0] = True
+    return sorted_probs * keep
+
+
+def logprobs_of(logits: torch.Tensor, tokens: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The model's log-probabilities (raw logits, before sampling controls): of the chosen tokens
+    [R], and the top-k alternatives (values, ids) [R, k]."""
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    chosen = lp.gather(1, tokens[:, None]).squeeze(-1)
+    top = lp.topk(k, dim=-1) if k > 0 else (lp[:, :0], tokens[:, None][:, :0])
+    return chosen, top[0], top[1]

@@ -1,0 +1,183 @@
+"""Batched, paged, preempted, prefix-cached generation equals each request run alone."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from souverain.engine.request import EngineOverloaded, FinishReason, Request, SamplingParams
+from souverain.engine.simple import generate_tokens
+from tests.engine.toy import EOS, MODELS, make_engine, run_all, text_of, tiny_model, tokens_of
+
+
+def prompts(n: int, seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    # Mixed lengths; several longer than the sliding window (12) and than a block (4).
+    return [[rng.randrange(256) for _ in range(rng.choice([1, 3, 7, 13, 29, 41]))] for _ in range(n)]
+
+
+def alone(model, prompt: list[int], max_tokens: int) -> list[int]:
+    return list(generate_tokens(model, prompt, max_tokens=max_tokens, stop_ids=[EOS]))
+
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=12)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_batched_equals_alone_with_joins(name: str) -> None:
+    model = tiny_model(name)
+    engine = make_engine(model, max_batched_tokens=32)
+    ps = prompts(8)
+    # Requests join at different steps (and leave when done): continuous batching.
+    joins: dict[int, list[Request]] = {}
+    for i, (step, p) in enumerate(zip([0, 0, 1, 3, 3, 6, 9, 15], ps, strict=True)):
+        joins.setdefault(step, []).append(Request(f"r{i}", p, GREEDY))
+    out = run_all(engine, joins)
+    for i, p in enumerate(ps):
+        assert tokens_of(out[(f"r{i}", 0)]) == alone(model, p, 12), i
+    assert engine.blocks.num_free == engine.blocks.num_blocks
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_preemption_keeps_answers_right(name: str) -> None:
+    model = tiny_model(name)
+    # 14 blocks of 4 tokens for 6 sequences of up to ~53 tokens: preemption is unavoidable.
+    engine = make_engine(model, blocks=14, max_batched_tokens=16)
+    ps = prompts(6, seed=1)
+    params = SamplingParams(temperature=0.0, max_tokens=12)
+    out = run_all(engine, {0: [Request(f"r{i}", p, params) for i, p in enumerate(ps)]})
+    assert engine.stats.preemptions > 0
+    for i, p in enumerate(ps):
+        assert tokens_of(out[(f"r{i}", 0)]) == alone(model, p, 12), i
+    assert engine.blocks.num_free == engine.blocks.num_blocks
+
+
+def test_prefix_cache_hits_are_counted_and_exact() -> None:
+    model = tiny_model("dense")
+    engine = make_engine(model)
+    system = [random.Random(2).randrange(256) for _ in range(40)]
+    first = system + [1, 2, 3]
+    second = system + [4, 5, 6, 7]
+    run_all(engine, {0: [Request("a", first, GREEDY)]})
+    hits_before = engine.stats.prefix_hits
+    out = run_all(engine, {0: [Request("b", second, GREEDY)]})
+    assert engine.stats.prefix_hits - hits_before == 40  # ten full blocks of the shared prompt
+    assert tokens_of(out[("b", 0)]) == alone(model, second, 12)
+    # Another organisation (salt) shares nothing.
+    before = engine.stats.prefix_hits
+    run_all(engine, {0: [Request("c", second, GREEDY, cache_salt="org-2")]})
+    assert engine.stats.prefix_hits == before
+
+
+def test_stop_strings_cut_exactly_across_tokens() -> None:
+    model = tiny_model("dense")
+    prompt = [72, 105, 32]
+    full = bytes(t for t in alone(model, prompt, 30) if t < 256).decode("utf-8", errors="replace")
+    stop = full[5:8]  # three bytes: spans three tokens
+    assert len(stop.encode()) >= 2
+    engine = make_engine(model)
+    out = run_all(engine, {0: [Request("s", prompt, SamplingParams(temperature=0, max_tokens=30, stop=(stop,)))]})
+    deltas = out[("s", 0)]
+    assert text_of(deltas) == full[: full.index(stop)]
+    assert deltas[-1].finish_reason is FinishReason.STOP
+    assert all(stop not in d.text for d in deltas)
+
+
+def test_seed_reproduces_whatever_the_batch() -> None:
+    model = tiny_model("dense")
+    params = SamplingParams(temperature=0.9, top_p=0.9, top_k=50, max_tokens=16, seed=42)
+    solo = run_all(make_engine(model), {0: [Request("x", [1, 2, 3], params)]})
+    crowd = [Request(f"o{i}", p, SamplingParams(temperature=1.0, max_tokens=20)) for i, p in enumerate(prompts(5))]
+    mixed = run_all(make_engine(model), {0: crowd[:3], 2: [Request("x", [1, 2, 3], params)], 4: crowd[3:]})
+    assert tokens_of(solo[("x", 0)]) == tokens_of(mixed[("x", 0)])
+
+
+def test_n_samples_share_prompt_blocks() -> None:
+    model = tiny_model("dense")
+    engine = make_engine(model)
+    prompt = list(range(40))  # ten full blocks
+    params = SamplingParams(temperature=1.0, max_tokens=6, n=4, seed=7)
+    engine.add_request(Request("n", prompt, params))
+    peak = 0
+    out: dict = {}
+    while engine.has_unfinished():
+        for d in engine.step():
+            out.setdefault(d.index, []).append(d)
+        peak = max(peak, engine.blocks.num_used)
+    assert sorted(out) == [0, 1, 2, 3]
+    # Unshared, 4 samples would hold 4 x 10 prompt blocks at once.
+    assert peak < 4 * 10
+    assert engine.stats.prefix_hits >= 3 * 36
+    assert len({tuple(tokens_of(v)) for v in out.values()}) > 1  # different samples
+
+
+def test_cancellation_returns_the_pool() -> None:
+    model = tiny_model("dense")
+    engine = make_engine(model)
+    for i, p in enumerate(prompts(4)):
+        engine.add_request(Request(f"r{i}", p, SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)))
+    for _ in range(5):
+        engine.step()
+    assert engine.blocks.num_used > 0
+    for i in range(4):
+        engine.cancel(f"r{i}")
+    finals = engine.step()
+    assert {d.finish_reason for d in finals} == {FinishReason.CANCELLED}
+    assert engine.blocks.num_free == engine.blocks.num_blocks and not engine.has_unfinished()
+
+
+def test_queue_bound_overloads() -> None:
+    engine = make_engine(tiny_model("dense"), max_waiting=3)
+    for i in range(3):
+        engine.add_request(Request(f"r{i}", [1, 2], GREEDY))
+    with pytest.raises(EngineOverloaded):
+        engine.add_request(Request("r3", [1, 2], GREEDY))
+    assert len(engine.scheduler.waiting) == 3
+
+
+def test_failing_request_leaves_others_running() -> None:
+    model = tiny_model("dense")
+    engine = make_engine(model)
+    good = prompts(3)
+    for i, p in enumerate(good):
+        engine.add_request(Request(f"ok{i}", p, GREEDY))
+    engine.add_request(Request("bad", [1, 2, 3], GREEDY))
+    # Corrupt the bad request after validation: a token the embedding cannot look up.
+    bad = next(s for s in engine.scheduler.waiting if s.request.request_id == "bad")
+    bad.token_ids[1] = 10_000
+    out = run_all(engine)
+    assert out[("bad", 0)][-1].finish_reason is FinishReason.ERROR
+    for i, p in enumerate(good):
+        assert tokens_of(out[(f"ok{i}", 0)]) == alone(model, p, 12)
+
+
+def test_min_tokens_and_max_tokens() -> None:
+    model = tiny_model("dense")
+    engine = make_engine(model)
+    params = SamplingParams(temperature=0, max_tokens=5, min_tokens=5)
+    out = run_all(engine, {0: [Request("m", [1, 2, 3], params)]})
+    assert len(tokens_of(out[("m", 0)])) == 5
+    assert out[("m", 0)][-1].finish_reason in (FinishReason.LENGTH, FinishReason.STOP)
+    assert EOS not in tokens_of(out[("m", 0)])[:4]
+
+
+def test_logprobs_are_reported() -> None:
+    model = tiny_model("dense")
+    engine = make_engine(model)
+    out = run_all(engine, {0: [Request("l", [1, 2, 3], SamplingParams(temperature=0, max_tokens=4, logprobs=3))]})
+    lps = [lp for d in out[("l", 0)] for lp in (d.logprobs or [])]
+    assert [lp.token_id for lp in lps] == tokens_of(out[("l", 0)])
+    for lp in lps:
+        assert len(lp.top) == 3 and lp.top[0][0] == lp.token_id  # greedy picks the best
+        assert lp.logprob <= 0 and abs(lp.top[0][1] - lp.logprob) < 1e-6
+
+
+def test_invalid_requests_are_refused_clearly() -> None:
+    engine = make_engine(tiny_model("dense"))
+    with pytest.raises(ValueError, match="vocabulary"):
+        engine.add_request(Request("v", [1, 999], GREEDY))
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingParams(top_p=0)
+    with pytest.raises(ValueError, match="prompt"):
+        Request("e", [], GREEDY)
