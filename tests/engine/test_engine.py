@@ -57,8 +57,8 @@ def test_prefix_cache_hits_are_counted_and_exact() -> None:
     model = tiny_model("dense")
     engine = make_engine(model)
     system = [random.Random(2).randrange(256) for _ in range(40)]
-    first = system + [1, 2, 3]
-    second = system + [4, 5, 6, 7]
+    first = [*system, 1, 2, 3]
+    second = [*system, 4, 5, 6, 7]
     run_all(engine, {0: [Request("a", first, GREEDY)]})
     hits_before = engine.stats.prefix_hits
     out = run_all(engine, {0: [Request("b", second, GREEDY)]})
