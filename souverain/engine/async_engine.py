@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from souverain.engine.engine import LLMEngine
-from souverain.engine.request import Delta, EngineOverloaded, FinishReason, Request
+from souverain.engine.request import Delta, EngineOverloaded, Request
 
 log = logging.getLogger(__name__)
 
@@ -126,8 +126,5 @@ class AsyncEngine:
                 self._deliver(delta.request_id, delta)
 
     def _fail_all(self, error: Exception) -> None:
-        sched = self.engine.scheduler
-        for seq in list(sched.running) + list(sched.waiting):
-            sched.finish(seq, FinishReason.ERROR)
-            self._deliver(seq.request.request_id, Delta(seq.request.request_id, seq.index, "", [],
-                                                        finish_reason=FinishReason.ERROR, error=str(error)))
+        for delta in self.engine.abort_all(str(error) or type(error).__name__):
+            self._deliver(delta.request_id, delta)

@@ -210,6 +210,15 @@ class LLMEngine:
         self.stats.requests_finished += 1
         return delta
 
+    def abort_all(self, error: str) -> list[Delta]:
+        """End every unfinished sequence with an error (the engine itself failed)."""
+        deltas = []
+        for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
+            self.scheduler.finish(seq, FinishReason.ERROR)
+            deltas.append(self._final(seq, error=error))
+        self._refresh_stats()
+        return deltas
+
     def _refresh_stats(self) -> None:
         s = self.stats
         s.running = len(self.scheduler.running)

@@ -21,7 +21,9 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(TransformerBlock(args, i) for i in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
         # Tied models (SmolLM2) project with the embedding matrix and own no output weight.
-        self.output = None if args.tie_embeddings else nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.output: nn.Module | None = None
+        if not args.tie_embeddings:
+            self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         # A plain attribute, not a buffer: it stays fp32 whatever dtype the weights take,
         # and is built on the CPU even under a `meta` device context.
         self._inv_freq = rope_inv_freq(args)
@@ -48,8 +50,9 @@ class Transformer(nn.Module):
         if output_rows is not None:
             h = h.reshape(b * t, -1)[output_rows]
         h = self.norm(h)
-        weight = self.tok_embeddings.weight if self.output is None else self.output.weight
-        return F.linear(h, weight)
+        if self.output is None:
+            return F.linear(h, self.tok_embeddings.weight)
+        return self.output(h)
 
     def _mask(self, positions: torch.Tensor) -> torch.Tensor | None:
         window = self.args.sliding_window

@@ -181,3 +181,49 @@ def test_invalid_requests_are_refused_clearly() -> None:
         SamplingParams(top_p=0)
     with pytest.raises(ValueError, match="prompt"):
         Request("e", [], GREEDY)
+
+
+def test_priority_orders_admission() -> None:
+    model = tiny_model("dense")
+    engine = make_engine(model, max_num_seqs=1)
+    engine.add_request(Request("late-free", [1, 2], GREEDY, priority=5))
+    engine.add_request(Request("pro", [3, 4], GREEDY, priority=0))
+    first = engine.scheduler.schedule()
+    assert [i.seq.request.request_id for i in first.items] == ["pro"]
+
+
+def test_long_prompt_is_chunked_and_does_not_stall_decodes() -> None:
+    model = tiny_model("dense")
+    engine = make_engine(model, max_batched_tokens=16)
+    engine.add_request(Request("stream", [1, 2, 3], SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)))
+    engine.step()  # its prefill
+    engine.add_request(Request("long", list(range(200)), GREEDY))
+    for _ in range(10):  # 200 prompt tokens under a 16-token budget: many steps of prefill
+        deltas = engine.step()
+        assert any(d.request_id == "stream" and d.token_ids for d in deltas)
+    long_seq = next(s for s in engine.scheduler.running if s.request.request_id == "long")
+    assert 0 < long_seq.num_computed < 200
+
+
+def test_sliding_window_releases_blocks() -> None:
+    model = tiny_model("sliding_window")  # window 12, blocks of 4
+    engine = make_engine(model)
+    engine.add_request(Request("w", [1, 2, 3], SamplingParams(temperature=0, max_tokens=120, ignore_eos=True)))
+    peak = 0
+    while engine.has_unfinished():
+        engine.step()
+        peak = max(peak, engine.blocks.num_used)
+    # 123 tokens would need 31 blocks; the window keeps only ~12/4 + 2 alive.
+    assert peak <= 6
+    assert engine.blocks.num_free == engine.blocks.num_blocks
+
+
+def test_counters() -> None:
+    model = tiny_model("dense")
+    engine = make_engine(model)
+    run_all(engine, {0: [Request(f"r{i}", p, GREEDY) for i, p in enumerate(prompts(3))]})
+    s = engine.stats
+    assert s.prompt_tokens == sum(len(p) for p in prompts(3))
+    assert s.generation_tokens == 36 and s.requests_finished == 3
+    assert s.time_to_first_token.count == 3 and s.inter_token_latency.count == 33
+    assert s.running == 0 and s.waiting == 0 and s.kv_blocks_used == 0
