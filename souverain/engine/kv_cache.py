@@ -36,9 +36,12 @@ class AttentionGroup:
     """Sequences attended together: queries [G, T] (rows into the step's flat tokens), keys [G, S]."""
 
     q_rows: torch.Tensor  # [G, T] flat row of each query (padding repeats a real row)
-    q_valid: torch.Tensor  # [G, T] bool
-    k_slots: torch.Tensor  # [G, S] cache slot of each key (padding: any slot, masked)
+    k_blocks: torch.Tensor  # [G * B] the blocks whose slots are the keys, B per sequence
+    num_keys: int  # S = B * block_size keys per sequence (beyond its own: masked)
     mask: torch.Tensor  # [G, 1, T, S]
+    out_rows: torch.Tensor  # [V] flat rows of the real (unpadded) queries...
+    out_picks: torch.Tensor  # [V] ...and where they sit in the group's flattened [G*T] output
+    identity: bool = False  # one query per sequence, rows 0..N-1 in order: no gather/scatter
 
 
 class PagedStep:
@@ -55,11 +58,19 @@ class PagedStep:
         kc.index_copy_(0, self.slots, k[0])
         vc.index_copy_(0, self.slots, v[0])
         flat_q = q[0]  # [N, H, hd]
+        if len(self.groups) == 1 and self.groups[0].identity:  # all decodes: the common case
+            g = self.groups[0]
+            return attend(flat_q[:, None], self._keys(kc, g), self._keys(vc, g), g.mask).transpose(0, 1)
         out = torch.empty_like(flat_q)
         for g in self.groups:
-            o = attend(flat_q[g.q_rows], kc[g.k_slots], vc[g.k_slots], g.mask)  # [G, T, H, hd]
-            out[g.q_rows[g.q_valid]] = o[g.q_valid]
+            o = attend(flat_q[g.q_rows], self._keys(kc, g), self._keys(vc, g), g.mask)  # [G, T, H, hd]
+            out.index_copy_(0, g.out_rows, o.flatten(0, 1).index_select(0, g.out_picks))
         return out[None]
+
+    def _keys(self, layer_cache: torch.Tensor, g: AttentionGroup) -> torch.Tensor:
+        """[G, S, Hkv, hd]: whole blocks copied at once (rows of block_size * Hkv * hd values)."""
+        blocks = layer_cache.view(self.cache.num_blocks, -1).index_select(0, g.k_blocks)
+        return blocks.view(-1, g.num_keys, *layer_cache.shape[1:])
 
 
 def build_group(starts: list[int], counts: list[int], row_offsets: list[int], block_tables: list[list[int]],
@@ -75,15 +86,18 @@ def build_group(starts: list[int], counts: list[int], row_offsets: list[int], bl
     q_rows = torch.tensor(row_offsets, device=device)[:, None] + q_off
     q_pos = start[:, None] + q_off
     end = start + count
+    # Keys: whole blocks, from the first one the window reaches to the one holding `end - 1`.
     k_start = (start - window + 1).clamp(min=0) if window else torch.zeros_like(start)
-    k_len = end - k_start
-    s = int(k_len.max())
-    ar_s = torch.arange(s, device=device)
-    k_pos = k_start[:, None] + ar_s[None]  # [G, S]
-    k_valid = ar_s[None] < k_len[:, None]
+    first_block = k_start // block_size
+    n_blocks = int(((end - 1) // block_size - first_block).max()) + 1
+    ar_b = torch.arange(n_blocks, device=device)
+    block_idx = first_block[:, None] + ar_b[None]  # [G, B]
     width = max(len(b) for b in block_tables)
     table = torch.tensor([[max(b, 0) for b in bt] + [0] * (width - len(bt)) for bt in block_tables], device=device)
-    safe = torch.where(k_valid, k_pos, torch.zeros_like(k_pos))
-    k_slots = table.gather(1, safe // block_size) * block_size + safe % block_size
-    mask = window_mask(q_pos, torch.where(k_valid, k_pos, torch.full_like(k_pos, -1)), window)
-    return AttentionGroup(q_rows, q_valid, k_slots, mask)
+    k_blocks = table.gather(1, block_idx.clamp(max=width - 1)).flatten()
+    k_pos = (first_block * block_size)[:, None] + torch.arange(n_blocks * block_size, device=device)[None]
+    k_pos = torch.where((k_pos >= k_start[:, None]) & (k_pos < end[:, None]), k_pos, torch.full_like(k_pos, -1))
+    mask = window_mask(q_pos, k_pos, window)
+    picks = q_valid.flatten().nonzero().squeeze(-1)
+    identity = t == 1 and row_offsets == list(range(len(row_offsets)))
+    return AttentionGroup(q_rows, k_blocks, n_blocks * block_size, mask, q_rows.flatten()[picks], picks, identity)

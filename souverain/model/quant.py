@@ -1,9 +1,14 @@
-"""Weight-only int8 linear layers for fast CPU decoding (a module swap, as LoRA will be).
+"""Weight-only quantised linear layers for fast CPU decoding (a module swap, as LoRA will be).
 
-Decoding one token at a time is bound by reading the weights: int8 halves the bytes of bf16.
-Each output row gets one scale (symmetric, per channel); activations stay bf16, which is what
-torch's `_weight_int8pack_mm` CPU kernel is fast with. Large batches (prefill) are
-compute-bound, so they use a bf16 copy kept alongside: `dense_rows` sets the switch.
+Decoding a few tokens at a time is bound by reading the weights, so fewer bytes per weight is
+speed: int4 (groups of 32, a scale and a zero each) or int8 (one scale per output row), with bf16
+activations, through torch's CPU kernels `_weight_int4pack_mm_for_cpu` / `_weight_int8pack_mm`.
+Those kernels are gemv-shaped; batches of more than `dense_rows` rows (prefill, many streams)
+are compute-bound and use a bf16 copy kept alongside.
+
+int4 from a GGUF Q4_1 checkpoint is near-exact: Q4_1 blocks are 32 values spanning min..max in
+16 steps, which is exactly the grid min/max quantisation finds again (only the scale and zero
+round to bf16).
 """
 
 from __future__ import annotations
@@ -14,24 +19,46 @@ from torch import nn
 
 from souverain.model.transformer import Transformer
 
+GROUP = 32
 
-class Int8Linear(nn.Module):
-    def __init__(self, linear: nn.Linear, dense_rows: int) -> None:
+
+def _int4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [N, K] -> (packed int4 weight, scales_and_zeros [K/32, N, 2]); dequant = (q - 8) * s + z."""
+    n, k = w.shape
+    groups = w.reshape(n, k // GROUP, GROUP)
+    lo, hi = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
+    scale = ((hi - lo) / 15).clamp(min=1e-8)
+    q = torch.round((groups - lo) / scale).clamp(0, 15).to(torch.int32).reshape(n, k)
+    zero = lo + 8 * scale
+    scales_zeros = torch.cat([scale, zero], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)  # [K/32, N, 2]
+    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1), scales_zeros
+
+
+class QuantLinear(nn.Module):
+    def __init__(self, linear: nn.Linear, bits: int, dense_rows: int) -> None:
         super().__init__()
         w = linear.weight.detach().float()
-        scales = w.abs().amax(dim=1).clamp(min=1e-8) / 127.0  # [N]
-        self.qweight = nn.Buffer(torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8))
-        self.scales = nn.Buffer(scales.to(torch.bfloat16))
+        # The int4 kernel wants K in whole groups and N in multiples of 16 (a MoE router has 8).
+        self.bits = 4 if bits == 4 and w.shape[1] % GROUP == 0 and w.shape[0] % 16 == 0 else 8
+        if self.bits == 4:
+            packed, sz = _int4(w)
+            self.qweight, self.scales = nn.Buffer(packed), nn.Buffer(sz)
+        else:
+            scales = w.abs().amax(dim=1).clamp(min=1e-8) / 127.0  # [N]
+            self.qweight = nn.Buffer(torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8))
+            self.scales = nn.Buffer(scales.to(torch.bfloat16))
         self.dense = nn.Buffer(linear.weight.detach().to(torch.bfloat16))
         self.bias = linear.bias
         self.dense_rows = dense_rows
-        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.out_features = linear.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).to(torch.bfloat16)
         if x2.shape[0] > self.dense_rows:
             y = F.linear(x2, self.dense)
+        elif self.bits == 4:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.qweight, GROUP, self.scales)
         else:
             y = torch.ops.aten._weight_int8pack_mm(x2, self.qweight, self.scales)
         if self.bias is not None:
@@ -39,16 +66,22 @@ class Int8Linear(nn.Module):
         return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
 
 
-def quantize_int8(model: nn.Module, *, dense_rows: int = 8) -> nn.Module:
-    """Swap every nn.Linear for an Int8Linear, in place (MoE expert stacks stay as they are).
-    A tied output projection gets its own int8 copy of the embedding matrix."""
-    if isinstance(model, Transformer) and model.output is None:
-        tied = nn.Linear(model.args.dim, model.args.vocab_size, bias=False, device="meta")
-        tied.weight = model.tok_embeddings.weight
-        model.output = Int8Linear(tied, dense_rows)
+def quantize(model: nn.Module, *, bits: int = 4, dense_rows: int = 4) -> nn.Module:
+    """Swap every nn.Linear for a QuantLinear, in place (MoE expert stacks stay as they are).
+    The output projection is int8 whatever `bits` (logits are sensitive); a tied one gets its own
+    int8 copy of the embedding matrix."""
+    if bits not in (4, 8):
+        raise ValueError(f"bits must be 4 or 8, got {bits}")
+    if isinstance(model, Transformer):
+        head = model.output
+        if head is None:
+            head = nn.Linear(model.args.dim, model.args.vocab_size, bias=False, device="meta")
+            head.weight = model.tok_embeddings.weight
+        if isinstance(head, nn.Linear):
+            model.output = QuantLinear(head, 8, dense_rows)
     for name, child in list(model.named_children()):
         if isinstance(child, nn.Linear):
-            setattr(model, name, Int8Linear(child, dense_rows))
+            setattr(model, name, QuantLinear(child, bits, dense_rows))
         else:
-            quantize_int8(child, dense_rows=dense_rows)
+            quantize(child, bits=bits, dense_rows=dense_rows)
     return model
