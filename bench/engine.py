@@ -22,7 +22,10 @@ from pathlib import Path
 import torch
 
 NEW = 128
-WORDS = ["the", "king", "of", "france", "travelled", "to", "lyon", "with", "his", "court", "and", "many", "horses", "while", "the", "people", "of", "paris", "waited", "for", "news", "about", "the", "harvest", "the", "war", "and", "the", "price", "of", "bread", "in", "the", "markets"]
+WORDS = (
+    "the king of france travelled to lyon with his court and many horses while the people of paris "
+    "waited for news about the harvest the war and the price of bread in the markets"
+).split()
 
 
 def prompt_text(n_words: int, seed: int) -> str:
@@ -97,9 +100,7 @@ def llamacpp_runner(path: Path):
         first = 0.0
         for i, p in enumerate(prompts):  # one after another: llama-cpp-python serves one at a time
             llm.reset()
-            n = 0
-            for _ in llm.generate(p, temp=0.0, reset=True):
-                n += 1
+            for n, _ in enumerate(llm.generate(p, temp=0.0, reset=True), start=1):
                 if i == 0 and n == 1:
                     first = time.perf_counter() - start
                 if n >= new:

@@ -3,6 +3,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-.venv/bin/ruff check souverain tests
+.venv/bin/ruff check souverain tests bench
 .venv/bin/mypy souverain
 exec .venv/bin/python -m pytest -q "$@"
