@@ -50,6 +50,7 @@ def generate(
     chat: Annotated[bool, typer.Option("--chat", help="Apply the model's chat template")] = False,
     system: Annotated[str | None, typer.Option(help="System message (with --chat)")] = None,
     dtype: Annotated[str, typer.Option(help=f"Compute dtype: {', '.join(DTYPES)}")] = "float32",
+    bits: Annotated[int, typer.Option(help="Weight-only quantisation for speed: 0 (off), 4 or 8")] = 0,
 ) -> None:
     """Stream a completion of PROMPT to the terminal."""
     import torch
@@ -62,11 +63,17 @@ def generate(
 
     if dtype not in DTYPES:
         raise _fail(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if bits not in (0, 4, 8):
+        raise _fail(f"--bits must be 0, 4 or 8, got {bits}")
     try:
         path = resolve(model)
         start = time.perf_counter()
         tokenizer = load_tokenizer(path)
         net = load_model(path, dtype=getattr(torch, dtype))
+        if bits:
+            from souverain.model.quant import quantize
+
+            quantize(net, bits=bits)
         err.print(f"[dim]loaded {path.name} in {time.perf_counter() - start:.1f}s[/dim]", highlight=False)
         if chat:
             messages = ([{"role": "system", "content": system}] if system else []) + [

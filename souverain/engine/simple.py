@@ -6,22 +6,19 @@ from collections.abc import Iterable, Iterator
 
 import torch
 
+from souverain.engine.sampling import SamplingTensors, sample
 from souverain.model.kv import ContiguousKV
 from souverain.model.transformer import Transformer
 
 
-def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
-    """One token from logits [V]: greedy at temperature 0, else nucleus sampling."""
+def sample_one(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
+    """One token from logits [V] with the engine's sampling functions: greedy at temperature 0."""
     if temperature <= 0:
         return int(logits.argmax())
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    if top_p < 1.0:
-        sorted_p, order = probs.sort(descending=True)
-        # Keep the smallest set whose mass reaches top_p (the first token always stays).
-        drop = sorted_p.cumsum(-1) - sorted_p >= top_p
-        sorted_p[drop] = 0.0
-        probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
-    return int(torch.multinomial(probs, 1, generator=generator))
+    one = torch.tensor
+    params = SamplingTensors(temperature=one([temperature]), top_k=one([0]), top_p=one([top_p]), min_p=one([0.0]),
+                             uniform=torch.rand(1, generator=generator))
+    return int(sample(logits.float()[None], params)[0])
 
 
 @torch.inference_mode()
@@ -39,7 +36,7 @@ def generate_tokens(model: Transformer, prompt: list[int], *, max_tokens: int, t
     positions = torch.arange(len(prompt), device=device)[None]
     for _ in range(limit - len(prompt)):
         logits = model(tokens, positions, kv)[0, -1]
-        token = sample(logits, temperature, top_p, generator)
+        token = sample_one(logits, temperature, top_p, generator)
         yield token
         if token in stop:
             return
