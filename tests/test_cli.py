@@ -1,0 +1,58 @@
+"""The command line as a user meets it: import, list, show, run, rm; clear one-line failures."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def souverain(*args: str, home: Path, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "SOUVERAIN_HOME": str(home), "COLUMNS": "200"}
+    return subprocess.run([sys.executable, "-m", "souverain", *args], capture_output=True, text=True, env=env,
+                          input=stdin, timeout=300, check=False)
+
+
+@pytest.fixture(scope="module")
+def home(smollm2_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    home = tmp_path_factory.mktemp("home")
+    done = souverain("import", str(smollm2_path), "--name", "smollm2", home=home)
+    assert done.returncode == 0, done.stderr
+    return home
+
+
+def test_list_and_show(home: Path) -> None:
+    listing = souverain("list", home=home)
+    assert "smollm2" in listing.stdout and "98.4 MB" in listing.stdout and "Q4_1" in listing.stdout
+    shown = souverain("show", "smollm2", home=home)
+    assert "Q4_1" in shown.stdout and "<|im_start|>" in shown.stdout and "8192" in shown.stdout
+
+
+def test_run_with_a_prompt_answers(home: Path) -> None:
+    done = souverain("run", "smollm2", "What is the capital of France?", "--temperature", "0", home=home)
+    assert done.returncode == 0, done.stderr
+    assert "Paris" in done.stdout
+
+
+def test_run_interactive_keeps_history_and_clears(home: Path) -> None:
+    script = "My name is Ada.\n/clear\nWhat is the capital of France?\n/bye\n"
+    done = souverain("run", "smollm2", "--temperature", "0", "--max-tokens", "24", home=home, stdin=script)
+    assert done.returncode == 0, done.stderr
+    assert "conversation cleared" in done.stderr and "Paris" in done.stdout
+
+
+def test_failures_are_one_clear_line(home: Path, tmp_path: Path) -> None:
+    for args in (["show", "nope"], ["rm", "nope"], ["run", "nope", "hi"], ["import", str(tmp_path / "x.gguf")],
+                 ["import", str(home), "--name", "../up"]):
+        done = souverain(*args, home=home)
+        assert done.returncode == 1, args
+        assert done.stderr.startswith("error:") and "Traceback" not in done.stderr, (args, done.stderr)
+
+
+def test_rm(home: Path, smollm2_path: Path) -> None:
+    assert souverain("import", str(smollm2_path), "--name", "copy", home=home).returncode == 0
+    assert souverain("rm", "copy", home=home).returncode == 0
+    assert "copy" not in souverain("list", home=home).stdout
