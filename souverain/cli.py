@@ -290,5 +290,72 @@ def _read_question() -> str | None:
         return None
 
 
+# -- the server -------------------------------------------------------------------------------------
+def _env_list(name: str) -> list[str] | None:
+    import os
+
+    value = os.environ.get(name)
+    return [v for v in value.replace(",", " ").split() if v] if value else None
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(envvar="SOUVERAIN_HOST", help="Address to bind")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(envvar="SOUVERAIN_PORT")] = 8000,
+    model: Annotated[list[str] | None, typer.Option(help="Model to serve (repeatable; env SOUVERAIN_MODELS)")] = None,
+    api_key: Annotated[list[str] | None, typer.Option(help="A static API key (repeatable; env SOUVERAIN_API_KEY)")
+                       ] = None,
+    kv_cache_memory: Annotated[int, typer.Option(envvar="SOUVERAIN_KV_CACHE_MEMORY", help="KV pool bytes")] = 1 << 30,
+    dtype: Annotated[str, typer.Option(envvar="SOUVERAIN_DTYPE")] = "bfloat16",
+    bits: Annotated[str, typer.Option(envvar="SOUVERAIN_BITS", help="auto, 0, 4 or 8")] = "auto",
+) -> None:
+    """Serve the Mistral/OpenAI-compatible API (the default model is pulled on first use)."""
+    import uvicorn
+
+    from souverain.server.app import create_app
+    from souverain.server.loader import load_models
+    from souverain.server.settings import Settings
+
+    try:
+        settings = Settings(host=host, port=port, models=model or _env_list("SOUVERAIN_MODELS") or ["smollm2"],
+                            api_keys=api_key or _env_list("SOUVERAIN_API_KEY") or [],
+                            kv_cache_memory=kv_cache_memory, dtype=dtype, bits=bits)
+        registry = load_models(settings, say=lambda m: err.print(f"[dim]{m}[/dim]", highlight=False))
+    except _errors() as e:
+        raise _fail(str(e)) from None
+    if not settings.api_keys:
+        err.print(f"[yellow]no API key set: anyone who can reach {host}:{port} can use this server "
+                  "(--api-key or SOUVERAIN_API_KEY)[/yellow]")
+    try:
+        uvicorn.run(create_app(settings, registry), host=host, port=port, log_level="warning")
+    finally:
+        registry.shutdown()
+
+
+@app.command()
+def ps(
+    url: Annotated[str, typer.Option(envvar="SOUVERAIN_URL", help="The server")] = "http://127.0.0.1:8000",
+    api_key: Annotated[str | None, typer.Option(envvar="SOUVERAIN_API_KEY")] = None,
+) -> None:
+    """What a running server has loaded, and how busy it is."""
+    import json
+    import urllib.request
+
+    request = urllib.request.Request(f"{url.rstrip('/')}/v1/models",
+                                     headers={"Authorization": f"Bearer {api_key}"} if api_key else {})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            data = json.loads(response.read())
+    except OSError as e:
+        raise _fail(f"cannot reach a server at {url}: {e}") from None
+    table = Table("MODEL", "CONTEXT", "QUANT", "RUNNING", "WAITING", "KV BLOCKS", box=None)
+    for m in data.get("data", []):
+        s = m.get("status", {})
+        table.add_row(m["id"], str(m.get("max_context_length")), str(m.get("quantization") or "-"),
+                      str(s.get("running", "-")), str(s.get("waiting", "-")),
+                      f"{s.get('kv_blocks_used', '-')}/{s.get('kv_blocks_total', '-')}")
+    out.print(table)
+
+
 def main() -> None:
     app()

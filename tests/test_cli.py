@@ -56,3 +56,32 @@ def test_rm(home: Path, smollm2_path: Path) -> None:
     assert souverain("import", str(smollm2_path), "--name", "copy", home=home).returncode == 0
     assert souverain("rm", "copy", home=home).returncode == 0
     assert "copy" not in souverain("list", home=home).stdout
+
+
+def test_serve_and_ps(home: Path) -> None:
+    import socket
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "SOUVERAIN_HOME": str(home), "SOUVERAIN_API_KEY": "sk-cli", "COLUMNS": "200"}
+    server = subprocess.Popen([sys.executable, "-m", "souverain", "serve", "--port", str(port),
+                               "--kv-cache-memory", str(64 << 20)], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(240):
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
+                break
+            except OSError:
+                assert server.poll() is None, server.stderr.read() if server.stderr else ""
+                time.sleep(0.5)
+        done = subprocess.run([sys.executable, "-m", "souverain", "ps", "--url", f"http://127.0.0.1:{port}"],
+                              env=env, capture_output=True, text=True, timeout=60, check=False)
+        assert done.returncode == 0, done.stderr
+        assert "smollm2" in done.stdout and "Q4_1" in done.stdout
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

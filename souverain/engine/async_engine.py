@@ -49,14 +49,18 @@ class AsyncEngine:
             self._thread.join(timeout=30)
             self._thread = None
 
+    def check_capacity(self, n: int = 1) -> None:
+        """EngineOverloaded now if `n` more sequences would overflow the waiting queue."""
+        waiting = len(self.engine.scheduler.waiting) + self._pending_adds
+        if waiting + n > self.engine.scheduler.config.max_waiting:
+            raise EngineOverloaded(f"{waiting} requests are waiting already")
+
     async def generate(self, request: Request) -> AsyncIterator[Delta]:
         self.start()
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue(), request.params.n)
         with self._lock:
             # Refused at once, here in the caller, rather than after the thread's current step.
-            waiting = len(self.engine.scheduler.waiting) + self._pending_adds
-            if waiting + request.params.n > self.engine.scheduler.config.max_waiting:
-                raise EngineOverloaded(f"{waiting} requests are waiting already")
+            self.check_capacity(request.params.n)
             if request.request_id in self._streams:
                 raise ValueError(f"request id {request.request_id!r} is already in use")
             self._streams[request.request_id] = stream

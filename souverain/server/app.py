@@ -1,0 +1,34 @@
+"""create_app(settings, registry): the FastAPI application, built without import-time effects."""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from collections.abc import Awaitable, Callable
+
+from fastapi import FastAPI, Request, Response
+
+from souverain.server import errors
+from souverain.server.registry import Registry
+from souverain.server.routes import chat, completions, health, models
+from souverain.server.settings import Settings
+
+
+def create_app(settings: Settings, registry: Registry) -> FastAPI:
+    app = FastAPI(title="Souverain", version="0.1.0",
+                  description="Self-hosted, open-weight AI: a Mistral- and OpenAI-compatible API.")
+    app.state.settings = settings
+    app.state.registry = registry
+    app.state.key_digests = [hashlib.sha256(k.encode()).digest() for k in settings.api_keys]
+    errors.install(app)
+    for router in (health.router, models.router, chat.router, completions.router):
+        app.include_router(router)
+
+    @app.middleware("http")
+    async def request_id(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        rid = request.headers.get("x-request-id") or uuid.uuid4().hex
+        response = await call_next(request)
+        response.headers["x-request-id"] = rid
+        return response
+
+    return app

@@ -1,0 +1,117 @@
+"""From a validated request to engine Requests, and from engine Deltas to API responses."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from souverain.engine.request import Delta, EngineOverloaded, FinishReason, Request, SamplingParams, TokenLogprob
+from souverain.server.errors import APIError
+from souverain.server.protocol.chat import Sampling
+from souverain.server.registry import LoadedModel
+from souverain.tokenizer.base import Tokenizer
+
+DEFAULT_TEMPERATURE = 0.7  # Mistral's API default
+
+
+def sampling_params(req: Sampling, model: LoadedModel, prompt_len: int, logprobs: int | None) -> SamplingParams:
+    room = model.max_context - prompt_len
+    if room < 1:
+        raise APIError(400, f"prompt of {prompt_len} tokens does not fit the model's context of "
+                            f"{model.max_context}", param="messages", code="context_length_exceeded")
+    asked = req.max_tokens or req.max_completion_tokens
+    seed = req.random_seed if req.random_seed is not None else req.seed
+    try:
+        return SamplingParams(
+            max_tokens=min(asked or room, room),
+            min_tokens=min(req.min_tokens or 0, asked or room, room),
+            temperature=DEFAULT_TEMPERATURE if req.temperature is None else req.temperature,
+            top_p=1.0 if req.top_p is None else req.top_p,
+            top_k=max(req.top_k or 0, 0),
+            min_p=req.min_p or 0.0,
+            presence_penalty=req.presence_penalty or 0.0,
+            frequency_penalty=req.frequency_penalty or 0.0,
+            repetition_penalty=req.repetition_penalty or 1.0,
+            stop=tuple(req.stop or ()),  # type: ignore[arg-type]
+            seed=seed,
+            n=req.n,
+            logprobs=logprobs,
+        )
+    except ValueError as e:
+        field_name = str(e).split(" ", 1)[0]
+        raise APIError(400, str(e), param=field_name) from None
+
+
+@dataclass
+class Choice:
+    text: list[str] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None
+    completion_tokens: int = 0
+
+
+def check_capacity(model: LoadedModel, request: Request) -> None:
+    """Refuse with 503 before any response starts when the engine's queue is full."""
+    try:
+        model.engine.check_capacity(request.params.n)
+    except EngineOverloaded as e:
+        raise APIError(503, f"the server is busy ({e}); retry shortly", type_="server_busy",
+                       headers={"Retry-After": "1"}) from None
+
+
+async def stream_engine(model: LoadedModel, request: Request) -> AsyncIterator[Delta]:
+    try:
+        async for delta in model.engine.generate(request):
+            if delta.finish_reason is FinishReason.ERROR:
+                raise APIError(500, f"generation failed: {delta.error}", type_="server_error")
+            yield delta
+    except EngineOverloaded as e:
+        raise APIError(503, f"the server is busy ({e}); retry shortly", type_="server_busy",
+                       headers={"Retry-After": "1"}) from None
+    except ValueError as e:
+        raise APIError(400, str(e)) from None
+
+
+async def collect(model: LoadedModel, request: Request) -> tuple[list[Choice], int]:
+    choices = [Choice() for _ in range(request.params.n)]
+    prompt_tokens = len(request.prompt_ids)
+    async for d in stream_engine(model, request):
+        c = choices[d.index]
+        c.text.append(d.text)
+        c.token_ids += d.token_ids
+        c.logprobs += d.logprobs or []
+        if d.finish_reason is not None:
+            c.finish_reason = api_finish(d.finish_reason)
+            c.completion_tokens = d.completion_tokens
+    return choices, prompt_tokens
+
+
+def api_finish(reason: FinishReason) -> str:
+    return reason.value if reason is not FinishReason.CANCELLED else "stop"
+
+
+def logprobs_json(tok: Tokenizer, items: list[TokenLogprob]) -> dict[str, Any]:
+    def piece(i: int) -> str:
+        return tok.decode([i], skip_special=False)
+
+    return {"content": [{
+        "token": piece(lp.token_id), "logprob": lp.logprob, "bytes": list(piece(lp.token_id).encode()),
+        "top_logprobs": [{"token": piece(t), "logprob": v, "bytes": list(piece(t).encode())} for t, v in lp.top],
+    } for lp in items]}
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+def sse(data: dict[str, Any] | str) -> str:
+    return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"

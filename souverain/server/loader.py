@@ -1,0 +1,48 @@
+"""Load the models a server serves, each behind its own engine."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from souverain.engine.async_engine import AsyncEngine
+from souverain.engine.engine import EngineConfig, LLMEngine
+from souverain.hub import resolve
+from souverain.hub.describe import describe
+from souverain.model.quant import quantize
+from souverain.server.registry import LoadedModel, Registry
+from souverain.server.settings import Settings
+from souverain.tokenizer import load_tokenizer
+from souverain.weights import load_model
+
+
+def pick_bits(bits: str, info: dict[str, object]) -> int:
+    """auto: int4 weights for 4-bit GGUFs (near-exact, see souverain.model.quant), else none."""
+    if bits == "auto":
+        return 4 if str(info.get("quantization") or "").startswith(("Q4_0", "Q4_1")) else 0
+    return int(bits)
+
+
+def load_models(settings: Settings, say: Callable[[str], None] = print) -> Registry:
+    registry = Registry()
+    for name in settings.models:
+        path = resolve(name)
+        info = describe(path)
+        if "chat" not in info.get("capabilities", []) and "completion" not in info.get("capabilities", []):
+            say(f"skipping {name}: not a generative model ({info.get('format')})")
+            continue
+        bits = pick_bits(settings.bits, info)
+        dtype = torch.bfloat16 if bits else getattr(torch, settings.dtype)
+        model = load_model(path, dtype=dtype)
+        if bits:
+            quantize(model, bits=bits)
+        tokenizer = load_tokenizer(path)
+        engine = LLMEngine(model, tokenizer, EngineConfig(kv_cache_memory=settings.kv_cache_memory,
+                                                          max_waiting=settings.max_waiting))
+        async_engine = AsyncEngine(engine)
+        async_engine.start()
+        registry.add(LoadedModel(name, async_engine, tokenizer, info))
+        say(f"loaded {name} ({info.get('architecture')}, {info.get('quantization') or settings.dtype}"
+            f"{f', int{bits} weights' if bits else ''}, context {engine.max_model_len})")
+    return registry

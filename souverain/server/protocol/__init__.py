@@ -1,0 +1,1 @@
+"""Wire models (pydantic): what the Mistral and OpenAI APIs send and receive."""

@@ -1,0 +1,38 @@
+"""The models a server has loaded, each with its engine."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from souverain.engine.async_engine import AsyncEngine
+from souverain.tokenizer.base import Tokenizer
+
+
+@dataclass
+class LoadedModel:
+    id: str
+    engine: AsyncEngine
+    tokenizer: Tokenizer
+    info: dict[str, Any] = field(default_factory=dict)
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def max_context(self) -> int:
+        return self.engine.engine.max_model_len
+
+
+@dataclass
+class Registry:
+    models: dict[str, LoadedModel] = field(default_factory=dict)
+
+    def add(self, model: LoadedModel) -> None:
+        self.models[model.id] = model
+
+    def get(self, model_id: str) -> LoadedModel | None:
+        return self.models.get(model_id)
+
+    def shutdown(self) -> None:
+        for m in self.models.values():
+            m.engine.shutdown()

@@ -1,0 +1,111 @@
+"""POST /v1/chat/completions (Mistral and OpenAI)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter
+from fastapi.responses import StreamingResponse
+
+from souverain.engine.request import Request
+from souverain.server.deps import CurrentKey, Models, find_model
+from souverain.server.errors import APIError, error_body
+from souverain.server.generation import (
+    api_finish,
+    check_capacity,
+    collect,
+    logprobs_json,
+    new_id,
+    now,
+    sampling_params,
+    sse,
+    stream_engine,
+)
+from souverain.server.protocol.chat import ChatCompletionRequest
+from souverain.server.registry import LoadedModel
+from souverain.tokenizer.chat import ChatTemplateError
+
+router = APIRouter()
+
+# Mistral's documented guardrail prompt for safe_prompt=true.
+SAFE_PROMPT = ("Always assist with care, respect, and truth. Respond with utmost utility yet securely. Avoid harmful, "
+               "unethical, prejudiced, or negative content. Ensure replies promote fairness and positivity.")
+
+
+def prompt_ids(model: LoadedModel, req: ChatCompletionRequest) -> list[int]:
+    messages: list[dict[str, Any]] = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+                                      for m in req.messages]
+    if req.safe_prompt:
+        if messages[0]["role"] == "system":
+            messages[0]["content"] = f"{SAFE_PROMPT}\n\n{messages[0]['content']}"
+        else:
+            messages.insert(0, {"role": "system", "content": SAFE_PROMPT})
+    prefix = None
+    if req.messages[-1].prefix:
+        if req.messages[-1].role != "assistant":
+            raise APIError(400, "only a final assistant message can have prefix: true", param="messages")
+        prefix = messages.pop()["content"]
+    tok = model.tokenizer
+    try:
+        ids = tok.apply_chat_template(messages, add_generation_prompt=True)
+    except ChatTemplateError as e:
+        raise APIError(400, str(e), param="messages") from None
+    if prefix:  # the answer continues the given start
+        ids += tok.encode(prefix, add_special=False, parse_special=False)
+    return ids
+
+
+@router.post("/v1/chat/completions", response_model=None)
+async def chat_completions(req: ChatCompletionRequest, _: CurrentKey, models: Models) -> Any:
+    """Create a chat completion; `stream: true` sends server-sent events ending in `data: [DONE]`."""
+    model = find_model(models, req.model)
+    if req.response_format is not None and req.response_format.type != "text":
+        raise APIError(400, f"response_format {req.response_format.type!r} is not supported yet",
+                       param="response_format")
+    ids = prompt_ids(model, req)
+    logprobs = (req.top_logprobs or 0) if req.logprobs else None
+    request = Request(new_id("req"), ids, sampling_params(req, model, len(ids), logprobs))
+    check_capacity(model, request)
+    if req.stream:
+        return StreamingResponse(_stream(model, req, request), media_type="text/event-stream")
+    choices, prompt_tokens = await collect(model, request)
+    completion = sum(c.completion_tokens for c in choices)
+    return {
+        "id": request.request_id, "object": "chat.completion", "created": now(), "model": req.model,
+        "choices": [{"index": i, "message": {"role": "assistant", "content": "".join(c.text), "tool_calls": None},
+                     "finish_reason": c.finish_reason,
+                     "logprobs": logprobs_json(model.tokenizer, c.logprobs) if req.logprobs else None}
+                    for i, c in enumerate(choices)],
+        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
+                  "total_tokens": prompt_tokens + completion},
+    }
+
+
+async def _stream(model: LoadedModel, req: ChatCompletionRequest, request: Request) -> AsyncIterator[str]:
+    base = {"id": request.request_id, "object": "chat.completion.chunk", "created": now(), "model": req.model}
+    prompt_tokens = len(request.prompt_ids)
+    completion = 0
+    try:
+        for i in range(request.params.n):
+            yield sse({**base, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                            "finish_reason": None, "logprobs": None}]})
+        async for d in stream_engine(model, request):
+            if not d.text and d.finish_reason is None and not d.logprobs:
+                continue
+            chunk: dict[str, Any] = {**base, "choices": [{
+                "index": d.index, "delta": {"content": d.text},
+                "finish_reason": api_finish(d.finish_reason) if d.finish_reason else None,
+                "logprobs": logprobs_json(model.tokenizer, d.logprobs) if req.logprobs and d.logprobs else None}]}
+            if d.finish_reason is not None:
+                completion += d.completion_tokens
+                # Mistral reports usage on the final chunk.
+                chunk["usage"] = {"prompt_tokens": prompt_tokens, "completion_tokens": d.completion_tokens,
+                                  "total_tokens": prompt_tokens + d.completion_tokens}
+            yield sse(chunk)
+        if req.stream_options and req.stream_options.include_usage:
+            yield sse({**base, "choices": [], "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
+                                                        "total_tokens": prompt_tokens + completion}})
+    except APIError as e:  # headers are gone: report in the stream
+        yield sse(error_body(e.message, e.type, e.param, e.code))
+    yield sse("[DONE]")

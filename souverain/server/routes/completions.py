@@ -1,0 +1,68 @@
+"""POST /v1/completions (OpenAI's legacy text completions)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter
+from fastapi.responses import StreamingResponse
+
+from souverain.engine.request import Request
+from souverain.server.deps import CurrentKey, Models, find_model
+from souverain.server.errors import APIError, error_body
+from souverain.server.generation import (
+    api_finish,
+    check_capacity,
+    collect,
+    new_id,
+    now,
+    sampling_params,
+    sse,
+    stream_engine,
+)
+from souverain.server.protocol.chat import CompletionRequest
+from souverain.server.registry import LoadedModel
+
+router = APIRouter()
+
+
+@router.post("/v1/completions", response_model=None)
+async def completions(req: CompletionRequest, _: CurrentKey, models: Models) -> Any:
+    """Continue a raw text prompt (no chat template)."""
+    model = find_model(models, req.model)
+    if not isinstance(req.prompt, str):
+        if len(req.prompt) != 1:
+            raise APIError(400, "send one prompt per request", param="prompt")
+        req.prompt = req.prompt[0]
+    if req.suffix:
+        raise APIError(400, "suffix needs a model with fill-in-the-middle support; use /v1/fim/completions",
+                       param="suffix")
+    ids = model.tokenizer.encode(req.prompt)
+    request = Request(new_id("cmpl"), ids, sampling_params(req, model, len(ids), None))
+    check_capacity(model, request)
+    if req.stream:
+        return StreamingResponse(_stream(model, req, request), media_type="text/event-stream")
+    choices, prompt_tokens = await collect(model, request)
+    completion = sum(c.completion_tokens for c in choices)
+    echo = req.prompt if req.echo else ""
+    return {
+        "id": request.request_id, "object": "text_completion", "created": now(), "model": req.model,
+        "choices": [{"index": i, "text": echo + "".join(c.text), "finish_reason": c.finish_reason, "logprobs": None}
+                    for i, c in enumerate(choices)],
+        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
+                  "total_tokens": prompt_tokens + completion},
+    }
+
+
+async def _stream(model: LoadedModel, req: CompletionRequest, request: Request) -> AsyncIterator[str]:
+    base = {"id": request.request_id, "object": "text_completion", "created": now(), "model": req.model}
+    try:
+        async for d in stream_engine(model, request):
+            if d.text or d.finish_reason:
+                yield sse({**base, "choices": [{"index": d.index, "text": d.text, "logprobs": None,
+                                                "finish_reason": api_finish(d.finish_reason) if d.finish_reason
+                                                else None}]})
+    except APIError as e:
+        yield sse(error_body(e.message, e.type, e.param, e.code))
+    yield sse("[DONE]")

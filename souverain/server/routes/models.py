@@ -1,0 +1,38 @@
+"""GET /v1/models, GET /v1/models/{id}."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter
+
+from souverain.server.deps import CurrentKey, Models, find_model
+from souverain.server.registry import LoadedModel
+
+router = APIRouter()
+
+
+def model_card(m: LoadedModel) -> dict[str, Any]:
+    caps = set(m.info.get("capabilities", []))
+    stats = m.engine.engine.stats
+    return {
+        "id": m.id, "object": "model", "created": m.created, "owned_by": "souverain",
+        "max_context_length": m.max_context,
+        "capabilities": {"completion_chat": "chat" in caps, "completion_fim": "fim" in caps,
+                         "function_calling": False, "fine_tuning": False, "vision": False},
+        "type": "base", "architecture": m.info.get("architecture"), "quantization": m.info.get("quantization"),
+        "status": {"running": stats.running, "waiting": stats.waiting, "kv_blocks_used": stats.kv_blocks_used,
+                   "kv_blocks_total": stats.kv_blocks_total},
+    }
+
+
+@router.get("/v1/models")
+async def list_models(_: CurrentKey, models: Models) -> dict[str, Any]:
+    """The models this server has loaded."""
+    return {"object": "list", "data": [model_card(m) for m in models.models.values()]}
+
+
+@router.get("/v1/models/{model_id:path}")
+async def get_model(model_id: str, _: CurrentKey, models: Models) -> dict[str, Any]:
+    """One loaded model."""
+    return model_card(find_model(models, model_id))

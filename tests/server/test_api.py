@@ -1,0 +1,156 @@
+"""The HTTP API with the official SDKs, against a real server on loopback serving SmolLM2."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import uvicorn
+
+from souverain.engine.async_engine import AsyncEngine
+from souverain.engine.engine import EngineConfig, LLMEngine
+from souverain.server.app import create_app
+from souverain.server.registry import LoadedModel, Registry
+from souverain.server.settings import Settings
+
+KEY = "sk-test-key"
+
+
+@pytest.fixture(scope="module")
+def server(smollm2_path: Path) -> Iterator[str]:
+    import torch
+
+    from souverain import load_model, load_tokenizer
+    from souverain.hub.describe import describe
+    from souverain.model.quant import quantize
+
+    model = quantize(load_model(smollm2_path, dtype=torch.bfloat16), bits=4)
+    tok = load_tokenizer(smollm2_path)
+    registry = Registry()
+    info = describe(smollm2_path)
+    for name, waiting in (("smollm2", 64), ("busy", 0)):
+        engine = AsyncEngine(LLMEngine(model, tok, EngineConfig(kv_cache_memory=256 << 20, max_waiting=waiting)))
+        registry.add(LoadedModel(name, engine, tok, info))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    app = create_app(Settings(port=port, api_keys=[KEY]), registry)
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    while not srv.started:
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    srv.should_exit = True
+    thread.join(timeout=10)
+    registry.shutdown()
+
+
+def call(url: str, path: str, body: dict[str, Any] | None = None, key: str | None = KEY,
+         headers: dict[str, str] | None = None) -> tuple[int, Any, str]:
+    h = {"Content-Type": "application/json", **(headers or {})}
+    if key:
+        h["Authorization"] = f"Bearer {key}"
+    req = urllib.request.Request(url + path, data=json.dumps(body).encode() if body is not None else None, headers=h)
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status, r.headers, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers, e.read().decode()
+
+
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def test_health_needs_no_key_and_echoes_request_id(server: str) -> None:
+    status, headers, body = call(server, "/health", key=None, headers={"x-request-id": "abc-123"})
+    assert status == 200 and json.loads(body)["status"] == "ok" and headers["x-request-id"] == "abc-123"
+
+
+def test_auth(server: str) -> None:
+    assert call(server, "/v1/models", key=None)[0] == 401
+    status, _, body = call(server, "/v1/models", key="wrong")
+    assert status == 401 and json.loads(body)["error"]["type"] == "authentication_error"
+    status, _, body = call(server, "/ready")  # the "busy" model cannot take a request: not ready
+    assert status == 503 and json.loads(body)["models"]["smollm2"] == "ready"
+
+
+def test_openai_sdk(server: str) -> None:
+    from openai import NotFoundError, OpenAI
+
+    client = OpenAI(api_key=KEY, base_url=f"{server}/v1")
+    r = client.chat.completions.create(model="smollm2", messages=QUESTION, temperature=0, max_tokens=20)
+    assert "Paris" in r.choices[0].message.content and r.choices[0].finish_reason == "stop"
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    stream = client.chat.completions.create(model="smollm2", messages=QUESTION, temperature=0, max_tokens=20,
+                                            stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert "Paris" in "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == r.usage.completion_tokens
+    assert [m.id for m in client.models.list()] == ["smollm2", "busy"]
+    with pytest.raises(NotFoundError):
+        client.chat.completions.create(model="nope", messages=QUESTION)
+
+
+def test_mistral_sdk(server: str) -> None:
+    from mistralai.client import Mistral
+
+    client = Mistral(api_key=KEY, server_url=server)
+    r = client.chat.complete(model="smollm2", messages=QUESTION, temperature=0, max_tokens=20, random_seed=1)
+    assert "Paris" in r.choices[0].message.content
+    text = "".join(e.data.choices[0].delta.content or "" for e in
+                   client.chat.stream(model="smollm2", messages=QUESTION, temperature=0, max_tokens=20)
+                   if e.data.choices)
+    assert "Paris" in text
+    assert client.models.retrieve(model_id="smollm2").max_context_length == 8192
+
+
+def test_stream_ends_with_one_done(server: str) -> None:
+    status, headers, body = call(server, "/v1/chat/completions", {"model": "smollm2", "messages": QUESTION,
+                                                                  "stream": True, "max_tokens": 3, "temperature": 0})
+    assert status == 200 and headers["content-type"].startswith("text/event-stream")
+    events = [line[len("data: "):] for line in body.splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]" and events.count("[DONE]") == 1
+    assert json.loads(events[-2])["choices"][0]["finish_reason"] == "length"
+
+
+def test_validation_errors_name_the_field(server: str) -> None:
+    status, _, body = call(server, "/v1/chat/completions", {"model": "smollm2", "messages": QUESTION,
+                                                            "temperature": 5})
+    assert status == 422 and "temperature" in json.loads(body)["message"]
+    status, _, body = call(server, "/v1/chat/completions", {"model": "smollm2", "messages": []})
+    assert status == 422 and "messages" in json.loads(body)["message"]
+
+
+def test_overload_is_503_with_retry_after(server: str) -> None:
+    status, headers, _ = call(server, "/v1/chat/completions", {"model": "busy", "messages": QUESTION})
+    assert status == 503 and headers["Retry-After"] == "1"
+
+
+def test_prefix_continues_the_assistant(server: str) -> None:
+    messages = [*QUESTION, {"role": "assistant", "content": "The capital of France is", "prefix": True}]
+    status, _, body = call(server, "/v1/chat/completions", {"model": "smollm2", "messages": messages,
+                                                            "temperature": 0, "max_tokens": 8})
+    assert status == 200 and "Paris" in json.loads(body)["choices"][0]["message"]["content"]
+
+
+def test_text_completions_and_seed(server: str) -> None:
+    body = {"model": "smollm2", "prompt": "The capital of France is", "max_tokens": 8, "temperature": 0.9, "seed": 3}
+    a = json.loads(call(server, "/v1/completions", body)[2])
+    b = json.loads(call(server, "/v1/completions", body)[2])
+    assert a["choices"][0]["text"] == b["choices"][0]["text"] and a["object"] == "text_completion"
+
+
+def test_logprobs(server: str) -> None:
+    status, _, body = call(server, "/v1/chat/completions", {"model": "smollm2", "messages": QUESTION, "temperature": 0,
+                                                            "max_tokens": 3, "logprobs": True, "top_logprobs": 2})
+    content = json.loads(body)["choices"][0]["logprobs"]["content"]
+    assert status == 200 and len(content) == 3 and len(content[0]["top_logprobs"]) == 2
