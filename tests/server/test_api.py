@@ -18,14 +18,15 @@ import uvicorn
 from souverain.engine.async_engine import AsyncEngine
 from souverain.engine.engine import EngineConfig, LLMEngine
 from souverain.server.app import create_app
-from souverain.server.registry import LoadedModel, Registry
+from souverain.embed import Embedder
+from souverain.server.registry import LoadedEmbedder, LoadedModel, Registry
 from souverain.server.settings import Settings
 
 KEY = "sk-test-key"
 
 
 @pytest.fixture(scope="module")
-def server(smollm2_path: Path) -> Iterator[str]:
+def server(smollm2_path: Path, minilm_path: Path) -> Iterator[str]:
     import torch
 
     from souverain import load_model, load_tokenizer
@@ -39,6 +40,7 @@ def server(smollm2_path: Path) -> Iterator[str]:
     for name, waiting in (("smollm2", 64), ("busy", 0)):
         engine = AsyncEngine(LLMEngine(model, tok, EngineConfig(kv_cache_memory=256 << 20, max_waiting=waiting)))
         registry.add(LoadedModel(name, engine, tok, info))
+    registry.add_embedder(LoadedEmbedder("minilm", Embedder(minilm_path), describe(minilm_path)))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -95,7 +97,7 @@ def test_openai_sdk(server: str) -> None:
     chunks = list(stream)
     assert "Paris" in "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == r.usage.completion_tokens
-    assert [m.id for m in client.models.list()] == ["smollm2", "busy"]
+    assert [m.id for m in client.models.list()] == ["smollm2", "busy", "minilm"]
     with pytest.raises(NotFoundError):
         client.chat.completions.create(model="nope", messages=QUESTION)
 
@@ -154,3 +156,40 @@ def test_logprobs(server: str) -> None:
                                                             "max_tokens": 3, "logprobs": True, "top_logprobs": 2})
     content = json.loads(body)["choices"][0]["logprobs"]["content"]
     assert status == 200 and len(content) == 3 and len(content[0]["top_logprobs"]) == 2
+
+
+SENTENCES = [
+    "The capital of France is Paris.", "Paris est la capitale de la France.", "Berlin is in Germany.",
+    "I like turtles.", "Turtles are slow animals.", "The stock market fell today.", "Stocks dropped sharply.",
+    "How do I bake bread?", "Bread needs flour, water, yeast and salt.", "Le chat dort sur le canapé.",
+    "The cat sleeps on the sofa.", "Die Katze schläft auf dem Sofa.", "Quantum computers use qubits.",
+    "def add(a, b): return a + b", "SELECT name FROM users;", "🤗 emojis are fun", "日本の首都は東京です。",
+    "", "a " * 400, "The weather is nice today.",
+]
+
+
+def test_embeddings_match_sentence_transformers(server: str, minilm_path: Path) -> None:
+    import base64
+
+    import numpy as np
+    from openai import OpenAI
+    from sentence_transformers import SentenceTransformer
+
+    client = OpenAI(api_key=KEY, base_url=f"{server}/v1")
+    got = np.array([d.embedding for d in client.embeddings.create(model="minilm", input=SENTENCES).data])
+    ref = SentenceTransformer(str(minilm_path), device="cpu").encode(SENTENCES)
+    assert np.abs(got @ got.T - ref @ ref.T).max() <= 1e-4
+    one = client.embeddings.create(model="minilm", input=SENTENCES[0], encoding_format="base64")
+    raw = one.data[0].embedding
+    vec = np.frombuffer(base64.b64decode(raw), dtype="<f4") if isinstance(raw, str) else np.array(raw)
+    assert np.abs(vec - got[0]).max() <= 1e-6 and one.usage.prompt_tokens > 0
+
+
+def test_mistral_sdk_embeddings(server: str) -> None:
+    from mistralai.client import Mistral
+
+    client = Mistral(api_key=KEY, server_url=server)
+    r = client.embeddings.create(model="minilm", inputs=["Bonjour", "Hello"])
+    assert len(r.data) == 2 and len(r.data[0].embedding) == 384
+    status, _, body = call(server, "/v1/embeddings", {"model": "smollm2", "input": "x"})
+    assert status == 404 and "minilm" not in body

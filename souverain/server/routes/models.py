@@ -7,7 +7,7 @@ from typing import Any
 from fastapi import APIRouter
 
 from souverain.server.deps import CurrentKey, Models, find_model
-from souverain.server.registry import LoadedModel
+from souverain.server.registry import LoadedEmbedder, LoadedModel
 
 router = APIRouter()
 
@@ -26,13 +26,23 @@ def model_card(m: LoadedModel) -> dict[str, Any]:
     }
 
 
+def embedder_card(m: LoadedEmbedder) -> dict[str, Any]:
+    return {"id": m.id, "object": "model", "created": m.created, "owned_by": "souverain",
+            "max_context_length": m.embedder.max_len, "type": "base", "architecture": m.info.get("architecture"),
+            "capabilities": {"completion_chat": False, "completion_fim": False, "function_calling": False,
+                             "fine_tuning": False, "vision": False, "embeddings": True}}
+
+
 @router.get("/v1/models")
 async def list_models(_: CurrentKey, models: Models) -> dict[str, Any]:
     """The models this server has loaded."""
-    return {"object": "list", "data": [model_card(m) for m in models.models.values()]}
+    cards = [model_card(m) for m in models.models.values()] + [embedder_card(m) for m in models.embedders.values()]
+    return {"object": "list", "data": cards}
 
 
 @router.get("/v1/models/{model_id:path}")
 async def get_model(model_id: str, _: CurrentKey, models: Models) -> dict[str, Any]:
     """One loaded model."""
+    if model_id in models.embedders:
+        return embedder_card(models.embedders[model_id])
     return model_card(find_model(models, model_id))
