@@ -15,10 +15,10 @@ from typing import Any
 import pytest
 import uvicorn
 
+from souverain.embed import Embedder
 from souverain.engine.async_engine import AsyncEngine
 from souverain.engine.engine import EngineConfig, LLMEngine
 from souverain.server.app import create_app
-from souverain.embed import Embedder
 from souverain.server.registry import LoadedEmbedder, LoadedModel, Registry
 from souverain.server.settings import Settings
 
