@@ -46,7 +46,7 @@ def _count(shape: tuple[int, ...]) -> int:
 
 
 def _fim(tokens: list[str] | None) -> bool:
-    return bool(tokens) and any(t in ("[SUFFIX]", "<fim_suffix>", "<|fim_suffix|>") for t in tokens or [])
+    return bool(tokens) and any(t in ("[SUFFIX]", "<fim_suffix>") for t in tokens or [])
 
 
 def _caps(chat: bool, fim: bool, embeddings: bool = False) -> list[str]:

@@ -44,6 +44,22 @@ class HFTokenizer:
     def is_special(self, token_id: int) -> bool:
         return token_id in self._special
 
+    def encode_fim(self, prompt: str, suffix: str) -> list[int]:
+        """StarCoder-style <fim_prefix>…<fim_suffix>…<fim_middle>, or Mistral-style [SUFFIX]…[PREFIX]…."""
+        ids = {t: self.raw.token_to_id(t) for t in ("<fim_prefix>", "<fim_suffix>", "<fim_middle>", "[PREFIX]",
+                                                      "[SUFFIX]")}
+        head = self.encode("", add_special=True)  # BOS, where the model wants one
+        pre, suf, mid = ids["<fim_prefix>"], ids["<fim_suffix>"], ids["<fim_middle>"]
+        if pre is not None and suf is not None and mid is not None:
+            return [*head, pre, *self._text(prompt), suf, *self._text(suffix), mid]
+        pre, suf = ids["[PREFIX]"], ids["[SUFFIX]"]
+        if pre is not None and suf is not None:
+            return [*head, suf, *self._text(suffix), pre, *self._text(prompt)]
+        raise ValueError("this model's vocabulary has no fill-in-the-middle tokens")
+
+    def _text(self, text: str) -> list[int]:
+        return self.encode(text, add_special=False, parse_special=False)
+
     def render_chat(self, messages: Sequence[ChatMessage], *, add_generation_prompt: bool = True,
                     tools: Sequence[dict[str, Any]] | None = None) -> str:
         if not self.chat_template:

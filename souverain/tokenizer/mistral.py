@@ -38,6 +38,15 @@ class MistralTokenizer:
     def is_special(self, token_id: int) -> bool:
         return token_id in self._special
 
+    def encode_fim(self, prompt: str, suffix: str) -> list[int]:
+        """Mistral's FIM format ([SUFFIX]…[PREFIX]…) as mistral-common builds it."""
+        from mistral_common.protocol.fim.request import FIMRequest
+
+        try:
+            return list(self.mistral.encode_fim(FIMRequest(prompt=prompt, suffix=suffix)).tokens)
+        except Exception as e:
+            raise ValueError(f"this tokenizer cannot encode fill-in-the-middle: {e}") from None
+
     def apply_chat_template(self, messages: Sequence[ChatMessage], *, add_generation_prompt: bool = True,
                             tools: Sequence[dict[str, Any]] | None = None) -> list[int]:
         """Mistral's instruct format, as mistral-common builds it (a final assistant message is

@@ -41,6 +41,16 @@ def server(smollm2_path: Path, minilm_path: Path) -> Iterator[str]:
         engine = AsyncEngine(LLMEngine(model, tok, EngineConfig(kv_cache_memory=256 << 20, max_waiting=waiting)))
         registry.add(LoadedModel(name, engine, tok, info))
     registry.add_embedder(LoadedEmbedder("minilm", Embedder(minilm_path), describe(minilm_path)))
+    # A tiny random model with Mistral's v3 tokenizer: FIM plumbing (its words are noise).
+    from souverain.model import ModelArgs, Transformer
+    from tests.tokenizer.mistral_files import mistral_file
+
+    torch.manual_seed(0)
+    tiny = Transformer(ModelArgs(dim=64, n_layers=1, n_heads=4, n_kv_heads=2, hidden_dim=128, vocab_size=32768,
+                                 max_seq_len=256)).eval()
+    v3 = load_tokenizer(mistral_file("v3"))
+    registry.add(LoadedModel("tiny-fim", AsyncEngine(LLMEngine(tiny, v3, EngineConfig(kv_cache_memory=8 << 20))), v3,
+                             {"capabilities": ["chat", "fim"], "architecture": "mistral"}))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -97,7 +107,7 @@ def test_openai_sdk(server: str) -> None:
     chunks = list(stream)
     assert "Paris" in "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == r.usage.completion_tokens
-    assert [m.id for m in client.models.list()] == ["smollm2", "busy", "minilm"]
+    assert [m.id for m in client.models.list()] == ["smollm2", "busy", "tiny-fim", "minilm"]
     with pytest.raises(NotFoundError):
         client.chat.completions.create(model="nope", messages=QUESTION)
 
@@ -193,3 +203,22 @@ def test_mistral_sdk_embeddings(server: str) -> None:
     assert len(r.data) == 2 and len(r.data[0].embedding) == 384
     status, _, body = call(server, "/v1/embeddings", {"model": "smollm2", "input": "x"})
     assert status == 404 and "minilm" not in body
+
+
+def test_fim(server: str) -> None:
+    from mistralai.client import Mistral
+
+    status, _, body = call(server, "/v1/fim/completions", {"model": "smollm2", "prompt": "def f(", "suffix": "x"})
+    assert status == 400 and "fill-in-the-middle" in json.loads(body)["message"]
+    client = Mistral(api_key=KEY, server_url=server)
+    r = client.fim.complete(model="tiny-fim", prompt="def add(a, b):", suffix="    return c", max_tokens=5,
+                            temperature=0)
+    assert r.choices[0].finish_reason in ("length", "stop") and r.usage.completion_tokens >= 1
+    assert r.usage.prompt_tokens == len(load_tokenizer_v3().encode_fim("def add(a, b):", "    return c"))
+
+
+def load_tokenizer_v3():
+    from souverain import load_tokenizer
+    from tests.tokenizer.mistral_files import mistral_file
+
+    return load_tokenizer(mistral_file("v3"))

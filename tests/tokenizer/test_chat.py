@@ -51,3 +51,18 @@ def test_mistral_chat_format_is_mistral_commons(version: str) -> None:
     # The user's "[INST]" stays text: exactly two [INST] control tokens for two user turns.
     inst = ref.instruct_tokenizer.tokenizer.get_special_token("[INST]")
     assert got.count(inst) == 2
+
+
+@pytest.mark.parametrize("version", ["v3", "v7", "tekken"])
+def test_fim_format_is_mistral_commons(version: str) -> None:
+    from mistral_common.protocol.fim.request import FIMRequest
+    from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+
+    ref = MistralTokenizer.from_file(str(mistral_file(version)))
+    expected = ref.encode_fim(FIMRequest(prompt="def add(a, b):\n", suffix="\n    return c")).tokens
+    assert load_tokenizer(mistral_file(version)).encode_fim("def add(a, b):\n", "\n    return c") == expected
+
+
+def test_smollm2_has_no_fim(smollm2_path) -> None:
+    with pytest.raises(ValueError, match="fill-in-the-middle"):
+        load_tokenizer(smollm2_path).encode_fim("a", "b")

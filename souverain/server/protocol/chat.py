@@ -86,3 +86,10 @@ class CompletionRequest(Sampling):
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=20)
     suffix: str | None = None
+
+
+class FIMCompletionRequest(Sampling):
+    """Mistral's /v1/fim/completions."""
+
+    prompt: str
+    suffix: str | None = None

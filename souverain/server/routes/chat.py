@@ -22,7 +22,7 @@ from souverain.server.generation import (
     sse,
     stream_engine,
 )
-from souverain.server.protocol.chat import ChatCompletionRequest
+from souverain.server.protocol.chat import ChatCompletionRequest, FIMCompletionRequest, Sampling
 from souverain.server.registry import LoadedModel
 from souverain.tokenizer.chat import ChatTemplateError
 
@@ -63,9 +63,25 @@ async def chat_completions(req: ChatCompletionRequest, _: CurrentKey, models: Mo
     if req.response_format is not None and req.response_format.type != "text":
         raise APIError(400, f"response_format {req.response_format.type!r} is not supported yet",
                        param="response_format")
-    ids = prompt_ids(model, req)
-    logprobs = (req.top_logprobs or 0) if req.logprobs else None
-    request = Request(new_id("req"), ids, sampling_params(req, model, len(ids), logprobs))
+    return await respond(model, req, prompt_ids(model, req), (req.top_logprobs or 0) if req.logprobs else None)
+
+
+@router.post("/v1/fim/completions", response_model=None)
+async def fim_completions(req: FIMCompletionRequest, _: CurrentKey, models: Models) -> Any:
+    """Fill in the middle: the code between `prompt` and `suffix`, for models with FIM tokens."""
+    model = find_model(models, req.model)
+    if "fim" not in model.info.get("capabilities", []):
+        raise APIError(400, f"model {req.model!r} has no fill-in-the-middle capability", param="model")
+    try:
+        ids = model.tokenizer.encode_fim(req.prompt, req.suffix or "")
+    except ValueError as e:
+        raise APIError(400, str(e), param="model") from None
+    return await respond(model, req, ids, None)
+
+
+async def respond(model: LoadedModel, req: Sampling, ids: list[int], logprobs: int | None) -> Any:
+    """Run `ids` through the engine; answer as a chat completion, whole or streamed."""
+    request = Request(new_id("cmpl"), ids, sampling_params(req, model, len(ids), logprobs))
     check_capacity(model, request)
     if req.stream:
         return StreamingResponse(_stream(model, req, request), media_type="text/event-stream")
@@ -75,17 +91,18 @@ async def chat_completions(req: ChatCompletionRequest, _: CurrentKey, models: Mo
         "id": request.request_id, "object": "chat.completion", "created": now(), "model": req.model,
         "choices": [{"index": i, "message": {"role": "assistant", "content": "".join(c.text), "tool_calls": None},
                      "finish_reason": c.finish_reason,
-                     "logprobs": logprobs_json(model.tokenizer, c.logprobs) if req.logprobs else None}
+                     "logprobs": logprobs_json(model.tokenizer, c.logprobs) if logprobs is not None else None}
                     for i, c in enumerate(choices)],
         "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
                   "total_tokens": prompt_tokens + completion},
     }
 
 
-async def _stream(model: LoadedModel, req: ChatCompletionRequest, request: Request) -> AsyncIterator[str]:
+async def _stream(model: LoadedModel, req: Sampling, request: Request) -> AsyncIterator[str]:
     base = {"id": request.request_id, "object": "chat.completion.chunk", "created": now(), "model": req.model}
     prompt_tokens = len(request.prompt_ids)
     completion = 0
+    want_logprobs = request.params.logprobs is not None
     try:
         for i in range(request.params.n):
             yield sse({**base, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
@@ -96,7 +113,7 @@ async def _stream(model: LoadedModel, req: ChatCompletionRequest, request: Reque
             chunk: dict[str, Any] = {**base, "choices": [{
                 "index": d.index, "delta": {"content": d.text},
                 "finish_reason": api_finish(d.finish_reason) if d.finish_reason else None,
-                "logprobs": logprobs_json(model.tokenizer, d.logprobs) if req.logprobs and d.logprobs else None}]}
+                "logprobs": logprobs_json(model.tokenizer, d.logprobs) if want_logprobs and d.logprobs else None}]}
             if d.finish_reason is not None:
                 completion += d.completion_tokens
                 # Mistral reports usage on the final chunk.
