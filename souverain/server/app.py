@@ -10,7 +10,7 @@ from fastapi import FastAPI, Request, Response
 
 from souverain.server import errors
 from souverain.server.registry import Registry
-from souverain.server.routes import chat, completions, embeddings, health, models
+from souverain.server.routes import chat, completions, embeddings, health, metrics, models
 from souverain.server.settings import Settings
 
 
@@ -21,7 +21,8 @@ def create_app(settings: Settings, registry: Registry) -> FastAPI:
     app.state.registry = registry
     app.state.key_digests = [hashlib.sha256(k.encode()).digest() for k in settings.api_keys]
     errors.install(app)
-    for router in (health.router, models.router, chat.router, completions.router, embeddings.router):
+    for router in (health.router, models.router, chat.router, completions.router, embeddings.router,
+                   metrics.router):
         app.include_router(router)
 
     @app.middleware("http")

@@ -222,3 +222,13 @@ def load_tokenizer_v3():
     from tests.tokenizer.mistral_files import mistral_file
 
     return load_tokenizer(mistral_file("v3"))
+
+
+def test_metrics(server: str) -> None:
+    call(server, "/v1/chat/completions", {"model": "smollm2", "messages": QUESTION, "max_tokens": 2})
+    status, headers, body = call(server, "/metrics")
+    assert status == 200 and headers["content-type"].startswith("text/plain")
+    lines = dict(line.rsplit(" ", 1) for line in body.splitlines() if line and not line.startswith("#"))
+    assert float(lines['souverain:generation_tokens_total{model_name="smollm2"}']) >= 2
+    assert 'souverain:time_to_first_token_seconds_count{model_name="smollm2"}' in lines
+    assert call(server, "/metrics", key=None)[0] == 401

@@ -1,0 +1,61 @@
+"""GET /metrics: Prometheus text, the engine's counters under vLLM's names with a `souverain:` prefix."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from fastapi.responses import PlainTextResponse
+
+from souverain.engine.stats import EngineStats, Histogram
+from souverain.server.deps import CurrentKey, Models
+
+router = APIRouter()
+
+# (name, type, help, value of EngineStats)
+_SCALARS = [
+    ("num_requests_running", "gauge", "Requests generating now", lambda s: s.running),
+    ("num_requests_waiting", "gauge", "Requests waiting to be scheduled", lambda s: s.waiting),
+    ("kv_cache_usage_perc", "gauge", "Share of KV cache blocks in use",
+     lambda s: s.kv_blocks_used / max(1, s.kv_blocks_total)),
+    ("prefix_cache_queries_total", "counter", "Prompt tokens looked up in the prefix cache",
+     lambda s: s.prefix_queries),
+    ("prefix_cache_hits_total", "counter", "Prompt tokens found in the prefix cache", lambda s: s.prefix_hits),
+    ("prompt_tokens_total", "counter", "Prompt tokens computed", lambda s: s.prompt_tokens),
+    ("generation_tokens_total", "counter", "Tokens generated", lambda s: s.generation_tokens),
+    ("num_preemptions_total", "counter", "Sequences preempted to free KV blocks", lambda s: s.preemptions),
+    ("request_success_total", "counter", "Requests finished", lambda s: s.requests_finished),
+]
+_HISTOGRAMS = [
+    ("time_to_first_token_seconds", "Time to first token", lambda s: s.time_to_first_token),
+    ("inter_token_latency_seconds", "Time between tokens", lambda s: s.inter_token_latency),
+]
+_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+def _histogram(name: str, label: str, h: Histogram) -> list[str]:
+    # Buckets from the recent samples, scaled to the full count (the engine keeps sum/count exactly).
+    recent = list(h.recent)
+    scale = h.count / len(recent) if recent else 0.0
+    lines = [f'{name}_bucket{{{label},le="{b}"}} {round(sum(v <= b for v in recent) * scale)}' for b in _BUCKETS]
+    lines += [f'{name}_bucket{{{label},le="+Inf"}} {h.count}', f"{name}_sum{{{label}}} {h.total}",
+              f"{name}_count{{{label}}} {h.count}"]
+    return lines
+
+
+def render(stats: dict[str, EngineStats]) -> str:
+    lines: list[str] = []
+    for key, kind, help_, get in _SCALARS:
+        name = f"souverain:{key}"
+        lines += [f"# HELP {name} {help_}", f"# TYPE {name} {kind}"]
+        lines += [f'{name}{{model_name="{model}"}} {get(s)}' for model, s in stats.items()]
+    for key, help_, get_h in _HISTOGRAMS:
+        name = f"souverain:{key}"
+        lines += [f"# HELP {name} {help_}", f"# TYPE {name} histogram"]
+        for model, s in stats.items():
+            lines += _histogram(name, f'model_name="{model}"', get_h(s))
+    return "\n".join(lines) + "\n"
+
+
+@router.get("/metrics", response_class=PlainTextResponse)
+async def metrics(_: CurrentKey, models: Models) -> str:
+    """Prometheus exposition of every loaded model's engine counters."""
+    return render({m.id: m.engine.engine.stats for m in models.models.values()})
