@@ -302,7 +302,8 @@ def _env_list(name: str) -> list[str] | None:
 def serve(
     host: Annotated[str, typer.Option(envvar="SOUVERAIN_HOST", help="Address to bind")] = "127.0.0.1",
     port: Annotated[int, typer.Option(envvar="SOUVERAIN_PORT")] = 8000,
-    model: Annotated[list[str] | None, typer.Option(help="Model to serve (repeatable; env SOUVERAIN_MODELS)")] = None,
+    model: Annotated[list[str] | None, typer.Option(help="Model to serve, repeatable (default: smollm2 and minilm)")
+                     ] = None,
     api_key: Annotated[list[str] | None, typer.Option(help="A static API key (repeatable; env SOUVERAIN_API_KEY)")
                        ] = None,
     kv_cache_memory: Annotated[int, typer.Option(envvar="SOUVERAIN_KV_CACHE_MEMORY", help="KV pool bytes")] = 1 << 30,
@@ -317,7 +318,7 @@ def serve(
     from souverain.server.settings import Settings
 
     try:
-        settings = Settings(host=host, port=port, models=model or _env_list("SOUVERAIN_MODELS") or ["smollm2"],
+        settings = Settings(host=host, port=port, models=model or _env_list("SOUVERAIN_MODELS") or ["smollm2", "minilm"],
                             api_keys=api_key or _env_list("SOUVERAIN_API_KEY") or [],
                             kv_cache_memory=kv_cache_memory, dtype=dtype, bits=bits)
         registry = load_models(settings, say=lambda m: err.print(f"[dim]{m}[/dim]", highlight=False))

@@ -10,6 +10,7 @@ from itertools import count
 import torch
 
 from souverain.engine.blocks import BlockManager
+from souverain.engine.json_mode import JsonPrefix
 from souverain.engine.kv_cache import PagedKVCache
 from souverain.engine.request import (
     Delta,
@@ -51,6 +52,7 @@ class _SeqState:
     first_time: float | None = None
     pending_logprobs: list[TokenLogprob] = field(default_factory=list)
     stop_string_hit: bool = False
+    json: JsonPrefix | None = None
 
 
 class LLMEngine:
@@ -84,6 +86,7 @@ class LLMEngine:
         self._ids = count()
         self._state: dict[int, _SeqState] = {}
         self._unseeded = torch.Generator().manual_seed(0x5EED)
+        self._token_texts: list[str] | None = None  # each token's text, for JSON mode
 
     # -- intake ---------------------------------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -108,7 +111,7 @@ class LLMEngine:
         if p.seed is not None:
             gen = torch.Generator().manual_seed(p.seed * 1_000_003 + seq.index)
         return _SeqState(IncrementalDecoder(self.tokenizer, prompt_ids=seq.token_ids), StopMatcher(p.stop),
-                         gen, last_time=seq.request.arrival)
+                         gen, last_time=seq.request.arrival, json=JsonPrefix() if p.json_object else None)
 
     def cancel(self, request_id: str) -> None:
         self.scheduler.cancel(request_id)
@@ -134,6 +137,15 @@ class LLMEngine:
             return self._run_isolated(batch)
         seqs = [i.seq for i in sampling]
         sampled = self.runner.sample(logits, seqs, [self._uniform(s) for s in seqs])
+        for row, seq in enumerate(seqs):
+            state = self._state[seq.seq_id]
+            if state.json is not None:
+                left = min(seq.params.max_tokens - len(seq.output_ids), self.max_model_len - len(seq.token_ids))
+                chosen = self._json_token(state.json, logits[row], sampled.tokens[row], left)
+                if chosen != sampled.tokens[row] and sampled.logprobs[row] is not None:
+                    chosen_lp = float(torch.log_softmax(logits[row].float(), -1)[chosen])
+                    sampled.logprobs[row] = (chosen_lp, sampled.logprobs[row][1])  # type: ignore[index]
+                sampled.tokens[row] = chosen
         for item in batch.items:
             self.stats.prompt_tokens += max(0, min(item.start + item.num_tokens, item.seq.prompt_len) - item.start)
         tokens = {s.seq_id: t for s, t in zip(seqs, sampled.tokens, strict=True)}
@@ -161,6 +173,33 @@ class LLMEngine:
                 deltas.append(self._final(item.seq, error=str(e) or type(e).__name__))
         # Nothing advanced: the healthy sequences run again next step (their KV writes repeat).
         return deltas
+
+    def _json_token(self, recogniser: JsonPrefix, logits: torch.Tensor, token: int, left: int) -> int:
+        """The sampled token if it keeps the output a JSON-object prefix, else the likeliest one
+        that does; EOS once the object is closed, and only then. When the token budget gets as
+        short as the text still needed to close the object, only closing text is allowed."""
+        eos = sorted(self.tokenizer.eos_ids)
+        if recogniser.done:
+            return eos[0] if eos else token
+        texts = self._texts()
+        closing = recogniser.closing()
+        must_close = left <= len(closing) + 1
+        for candidate in [token, *logits.argsort(descending=True).tolist()]:
+            text = texts[candidate]
+            if not text or candidate in self.tokenizer.eos_ids or self.tokenizer.is_special(candidate):
+                continue
+            if must_close and not closing.startswith(text):
+                continue
+            # A piece of a multi-byte character decodes to U+FFFD: fine inside a string only.
+            if recogniser.feed_text(text.replace("\ufffd", "x")):
+                return candidate
+        raise RuntimeError("no token can continue the JSON output")
+
+    def _texts(self) -> list[str]:
+        if self._token_texts is None:
+            self._token_texts = [self.tokenizer.decode([i], skip_special=False)
+                                 for i in range(self.model.args.vocab_size)]
+        return self._token_texts
 
     def _uniform(self, seq: Sequence) -> float:
         gen = self._state[seq.seq_id].generator or self._unseeded

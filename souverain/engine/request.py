@@ -39,6 +39,7 @@ class SamplingParams:
     seed: int | None = None
     n: int = 1
     logprobs: int | None = None  # None = none; k = the chosen token's and the top-k alternatives
+    json_object: bool = False  # constrain the output to one JSON object
 
     def __post_init__(self) -> None:
         checks = [

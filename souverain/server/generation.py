@@ -18,7 +18,8 @@ from souverain.tokenizer.base import Tokenizer
 DEFAULT_TEMPERATURE = 0.7  # Mistral's API default
 
 
-def sampling_params(req: Sampling, model: LoadedModel, prompt_len: int, logprobs: int | None) -> SamplingParams:
+def sampling_params(req: Sampling, model: LoadedModel, prompt_len: int, logprobs: int | None,
+                    json_object: bool = False) -> SamplingParams:
     room = model.max_context - prompt_len
     if room < 1:
         raise APIError(400, f"prompt of {prompt_len} tokens does not fit the model's context of "
@@ -40,6 +41,7 @@ def sampling_params(req: Sampling, model: LoadedModel, prompt_len: int, logprobs
             seed=seed,
             n=req.n,
             logprobs=logprobs,
+            json_object=json_object,
         )
     except ValueError as e:
         field_name = str(e).split(" ", 1)[0]

@@ -227,3 +227,16 @@ def test_counters() -> None:
     assert s.generation_tokens == 36 and s.requests_finished == 3
     assert s.time_to_first_token.count == 3 and s.inter_token_latency.count == 33
     assert s.running == 0 and s.waiting == 0 and s.kv_blocks_used == 0
+
+
+@pytest.mark.parametrize("max_tokens", [6, 25, 80])
+def test_json_mode_output_parses(max_tokens: int) -> None:
+    import json
+
+    model = tiny_model("dense")  # random weights: left alone it writes noise
+    engine = make_engine(model)
+    params = SamplingParams(temperature=1.0, max_tokens=max_tokens, json_object=True, seed=5)
+    out = run_all(engine, {0: [Request(f"j{i}", p, params) for i, p in enumerate(prompts(4))]})
+    for i in range(4):
+        text = text_of(out[(f"j{i}", 0)])
+        assert isinstance(json.loads(text), dict), text

@@ -232,3 +232,17 @@ def test_metrics(server: str) -> None:
     assert float(lines['souverain:generation_tokens_total{model_name="smollm2"}']) >= 2
     assert 'souverain:time_to_first_token_seconds_count{model_name="smollm2"}' in lines
     assert call(server, "/metrics", key=None)[0] == 401
+
+
+def test_json_mode_parses(server: str) -> None:
+    from openai import OpenAI
+
+    client = OpenAI(api_key=KEY, base_url=f"{server}/v1")
+    for max_tokens in (12, 60):
+        r = client.chat.completions.create(
+            model="smollm2", max_tokens=max_tokens, response_format={"type": "json_object"},
+            messages=[{"role": "user", "content": "Give the capital of France and its population as JSON."}])
+        assert isinstance(json.loads(r.choices[0].message.content), dict), r.choices[0].message.content
+    status, _, body = call(server, "/v1/chat/completions", {"model": "smollm2", "messages": QUESTION,
+                                                            "response_format": {"type": "json_schema"}})
+    assert status == 400 and json.loads(body)["param"] == "response_format"

@@ -60,10 +60,12 @@ def prompt_ids(model: LoadedModel, req: ChatCompletionRequest) -> list[int]:
 async def chat_completions(req: ChatCompletionRequest, _: CurrentKey, models: Models) -> Any:
     """Create a chat completion; `stream: true` sends server-sent events ending in `data: [DONE]`."""
     model = find_model(models, req.model)
-    if req.response_format is not None and req.response_format.type != "text":
-        raise APIError(400, f"response_format {req.response_format.type!r} is not supported yet",
+    kind = req.response_format.type if req.response_format else "text"
+    if kind == "json_schema":
+        raise APIError(400, "response_format json_schema is not supported yet; json_object is",
                        param="response_format")
-    return await respond(model, req, prompt_ids(model, req), (req.top_logprobs or 0) if req.logprobs else None)
+    return await respond(model, req, prompt_ids(model, req), (req.top_logprobs or 0) if req.logprobs else None,
+                         json_object=kind == "json_object")
 
 
 @router.post("/v1/fim/completions", response_model=None)
@@ -79,9 +81,10 @@ async def fim_completions(req: FIMCompletionRequest, _: CurrentKey, models: Mode
     return await respond(model, req, ids, None)
 
 
-async def respond(model: LoadedModel, req: Sampling, ids: list[int], logprobs: int | None) -> Any:
+async def respond(model: LoadedModel, req: Sampling, ids: list[int], logprobs: int | None,
+                  json_object: bool = False) -> Any:
     """Run `ids` through the engine; answer as a chat completion, whole or streamed."""
-    request = Request(new_id("cmpl"), ids, sampling_params(req, model, len(ids), logprobs))
+    request = Request(new_id("cmpl"), ids, sampling_params(req, model, len(ids), logprobs, json_object))
     check_capacity(model, request)
     if req.stream:
         return StreamingResponse(_stream(model, req, request), media_type="text/event-stream")
