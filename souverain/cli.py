@@ -318,7 +318,8 @@ def serve(
     from souverain.server.settings import Settings
 
     try:
-        settings = Settings(host=host, port=port, models=model or _env_list("SOUVERAIN_MODELS") or ["smollm2", "minilm"],
+        models = model or _env_list("SOUVERAIN_MODELS") or ["smollm2", "minilm"]
+        settings = Settings(host=host, port=port, models=models,
                             api_keys=api_key or _env_list("SOUVERAIN_API_KEY") or [],
                             kv_cache_memory=kv_cache_memory, dtype=dtype, bits=bits)
         registry = load_models(settings, say=lambda m: err.print(f"[dim]{m}[/dim]", highlight=False))
