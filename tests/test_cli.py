@@ -67,7 +67,7 @@ def test_serve_and_ps(home: Path) -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "SOUVERAIN_HOME": str(home), "SOUVERAIN_API_KEY": "sk-cli", "COLUMNS": "200"}
-    server = subprocess.Popen([sys.executable, "-m", "souverain", "serve", "--port", str(port),
+    server = subprocess.Popen([sys.executable, "-m", "souverain", "serve", "--port", str(port), "--model", "smollm2",
                                "--kv-cache-memory", str(64 << 20)], env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True)
     try:

@@ -175,23 +175,22 @@ class LLMEngine:
         return deltas
 
     def _json_token(self, recogniser: JsonPrefix, logits: torch.Tensor, token: int, left: int) -> int:
-        """The sampled token if it keeps the output a JSON-object prefix, else the likeliest one
-        that does; EOS once the object is closed, and only then. When the token budget gets as
-        short as the text still needed to close the object, only closing text is allowed."""
+        """The sampled token if it keeps the output a JSON-object prefix that can still be closed
+        within the tokens left, else the likeliest token that does; EOS once the object is closed,
+        and only then."""
         eos = sorted(self.tokenizer.eos_ids)
         if recogniser.done:
             return eos[0] if eos else token
         texts = self._texts()
-        closing = recogniser.closing()
-        must_close = left <= len(closing) + 1
         for candidate in [token, *logits.argsort(descending=True).tolist()]:
             text = texts[candidate]
             if not text or candidate in self.tokenizer.eos_ids or self.tokenizer.is_special(candidate):
                 continue
-            if must_close and not closing.startswith(text):
-                continue
+            trial = recogniser.copy()
             # A piece of a multi-byte character decodes to U+FFFD: fine inside a string only.
-            if recogniser.feed_text(text.replace("\ufffd", "x")):
+            # Closing text needs at most one token per character after this one.
+            if trial.feed_text(text.replace("\ufffd", "x")) and (trial.done or len(trial.closing()) < left):
+                recogniser.__dict__.update(trial.__dict__)
                 return candidate
         raise RuntimeError("no token can continue the JSON output")
 
