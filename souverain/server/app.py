@@ -7,6 +7,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 
 from fastapi import FastAPI, Request, Response
+from fastapi.responses import JSONResponse
 
 from souverain.server import errors
 from souverain.server.registry import Registry
@@ -28,7 +29,12 @@ def create_app(settings: Settings, registry: Registry) -> FastAPI:
     @app.middleware("http")
     async def request_id(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
         rid = request.headers.get("x-request-id") or uuid.uuid4().hex
-        response = await call_next(request)
+        size = request.headers.get("content-length")
+        if size is not None and (not size.isdigit() or int(size) > settings.max_body_bytes):
+            response: Response = JSONResponse(errors.error_body(
+                f"request body over the limit of {settings.max_body_bytes} bytes", "invalid_request_error"), 413)
+        else:
+            response = await call_next(request)
         response.headers["x-request-id"] = rid
         return response
 

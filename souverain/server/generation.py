@@ -21,10 +21,12 @@ DEFAULT_TEMPERATURE = 0.7  # Mistral's API default
 def sampling_params(req: Sampling, model: LoadedModel, prompt_len: int, logprobs: int | None,
                     json_object: bool = False) -> SamplingParams:
     room = model.max_context - prompt_len
-    if room < 1:
-        raise APIError(400, f"prompt of {prompt_len} tokens does not fit the model's context of "
-                            f"{model.max_context}", param="messages", code="context_length_exceeded")
     asked = req.max_tokens or req.max_completion_tokens
+    if room < 1 or (asked is not None and asked > room):
+        # Never truncate silently: say both numbers.
+        raise APIError(400, f"prompt ({prompt_len} tokens) + max_tokens ({asked or 1}) exceeds the model's context of "
+                            f"{model.max_context} tokens", param="max_tokens" if room >= 1 else "messages",
+                       code="context_length_exceeded")
     seed = req.random_seed if req.random_seed is not None else req.seed
     try:
         return SamplingParams(
@@ -62,8 +64,8 @@ def check_capacity(model: LoadedModel, request: Request) -> None:
     try:
         model.engine.check_capacity(request.params.n)
     except EngineOverloaded as e:
-        raise APIError(503, f"the server is busy ({e}); retry shortly", type_="server_busy",
-                       headers={"Retry-After": "1"}) from None
+        raise APIError(429, f"the server is busy ({e}); retry shortly", type_="rate_limit_error",
+                       code="queue_full", headers={"Retry-After": "1"}) from None
 
 
 async def stream_engine(model: LoadedModel, request: Request) -> AsyncIterator[Delta]:
@@ -73,8 +75,8 @@ async def stream_engine(model: LoadedModel, request: Request) -> AsyncIterator[D
                 raise APIError(500, f"generation failed: {delta.error}", type_="server_error")
             yield delta
     except EngineOverloaded as e:
-        raise APIError(503, f"the server is busy ({e}); retry shortly", type_="server_busy",
-                       headers={"Retry-After": "1"}) from None
+        raise APIError(429, f"the server is busy ({e}); retry shortly", type_="rate_limit_error",
+                       code="queue_full", headers={"Retry-After": "1"}) from None
     except ValueError as e:
         raise APIError(400, str(e)) from None
 

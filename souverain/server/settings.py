@@ -12,5 +12,6 @@ class Settings(BaseModel):
     api_keys: list[str] = Field(default_factory=list)  # static keys; none = no authentication
     kv_cache_memory: int = 1 << 30
     max_waiting: int = 256
+    max_body_bytes: int = 16 << 20  # larger requests get 413
     dtype: str = "bfloat16"
     bits: str = "auto"

@@ -142,9 +142,61 @@ def test_validation_errors_name_the_field(server: str) -> None:
     assert status == 422 and "messages" in json.loads(body)["message"]
 
 
-def test_overload_is_503_with_retry_after(server: str) -> None:
-    status, headers, _ = call(server, "/v1/chat/completions", {"model": "busy", "messages": QUESTION})
-    assert status == 503 and headers["Retry-After"] == "1"
+def test_queue_full_is_429_with_retry_after(server: str) -> None:
+    status, headers, body = call(server, "/v1/chat/completions", {"model": "busy", "messages": QUESTION})
+    assert status == 429 and headers["Retry-After"] == "1" and json.loads(body)["code"] == "queue_full"
+
+
+def test_too_long_is_400_with_both_numbers(server: str) -> None:
+    status, _, body = call(server, "/v1/chat/completions", {"model": "smollm2", "messages": QUESTION,
+                                                            "max_tokens": 8190})
+    err = json.loads(body)
+    assert status == 400 and err["code"] == "context_length_exceeded" and "8190" in err["message"]
+    assert "8192" in err["message"]
+
+
+def test_body_too_large_is_413(server: str) -> None:
+    import http.client
+
+    host, port = server.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    conn.putrequest("POST", "/v1/chat/completions")
+    conn.putheader("Authorization", f"Bearer {KEY}")
+    conn.putheader("Content-Type", "application/json")
+    conn.putheader("Content-Length", str(17 << 20))  # announced; the server answers before reading it
+    conn.endheaders()
+    response = conn.getresponse()
+    assert response.status == 413 and "limit" in json.loads(response.read())["message"]
+    conn.close()
+
+
+def test_disconnect_cancels_generation(server: str) -> None:
+    import http.client
+
+    host, port = server.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=60)
+    body = json.dumps({"model": "smollm2", "messages": QUESTION, "stream": True, "max_tokens": 4000,
+                       "min_tokens": 4000, "temperature": 0.7})
+    conn.request("POST", "/v1/chat/completions", body, {"Authorization": f"Bearer {KEY}",
+                                                         "Content-Type": "application/json"})
+    response = conn.getresponse()
+    assert response.status == 200
+    response.read(200)  # a few chunks arrive...
+    def running():
+        return float(dict(line.rsplit(" ", 1) for line in call(server, "/metrics")[2].splitlines()
+                                     if line and not line.startswith("#"))[
+            'souverain:num_requests_running{model_name="smollm2"}'])
+    for _ in range(100):
+        if running() == 1:
+            break
+        time.sleep(0.1)
+    assert running() == 1
+    conn.close()  # ...then the client goes away
+    for _ in range(100):
+        if running() == 0:
+            break
+        time.sleep(0.1)
+    assert running() == 0
 
 
 def test_prefix_continues_the_assistant(server: str) -> None:

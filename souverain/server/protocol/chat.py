@@ -70,7 +70,7 @@ class Sampling(BaseModel):
 
 
 class ChatCompletionRequest(Sampling):
-    messages: list[Message] = Field(min_length=1)
+    messages: list[Message] = Field(min_length=1, max_length=4096)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     response_format: ResponseFormat | None = None
@@ -82,7 +82,7 @@ class ChatCompletionRequest(Sampling):
 class CompletionRequest(Sampling):
     """OpenAI's legacy /v1/completions."""
 
-    prompt: str | list[str]
+    prompt: str | list[str]  # one prompt per request (a list of one is accepted)
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=20)
     suffix: str | None = None
