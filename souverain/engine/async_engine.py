@@ -108,6 +108,9 @@ class AsyncEngine:
                     self.engine.add_request(payload)
                 except (ValueError, EngineOverloaded) as e:
                     self._deliver(payload.request_id, e)
+                except Exception as e:
+                    log.exception("could not add request %s", payload.request_id)
+                    self._deliver(payload.request_id, RuntimeError(f"request could not start: {e}"))
             elif kind == "cancel":
                 assert isinstance(payload, str)
                 self.engine.cancel(payload)

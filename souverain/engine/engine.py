@@ -101,15 +101,16 @@ class LLMEngine:
         for i in range(request.params.n):
             seq = Sequence(next(self._ids), request, i, list(request.prompt_ids), after=seqs[0] if seqs else None)
             seqs.append(seq)
+        states = {seq.seq_id: self._new_state(seq) for seq in seqs}  # before queueing: nothing half-added
         self.scheduler.add(seqs)
-        for seq in seqs:
-            self._state[seq.seq_id] = self._new_state(seq)
+        self._state.update(states)
 
     def _new_state(self, seq: Sequence) -> _SeqState:
         p = seq.params
         gen = None
         if p.seed is not None:
-            gen = torch.Generator().manual_seed(p.seed * 1_000_003 + seq.index)
+            # Any integer seed (OpenAI allows negative ones), folded into the generator's range.
+            gen = torch.Generator().manual_seed((p.seed * 1_000_003 + seq.index) % (1 << 63))
         return _SeqState(IncrementalDecoder(self.tokenizer, prompt_ids=seq.token_ids), StopMatcher(p.stop),
                          gen, last_time=seq.request.arrival, json=JsonPrefix() if p.json_object else None)
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 import hashlib
 import uuid
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from fastapi import FastAPI, Request, Response
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 
 from souverain.server import errors
@@ -25,6 +27,23 @@ def create_app(settings: Settings, registry: Registry) -> FastAPI:
     for router in (health.router, models.router, chat.router, completions.router, embeddings.router,
                    metrics.router):
         app.include_router(router)
+
+    def openapi() -> dict[str, Any]:
+        # The `model` fields list the models actually loaded: truthful, and it guides clients (and fuzzers).
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, description=app.description,
+                                 routes=app.routes)
+            generative = sorted(registry.models)
+            fim = sorted(k for k, m in registry.models.items() if "fim" in m.info.get("capabilities", []))
+            for name, ids in (("ChatCompletionRequest", generative), ("CompletionRequest", generative),
+                              ("FIMCompletionRequest", fim), ("EmbeddingRequest", sorted(registry.embedders))):
+                props = schema.get("components", {}).get("schemas", {}).get(name, {}).get("properties", {})
+                if "model" in props and ids:
+                    props["model"]["enum"] = ids
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
     @app.middleware("http")
     async def request_id(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:

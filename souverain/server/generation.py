@@ -79,6 +79,8 @@ async def stream_engine(model: LoadedModel, request: Request) -> AsyncIterator[D
                        code="queue_full", headers={"Retry-After": "1"}) from None
     except ValueError as e:
         raise APIError(400, str(e)) from None
+    except RuntimeError as e:
+        raise APIError(500, str(e), type_="server_error") from None
 
 
 async def collect(model: LoadedModel, request: Request) -> tuple[list[Choice], int]:

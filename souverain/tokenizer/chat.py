@@ -49,3 +49,6 @@ def render_chat(source: str, messages: Sequence[dict[str, Any]], *, add_generati
         raise ChatTemplateError(f"chat template tried an unsafe operation: {e}") from None
     except jinja2.TemplateError as e:
         raise ChatTemplateError(f"chat template failed: {e}") from None
+    except (TypeError, ValueError, KeyError, AttributeError, IndexError) as e:
+        # An untrusted template meeting unexpected messages (content None, a missing key...).
+        raise ChatTemplateError(f"chat template failed on these messages: {e}") from None

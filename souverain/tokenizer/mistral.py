@@ -6,11 +6,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from mistral_common.exceptions import MistralCommonException
 from mistral_common.protocol.instruct.request import ChatCompletionRequest
 from mistral_common.tokens.tokenizers.base import SpecialTokenPolicy
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer as MistralCommonTokenizer
+from pydantic import ValidationError
 
 from souverain.tokenizer.base import ChatMessage
+from souverain.tokenizer.chat import ChatTemplateError
 
 # The files mistral-common knows: tekken.json, tokenizer.model.v1/v3/v7..., and older names.
 MISTRAL_FILES = ("tekken.json", "tokenizer.model.v*", "mistral_instruct_tokenizer_*", "tokenizer.model")
@@ -56,7 +59,11 @@ class MistralTokenizer:
             request["tools"] = list(tools)
         if not add_generation_prompt and messages and messages[-1].get("role") == "assistant":
             request["continue_final_message"] = True
-        return list(self.mistral.encode_chat_completion(ChatCompletionRequest(**request)).tokens)
+        try:
+            return list(self.mistral.encode_chat_completion(ChatCompletionRequest(**request)).tokens)
+        except (MistralCommonException, ValidationError, ValueError, TypeError) as e:
+            # mistral-common validates the conversation (who speaks first, tool call ids...).
+            raise ChatTemplateError(f"invalid conversation for this model: {e}") from None
 
 
 def find_mistral_tokenizer(folder: Path) -> Path | None:

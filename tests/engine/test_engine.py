@@ -240,3 +240,12 @@ def test_json_mode_output_parses(max_tokens: int) -> None:
     for i in range(4):
         text = text_of(out[(f"j{i}", 0)])
         assert isinstance(json.loads(text), dict), text
+
+
+def test_any_integer_seed_works_and_nothing_is_half_added() -> None:
+    model = tiny_model("dense")
+    engine = make_engine(model)
+    for i, seed in enumerate((-5, 1 << 64, 0)):
+        engine.add_request(Request(f"s{i}", [1, 2], SamplingParams(max_tokens=3, seed=seed)))
+    out = run_all(engine)
+    assert all(len(tokens_of(out[(f"s{i}", 0)])) >= 1 for i in range(3))
