@@ -150,27 +150,21 @@ def _load(model: str | None, dtype: str, bits: str, *,
     from souverain.hub.catalogue import CATALOGUE, DEFAULT_CHAT_MODEL
     from souverain.hub.describe import describe
     from souverain.hub.store import Store
-    from souverain.model.quant import quantize
+    from souverain.model.quant import resolve_bits
     from souverain.tokenizer import load_tokenizer
     from souverain.weights import load_model
 
     if dtype not in DTYPES:
         raise _fail(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    if bits not in ("auto", "0", "4", "8"):
-        raise _fail(f"--bits must be auto, 0, 4 or 8, got {bits!r}")
     try:
         if model is None or (pull_missing and Store().get(model) is None and model in CATALOGUE):
             err.print(f"[dim]pulling {model or DEFAULT_CHAT_MODEL} (first use)[/dim]")
         path = resolve(model, pull_missing=pull_missing)
-        if bits == "auto":  # 4-bit GGUFs run int4 weights near-exactly (see souverain.model.quant)
-            quant = str(describe(path).get("quantization") or "") if path.is_file() else ""
-            bits = "4" if quant.startswith(("Q4_0", "Q4_1")) else "0"
+        n_bits = resolve_bits(bits, describe(path).get("quantization"))
         start = time.perf_counter()
         with err.status(f"loading {path.name}"):
             tokenizer = load_tokenizer(path)
-            net = load_model(path, dtype=torch.bfloat16 if bits != "0" else getattr(torch, dtype))
-            if bits != "0":
-                quantize(net, bits=int(bits))
+            net = load_model(path, dtype=getattr(torch, dtype), bits=n_bits)
     except _errors() as e:
         raise _fail(str(e)) from None
     err.print(f"[dim]loaded {path.name} in {time.perf_counter() - start:.1f}s[/dim]", highlight=False)

@@ -66,6 +66,16 @@ class QuantLinear(nn.Module):
         return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
 
 
+def resolve_bits(bits: str | int, quantization: str | None) -> int:
+    """`auto` means int4 weights for 4-bit GGUF checkpoints (near-exact, see above), else none."""
+    if bits == "auto":
+        return 4 if (quantization or "").startswith(("Q4_0", "Q4_1")) else 0
+    value = int(bits)
+    if value not in (0, 4, 8):
+        raise ValueError(f"bits must be auto, 0, 4 or 8, got {bits!r}")
+    return value
+
+
 def quantize(model: nn.Module, *, bits: int = 4, dense_rows: int = 4) -> nn.Module:
     """Swap every nn.Linear for a QuantLinear, in place (MoE expert stacks stay as they are).
     The output projection is int8 whatever `bits` (logits are sensitive); a tied one gets its own

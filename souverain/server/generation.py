@@ -111,6 +111,11 @@ def logprobs_json(tok: Tokenizer, items: list[TokenLogprob]) -> dict[str, Any]:
     } for lp in items]}
 
 
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 

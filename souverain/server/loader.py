@@ -11,18 +11,11 @@ from souverain.engine.async_engine import AsyncEngine
 from souverain.engine.engine import EngineConfig, LLMEngine
 from souverain.hub import resolve
 from souverain.hub.describe import describe
-from souverain.model.quant import quantize
+from souverain.model.quant import resolve_bits
 from souverain.server.registry import LoadedEmbedder, LoadedModel, Registry
 from souverain.server.settings import Settings
 from souverain.tokenizer import load_tokenizer
 from souverain.weights import load_model
-
-
-def pick_bits(bits: str, info: dict[str, object]) -> int:
-    """auto: int4 weights for 4-bit GGUFs (near-exact, see souverain.model.quant), else none."""
-    if bits == "auto":
-        return 4 if str(info.get("quantization") or "").startswith(("Q4_0", "Q4_1")) else 0
-    return int(bits)
 
 
 def load_models(settings: Settings, say: Callable[[str], None] = print) -> Registry:
@@ -34,11 +27,8 @@ def load_models(settings: Settings, say: Callable[[str], None] = print) -> Regis
             registry.add_embedder(LoadedEmbedder(name, Embedder(path), info))
             say(f"loaded {name} (embeddings, {info.get('architecture')})")
             continue
-        bits = pick_bits(settings.bits, info)
-        dtype = torch.bfloat16 if bits else getattr(torch, settings.dtype)
-        model = load_model(path, dtype=dtype)
-        if bits:
-            quantize(model, bits=bits)
+        bits = resolve_bits(settings.bits, info.get("quantization"))
+        model = load_model(path, dtype=getattr(torch, settings.dtype), bits=bits)
         tokenizer = load_tokenizer(path)
         engine = LLMEngine(model, tokenizer, EngineConfig(kv_cache_memory=settings.kv_cache_memory,
                                                           max_waiting=settings.max_waiting))

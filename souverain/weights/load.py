@@ -40,8 +40,11 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
 
 
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32,
-               device: str | torch.device = "cpu") -> Transformer:
-    """Load a checkpoint into a Transformer in eval mode."""
+               device: str | torch.device = "cpu", bits: int = 0) -> Transformer:
+    """Load a checkpoint into a Transformer in eval mode. `bits` 4 or 8 swaps in weight-only
+    quantised linears (bf16 activations, so `dtype` is then bfloat16)."""
+    if bits:
+        dtype = torch.bfloat16
     ckpt = open_checkpoint(path)
     with torch.device("meta"):
         model = Transformer(ckpt.args)
@@ -50,6 +53,10 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32,
         model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as e:
         raise WeightsError(ckpt.path, f"tensors do not fit the model: {e}") from None
+    if bits:
+        from souverain.model.quant import quantize
+
+        quantize(model, bits=bits)
     return model.eval()
 
 

@@ -21,6 +21,7 @@ from souverain.server.generation import (
     sampling_params,
     sse,
     stream_engine,
+    usage,
 )
 from souverain.server.protocol.chat import ChatCompletionRequest, FIMCompletionRequest, Sampling
 from souverain.server.registry import LoadedModel
@@ -96,8 +97,7 @@ async def respond(model: LoadedModel, req: Sampling, ids: list[int], logprobs: i
                      "finish_reason": c.finish_reason,
                      "logprobs": logprobs_json(model.tokenizer, c.logprobs) if logprobs is not None else None}
                     for i, c in enumerate(choices)],
-        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
-                  "total_tokens": prompt_tokens + completion},
+        "usage": usage(prompt_tokens, completion),
     }
 
 
@@ -120,12 +120,10 @@ async def _stream(model: LoadedModel, req: Sampling, request: Request) -> AsyncI
             if d.finish_reason is not None:
                 completion += d.completion_tokens
                 # Mistral reports usage on the final chunk.
-                chunk["usage"] = {"prompt_tokens": prompt_tokens, "completion_tokens": d.completion_tokens,
-                                  "total_tokens": prompt_tokens + d.completion_tokens}
+                chunk["usage"] = usage(prompt_tokens, d.completion_tokens)
             yield sse(chunk)
         if req.stream_options and req.stream_options.include_usage:
-            yield sse({**base, "choices": [], "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
-                                                        "total_tokens": prompt_tokens + completion}})
+            yield sse({**base, "choices": [], "usage": usage(prompt_tokens, completion)})
     except APIError as e:  # headers are gone: report in the stream
         yield sse(error_body(e.message, e.type, e.param, e.code))
     yield sse("[DONE]")

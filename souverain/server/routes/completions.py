@@ -20,6 +20,7 @@ from souverain.server.generation import (
     sampling_params,
     sse,
     stream_engine,
+    usage,
 )
 from souverain.server.protocol.chat import CompletionRequest
 from souverain.server.registry import LoadedModel
@@ -50,8 +51,7 @@ async def completions(req: CompletionRequest, _: CurrentKey, models: Models) -> 
         "id": request.request_id, "object": "text_completion", "created": now(), "model": req.model,
         "choices": [{"index": i, "text": echo + "".join(c.text), "finish_reason": c.finish_reason, "logprobs": None}
                     for i, c in enumerate(choices)],
-        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
-                  "total_tokens": prompt_tokens + completion},
+        "usage": usage(prompt_tokens, completion),
     }
 
 
