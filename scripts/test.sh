@@ -3,6 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+bash scripts/services.sh
 .venv/bin/ruff check souverain tests bench
 .venv/bin/mypy souverain
 exec .venv/bin/python -m pytest -q "$@"

@@ -12,6 +12,9 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 from rich.table import Table
 
+from souverain import cli_platform
+from souverain.cli_platform import Db, default_db_url
+
 if TYPE_CHECKING:
     from souverain.model.transformer import Transformer
     from souverain.tokenizer.base import Tokenizer
@@ -296,20 +299,36 @@ def _env_list(name: str) -> list[str] | None:
 def serve(
     host: Annotated[str, typer.Option(envvar="SOUVERAIN_HOST", help="Address to bind")] = "127.0.0.1",
     port: Annotated[int, typer.Option(envvar="SOUVERAIN_PORT")] = 8000,
-    model: Annotated[list[str] | None, typer.Option(help="Model to serve, repeatable (default: smollm2 and minilm)")
+    model: Annotated[list[str] | None, typer.Option(
+        help="Model to serve, repeatable; NAME=MODEL serves it as NAME (default: smollm2 and minilm)")
                      ] = None,
     api_key: Annotated[list[str] | None, typer.Option(help="A static API key (repeatable; env SOUVERAIN_API_KEY)")
                        ] = None,
     kv_cache_memory: Annotated[int, typer.Option(envvar="SOUVERAIN_KV_CACHE_MEMORY", help="KV pool bytes")] = 1 << 30,
     dtype: Annotated[str, typer.Option(envvar="SOUVERAIN_DTYPE")] = "bfloat16",
     bits: Annotated[str, typer.Option(envvar="SOUVERAIN_BITS", help="auto, 0, 4 or 8")] = "auto",
+    db: Db = None,
 ) -> None:
-    """Serve the Mistral/OpenAI-compatible API (the default model is pulled on first use)."""
+    """Serve the Mistral/OpenAI-compatible API and the chat app (the default model is pulled on first use).
+
+    The first start creates an owner account and a first API key, and prints both once."""
     import uvicorn
 
+    from souverain.db.bootstrap import bootstrap
+    from souverain.db.database import open_database
     from souverain.server.app import create_app
     from souverain.server.loader import load_models
     from souverain.server.settings import Settings
+
+    try:
+        database = open_database(db or default_db_url())  # migrations run here, in one transaction
+    except Exception as e:
+        raise _fail(f"cannot open the database {db or default_db_url()}: {e}") from None
+    first = bootstrap(database)
+    if first is not None:
+        err.print(f"[bold]first start[/bold]: sign in to the chat app as [bold]{first.email}[/bold] with password "
+                  f"[bold]{first.password}[/bold]\nAPI key (shown once; `souverain keys create` makes more): "
+                  f"[bold]{first.api_key}[/bold]", highlight=False)
 
     try:
         models = model or _env_list("SOUVERAIN_MODELS") or ["smollm2", "minilm"]
@@ -319,13 +338,12 @@ def serve(
         registry = load_models(settings, say=lambda m: err.print(f"[dim]{m}[/dim]", highlight=False))
     except _errors() as e:
         raise _fail(str(e)) from None
-    if not settings.api_keys:
-        err.print(f"[yellow]no API key set: anyone who can reach {host}:{port} can use this server "
-                  "(--api-key or SOUVERAIN_API_KEY)[/yellow]")
+    err.print(f"serving on http://{host}:{port} (database {database.url.split('@')[-1]})", highlight=False)
     try:
-        uvicorn.run(create_app(settings, registry), host=host, port=port, log_level="warning")
+        uvicorn.run(create_app(settings, registry, database), host=host, port=port, log_level="warning")
     finally:
         registry.shutdown()
+        database.close()
 
 
 @app.command()
@@ -351,6 +369,9 @@ def ps(
                       str(s.get("running", "-")), str(s.get("waiting", "-")),
                       f"{s.get('kv_blocks_used', '-')}/{s.get('kv_blocks_total', '-')}")
     out.print(table)
+
+
+cli_platform.install(app)
 
 
 def main() -> None:

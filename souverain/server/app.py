@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -11,22 +10,38 @@ from fastapi import FastAPI, Request, Response
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 
+from souverain.db import keys
+from souverain.db.database import Database
 from souverain.server import errors
+from souverain.server.platform import Platform
 from souverain.server.registry import Registry
-from souverain.server.routes import chat, completions, embeddings, health, metrics, models
+from souverain.server.routes import account, admin, chat, completions, embeddings, health, metrics, models
 from souverain.server.settings import Settings
 
 
-def create_app(settings: Settings, registry: Registry) -> FastAPI:
+def create_app(settings: Settings, registry: Registry, db: Database | None = None,
+               platform: Platform | None = None) -> FastAPI:
+    """The API over `registry`. With `db`, keys, plans, quotas and usage come from the platform database;
+    without, only the static keys of `settings` guard it (and none means an open local server)."""
     app = FastAPI(title="Souverain", version="0.1.0",
                   description="Self-hosted, open-weight AI: a Mistral- and OpenAI-compatible API.")
     app.state.settings = settings
     app.state.registry = registry
-    app.state.key_digests = [hashlib.sha256(k.encode()).digest() for k in settings.api_keys]
+    app.state.platform = platform or Platform(db, [keys.digest(k) for k in settings.api_keys])
     errors.install(app)
     for router in (health.router, models.router, chat.router, completions.router, embeddings.router,
-                   metrics.router):
+                   metrics.router, account.router, admin.router):
         app.include_router(router)
+    if db is not None:  # the chat app needs accounts and conversation storage
+        from fastapi.staticfiles import StaticFiles
+
+        from souverain.web import routes as web
+        from souverain.web.session import session_caller
+
+        app.state.session_caller = session_caller(app.state.platform)
+        app.include_router(web.router)
+        app.include_router(web.pages)
+        app.mount("/static", StaticFiles(directory=web.STATIC), name="static")
 
     def openapi() -> dict[str, Any]:
         # The `model` fields list the models actually loaded: truthful, and it guides clients (and fuzzers).

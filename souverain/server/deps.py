@@ -1,46 +1,46 @@
-"""Request dependencies: the API key check and the model registry."""
+"""Request dependencies: the caller (API key or session), the platform and the model registry."""
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 from typing import Annotated
 
 from fastapi import Depends, Request
 
 from souverain.server.errors import APIError
+from souverain.server.platform import Caller, Platform
 from souverain.server.registry import LoadedModel, Registry
 
 
-def _digest(key: str) -> bytes:
-    return hashlib.sha256(key.encode("utf-8")).digest()
+def platform(request: Request) -> Platform:
+    return request.app.state.platform  # type: ignore[no-any-return]
 
 
-def check_key(request: Request) -> str | None:
-    """Bearer key against the configured ones (hashed, compared in constant time)."""
-    keys: list[bytes] = request.app.state.key_digests
-    if not keys:
-        return None  # no key configured: an open local server
+def current_caller(request: Request) -> Caller:
+    """The bearer key's caller (401 when missing or invalid; a server without keys is open)."""
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token:
-        raise APIError(401, "missing API key: send Authorization: Bearer <key>", type_="authentication_error")
-    digest = _digest(token.strip())
-    if not any(hmac.compare_digest(digest, k) for k in keys):
-        raise APIError(401, "invalid API key", type_="authentication_error")
-    return token
+    session = getattr(request.app.state, "session_caller", None)
+    if not token and session is not None:  # the chat app: a signed-in browser, checked for CSRF
+        caller: Caller | None = session(request)
+        if caller is not None:
+            return caller
+    if token and scheme.lower() != "bearer":
+        raise APIError(401, "use Authorization: Bearer <key>", type_="authentication_error")
+    return platform(request).authenticate(token.strip() or None)
 
 
 def registry(request: Request) -> Registry:
     return request.app.state.registry  # type: ignore[no-any-return]
 
 
-CurrentKey = Annotated[str | None, Depends(check_key)]
+CurrentCaller = Annotated[Caller, Depends(current_caller)]
 Models = Annotated[Registry, Depends(registry)]
+PlatformDep = Annotated[Platform, Depends(platform)]
 
 
-def find_model(models: Registry, model_id: str) -> LoadedModel:
+def find_model(models: Registry, model_id: str, caller: Caller | None = None, plat: Platform | None = None
+               ) -> LoadedModel:
     found = models.get(model_id)
-    if found is None:
+    if found is None or (caller is not None and plat is not None and not plat.visible(caller, [model_id])):
         raise APIError(404, f"model {model_id!r} not found; see GET /v1/models", param="model", code="model_not_found")
     return found

@@ -9,6 +9,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from souverain.db.errors import Conflict, NotFound
+
 
 class APIError(Exception):
     def __init__(self, status: int, message: str, *, type_: str = "invalid_request_error", param: str | None = None,
@@ -27,6 +29,14 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def api_error(_: Request, e: APIError) -> JSONResponse:
         return JSONResponse(error_body(e.message, e.type, e.param, e.code), e.status, headers=e.headers)
+
+    @app.exception_handler(NotFound)
+    async def not_found(_: Request, e: NotFound) -> JSONResponse:
+        return JSONResponse(error_body(str(e), "invalid_request_error", code="not_found"), 404)
+
+    @app.exception_handler(Conflict)
+    async def conflict(_: Request, e: Conflict) -> JSONResponse:
+        return JSONResponse(error_body(str(e), "invalid_request_error", code="conflict"), 409)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, e: RequestValidationError) -> JSONResponse:

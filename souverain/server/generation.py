@@ -11,6 +11,7 @@ from typing import Any
 
 from souverain.engine.request import Delta, EngineOverloaded, FinishReason, Request, SamplingParams, TokenLogprob
 from souverain.server.errors import APIError
+from souverain.server.platform import Caller, Platform
 from souverain.server.protocol.chat import Sampling
 from souverain.server.registry import LoadedModel
 from souverain.tokenizer.base import Tokenizer
@@ -19,13 +20,15 @@ DEFAULT_TEMPERATURE = 0.7  # Mistral's API default
 
 
 def sampling_params(req: Sampling, model: LoadedModel, prompt_len: int, logprobs: int | None,
-                    json_object: bool = False) -> SamplingParams:
-    room = model.max_context - prompt_len
+                    json_object: bool = False, plan_context: int | None = None) -> SamplingParams:
+    context = min(model.max_context, plan_context or model.max_context)
+    room = context - prompt_len
     asked = req.max_tokens or req.max_completion_tokens
     if room < 1 or (asked is not None and asked > room):
         # Never truncate silently: say both numbers.
-        raise APIError(400, f"prompt ({prompt_len} tokens) + max_tokens ({asked or 1}) exceeds the model's context of "
-                            f"{model.max_context} tokens", param="max_tokens" if room >= 1 else "messages",
+        whose = "the model's" if context == model.max_context else "your plan's"
+        raise APIError(400, f"prompt ({prompt_len} tokens) + max_tokens ({asked or 1}) exceeds {whose} context of "
+                            f"{context} tokens", param="max_tokens" if room >= 1 else "messages",
                        code="context_length_exceeded")
     seed = req.random_seed if req.random_seed is not None else req.seed
     try:
@@ -59,6 +62,46 @@ class Choice:
     completion_tokens: int = 0
 
 
+@dataclass
+class Meter:
+    """One request's usage, recorded exactly once: when it finishes, fails or its client goes away."""
+
+    platform: Platform
+    caller: Caller
+    request_id: str
+    model: str
+    endpoint: str
+    prompt_tokens: int
+    started: float = field(default_factory=time.monotonic)
+    completion_tokens: int = 0
+    status: str = "stop"
+    recorded: bool = False
+
+    def add(self, d: Delta) -> None:
+        if d.finish_reason is not None:
+            self.completion_tokens += d.completion_tokens
+            self.status = d.finish_reason.value
+
+    async def close(self, status: str | None = None) -> None:
+        if self.recorded:
+            return
+        self.recorded = True
+        await self.platform.record(self.caller, self.caller.usage(
+            self.request_id, self.model, self.endpoint, self.prompt_tokens, self.completion_tokens,
+            int((time.monotonic() - self.started) * 1000), status or self.status))
+
+
+def start(platform: Platform, caller: Caller, model: LoadedModel, req: Sampling, ids: list[int],
+          logprobs: int | None, endpoint: str, json_object: bool = False) -> tuple[Request, Meter, dict[str, str]]:
+    """Admit (plan, quota, rate limits), build the engine request and its meter; refuse before any byte is sent."""
+    adm = platform.admit(caller, req.model, len(ids))
+    request = Request(new_id("cmpl"), ids, sampling_params(req, model, len(ids), logprobs, json_object,
+                                                           adm.max_context),
+                      priority=adm.priority, cache_salt=adm.cache_salt)
+    check_capacity(model, request)
+    return request, Meter(platform, caller, request.request_id, req.model, endpoint, len(ids)), adm.headers
+
+
 def check_capacity(model: LoadedModel, request: Request) -> None:
     """Refuse with 503 before any response starts when the engine's queue is full."""
     try:
@@ -83,17 +126,24 @@ async def stream_engine(model: LoadedModel, request: Request) -> AsyncIterator[D
         raise APIError(500, str(e), type_="server_error") from None
 
 
-async def collect(model: LoadedModel, request: Request) -> tuple[list[Choice], int]:
+async def collect(model: LoadedModel, request: Request, meter: Meter) -> tuple[list[Choice], int]:
+    """The whole answer; its usage is committed before this returns."""
     choices = [Choice() for _ in range(request.params.n)]
     prompt_tokens = len(request.prompt_ids)
-    async for d in stream_engine(model, request):
-        c = choices[d.index]
-        c.text.append(d.text)
-        c.token_ids += d.token_ids
-        c.logprobs += d.logprobs or []
-        if d.finish_reason is not None:
-            c.finish_reason = api_finish(d.finish_reason)
-            c.completion_tokens = d.completion_tokens
+    try:
+        async for d in stream_engine(model, request):
+            meter.add(d)
+            c = choices[d.index]
+            c.text.append(d.text)
+            c.token_ids += d.token_ids
+            c.logprobs += d.logprobs or []
+            if d.finish_reason is not None:
+                c.finish_reason = api_finish(d.finish_reason)
+                c.completion_tokens = d.completion_tokens
+    except BaseException:
+        await meter.close("error")
+        raise
+    await meter.close()
     return choices, prompt_tokens
 
 

@@ -20,8 +20,10 @@ from souverain.weights import load_model
 
 def load_models(settings: Settings, say: Callable[[str], None] = print) -> Registry:
     registry = Registry()
-    for name in settings.models:
-        path = resolve(name)
+    for entry in settings.models:
+        # "NAME=MODEL" serves MODEL (an installed name or a path) under the id NAME.
+        name, _, ref = entry.partition("=") if "=" in entry else (entry, "", entry)
+        path = resolve(ref)
         info = describe(path)
         if "embeddings" in info.get("capabilities", []):
             registry.add_embedder(LoadedEmbedder(name, Embedder(path), info))

@@ -6,23 +6,13 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter
-from fastapi.responses import StreamingResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 
 from souverain.engine.request import Request
-from souverain.server.deps import CurrentKey, Models, find_model
+from souverain.server.deps import CurrentCaller, Models, PlatformDep, find_model
 from souverain.server.errors import APIError, error_body
-from souverain.server.generation import (
-    api_finish,
-    check_capacity,
-    collect,
-    logprobs_json,
-    new_id,
-    now,
-    sampling_params,
-    sse,
-    stream_engine,
-    usage,
-)
+from souverain.server.generation import Meter, api_finish, collect, logprobs_json, now, sse, start, stream_engine, usage
+from souverain.server.platform import Caller, Platform
 from souverain.server.protocol.chat import ChatCompletionRequest, FIMCompletionRequest, Sampling
 from souverain.server.registry import LoadedModel
 from souverain.tokenizer.chat import ChatTemplateError
@@ -58,50 +48,51 @@ def prompt_ids(model: LoadedModel, req: ChatCompletionRequest) -> list[int]:
 
 
 @router.post("/v1/chat/completions", response_model=None)
-async def chat_completions(req: ChatCompletionRequest, _: CurrentKey, models: Models) -> Any:
+async def chat_completions(req: ChatCompletionRequest, caller: CurrentCaller, models: Models, plat: PlatformDep
+                           ) -> Any:
     """Create a chat completion; `stream: true` sends server-sent events ending in `data: [DONE]`."""
-    model = find_model(models, req.model)
+    model = find_model(models, req.model, caller, plat)
     kind = req.response_format.type if req.response_format else "text"
     if kind == "json_schema":
         raise APIError(400, "response_format json_schema is not supported yet; json_object is",
                        param="response_format")
-    return await respond(model, req, prompt_ids(model, req), (req.top_logprobs or 0) if req.logprobs else None,
-                         json_object=kind == "json_object")
+    return await respond(plat, caller, model, req, prompt_ids(model, req),
+                         (req.top_logprobs or 0) if req.logprobs else None, "chat", json_object=kind == "json_object")
 
 
 @router.post("/v1/fim/completions", response_model=None)
-async def fim_completions(req: FIMCompletionRequest, _: CurrentKey, models: Models) -> Any:
+async def fim_completions(req: FIMCompletionRequest, caller: CurrentCaller, models: Models, plat: PlatformDep
+                          ) -> Any:
     """Fill in the middle: the code between `prompt` and `suffix`, for models with FIM tokens."""
-    model = find_model(models, req.model)
+    model = find_model(models, req.model, caller, plat)
     if "fim" not in model.info.get("capabilities", []):
         raise APIError(400, f"model {req.model!r} has no fill-in-the-middle capability", param="model")
     try:
         ids = model.tokenizer.encode_fim(req.prompt, req.suffix or "")
     except ValueError as e:
         raise APIError(400, str(e), param="model") from None
-    return await respond(model, req, ids, None)
+    return await respond(plat, caller, model, req, ids, None, "fim")
 
 
-async def respond(model: LoadedModel, req: Sampling, ids: list[int], logprobs: int | None,
-                  json_object: bool = False) -> Any:
+async def respond(plat: Platform, caller: Caller, model: LoadedModel, req: Sampling, ids: list[int],
+                  logprobs: int | None, endpoint: str, json_object: bool = False) -> Any:
     """Run `ids` through the engine; answer as a chat completion, whole or streamed."""
-    request = Request(new_id("cmpl"), ids, sampling_params(req, model, len(ids), logprobs, json_object))
-    check_capacity(model, request)
+    request, meter, headers = start(plat, caller, model, req, ids, logprobs, endpoint, json_object)
     if req.stream:
-        return StreamingResponse(_stream(model, req, request), media_type="text/event-stream")
-    choices, prompt_tokens = await collect(model, request)
+        return StreamingResponse(_stream(model, req, request, meter), media_type="text/event-stream", headers=headers)
+    choices, prompt_tokens = await collect(model, request, meter)
     completion = sum(c.completion_tokens for c in choices)
-    return {
+    return JSONResponse({
         "id": request.request_id, "object": "chat.completion", "created": now(), "model": req.model,
         "choices": [{"index": i, "message": {"role": "assistant", "content": "".join(c.text), "tool_calls": None},
                      "finish_reason": c.finish_reason,
                      "logprobs": logprobs_json(model.tokenizer, c.logprobs) if logprobs is not None else None}
                     for i, c in enumerate(choices)],
         "usage": usage(prompt_tokens, completion),
-    }
+    }, headers=headers)
 
 
-async def _stream(model: LoadedModel, req: Sampling, request: Request) -> AsyncIterator[str]:
+async def _stream(model: LoadedModel, req: Sampling, request: Request, meter: Meter) -> AsyncIterator[str]:
     base = {"id": request.request_id, "object": "chat.completion.chunk", "created": now(), "model": req.model}
     prompt_tokens = len(request.prompt_ids)
     completion = 0
@@ -111,6 +102,7 @@ async def _stream(model: LoadedModel, req: Sampling, request: Request) -> AsyncI
             yield sse({**base, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
                                             "finish_reason": None, "logprobs": None}]})
         async for d in stream_engine(model, request):
+            meter.add(d)
             if not d.text and d.finish_reason is None and not d.logprobs:
                 continue
             chunk: dict[str, Any] = {**base, "choices": [{
@@ -124,6 +116,11 @@ async def _stream(model: LoadedModel, req: Sampling, request: Request) -> AsyncI
             yield sse(chunk)
         if req.stream_options and req.stream_options.include_usage:
             yield sse({**base, "choices": [], "usage": usage(prompt_tokens, completion)})
+        await meter.close()  # committed before the stream ends
     except APIError as e:  # headers are gone: report in the stream
+        await meter.close("error")
         yield sse(error_body(e.message, e.type, e.param, e.code))
+    finally:
+        if not meter.recorded:  # the client went away: what was generated is still billed
+            await meter.close("cancelled")
     yield sse("[DONE]")

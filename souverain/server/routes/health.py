@@ -8,7 +8,7 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
 from souverain.engine.request import Request, SamplingParams
-from souverain.server.deps import CurrentKey, Models
+from souverain.server.deps import CurrentCaller, Models
 from souverain.server.generation import new_id
 
 router = APIRouter()
@@ -21,7 +21,7 @@ async def health() -> dict[str, str]:
 
 
 @router.get("/ready", response_model=None)
-async def ready(_: CurrentKey, models: Models) -> Any:
+async def ready(_: CurrentCaller, models: Models) -> Any:
     """Each loaded model generates one token."""
     status = {}
     for m in models.models.values():

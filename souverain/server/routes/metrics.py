@@ -6,7 +6,7 @@ from fastapi import APIRouter
 from fastapi.responses import PlainTextResponse
 
 from souverain.engine.stats import EngineStats, Histogram
-from souverain.server.deps import CurrentKey, Models
+from souverain.server.deps import CurrentCaller, Models
 
 router = APIRouter()
 
@@ -56,6 +56,6 @@ def render(stats: dict[str, EngineStats]) -> str:
 
 
 @router.get("/metrics", response_class=PlainTextResponse)
-async def metrics(_: CurrentKey, models: Models) -> str:
+async def metrics(_: CurrentCaller, models: Models) -> str:
     """Prometheus exposition of every loaded model's engine counters."""
     return render({m.id: m.engine.engine.stats for m in models.models.values()})

@@ -6,7 +6,7 @@ from typing import Any
 
 from fastapi import APIRouter
 
-from souverain.server.deps import CurrentKey, Models, find_model
+from souverain.server.deps import CurrentCaller, Models, PlatformDep, find_model
 from souverain.server.registry import LoadedEmbedder, LoadedModel
 
 router = APIRouter()
@@ -34,15 +34,17 @@ def embedder_card(m: LoadedEmbedder) -> dict[str, Any]:
 
 
 @router.get("/v1/models")
-async def list_models(_: CurrentKey, models: Models) -> dict[str, Any]:
-    """The models this server has loaded."""
-    cards = [model_card(m) for m in models.models.values()] + [embedder_card(m) for m in models.embedders.values()]
+async def list_models(caller: CurrentCaller, models: Models, plat: PlatformDep) -> dict[str, Any]:
+    """The models this server has loaded that the caller may use (private models only for their organisations)."""
+    shown = set(plat.visible(caller, [*models.models, *models.embedders]))
+    cards = ([model_card(m) for m in models.models.values() if m.id in shown]
+             + [embedder_card(m) for m in models.embedders.values() if m.id in shown])
     return {"object": "list", "data": cards}
 
 
 @router.get("/v1/models/{model_id:path}")
-async def get_model(model_id: str, _: CurrentKey, models: Models) -> dict[str, Any]:
+async def get_model(model_id: str, caller: CurrentCaller, models: Models, plat: PlatformDep) -> dict[str, Any]:
     """One loaded model."""
-    if model_id in models.embedders:
+    if model_id in models.embedders and plat.visible(caller, [model_id]):
         return embedder_card(models.embedders[model_id])
-    return model_card(find_model(models, model_id))
+    return model_card(find_model(models, model_id, caller, plat))

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# System packages the tests need, from Debian: PostgreSQL (the database tests start a throw-away cluster)
+# and Chromium (the chat app's browser tests). Installs only what is missing; needs root or sudo.
+set -euo pipefail
+need=()
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
+[ -x /usr/bin/chromium ] || need+=(chromium)
+[ ${#need[@]} -eq 0 ] && exit 0
+SUDO=""
+[ "$(id -u)" -eq 0 ] || SUDO="sudo"
+echo "installing ${need[*]} (apt)"
+$SUDO apt-get update -qq
+DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+# Debian starts a cluster of its own on install; the tests start their own instead.
+$SUDO service postgresql stop >/dev/null 2>&1 || true

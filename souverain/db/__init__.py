@@ -1,0 +1,1 @@
+"""The platform database: tables, repositories and Alembic migrations."""

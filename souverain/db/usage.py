@@ -1,0 +1,79 @@
+"""Usage rows, the monthly totals that quotas read, and reports per workspace, model and day."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import String, cast, func, select
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.orm import Session
+
+from souverain.db.tables import UsageRecord, UsageTotal, Workspace, utcnow
+
+
+@dataclass(frozen=True)
+class Usage:
+    request_id: str
+    model: str
+    endpoint: str
+    prompt_tokens: int
+    completion_tokens: int
+    latency_ms: int
+    status: str
+    org_id: int | None = None
+    workspace_id: int | None = None
+    key_id: int | None = None
+    user_id: int | None = None
+
+
+def month_of(at: datetime) -> str:
+    return at.strftime("%Y-%m")
+
+
+def record(s: Session, *, usage: Usage, at: datetime | None = None) -> None:
+    """Insert the row and add its tokens to the organisation's month, in the caller's transaction."""
+    at = at or utcnow()
+    s.add(UsageRecord(created_at=at, **usage.__dict__))
+    if usage.org_id is None:
+        return
+    tokens = usage.prompt_tokens + usage.completion_tokens
+    # One atomic upsert: several server processes can bump the same month without losing updates or racing
+    # on the month's first row.
+    insert = pg_insert if s.get_bind().dialect.name == "postgresql" else sqlite_insert
+    stmt = insert(UsageTotal).values(org_id=usage.org_id, month=month_of(at), tokens=tokens)
+    s.execute(stmt.on_conflict_do_update(index_elements=["org_id", "month"],
+                                         set_={"tokens": UsageTotal.tokens + tokens}))
+
+
+def month_tokens(s: Session, *, org_id: int, at: datetime | None = None) -> int:
+    total = s.scalar(select(UsageTotal.tokens).where(UsageTotal.org_id == org_id,
+                                                     UsageTotal.month == month_of(at or utcnow())))
+    return int(total or 0)
+
+
+REPORT_COLUMNS = ("day", "workspace", "model", "requests", "prompt_tokens", "completion_tokens", "total_tokens")
+
+
+def report(s: Session, *, org_id: int, since: datetime | None = None) -> list[tuple[str, str, str, int, int, int, int]]:
+    """Usage grouped by day, workspace and model."""
+    day = func.substr(cast(UsageRecord.created_at, String), 1, 10)
+    q = (select(day, func.coalesce(Workspace.name, "-"), UsageRecord.model, func.count(),
+                func.sum(UsageRecord.prompt_tokens), func.sum(UsageRecord.completion_tokens))
+         .outerjoin(Workspace, Workspace.id == UsageRecord.workspace_id)
+         .where(UsageRecord.org_id == org_id).group_by(day, Workspace.name, UsageRecord.model)
+         .order_by(day, Workspace.name, UsageRecord.model))
+    if since is not None:
+        q = q.where(UsageRecord.created_at >= since)
+    return [(str(d), str(w), str(m), int(n), int(p or 0), int(c or 0), int((p or 0) + (c or 0)))
+            for d, w, m, n, p, c in s.execute(q)]
+
+
+def records(s: Session, *, org_id: int | None = None, request_id: str | None = None) -> list[UsageRecord]:
+    q = select(UsageRecord).order_by(UsageRecord.id)
+    if org_id is not None:
+        q = q.where(UsageRecord.org_id == org_id)
+    if request_id is not None:
+        q = q.where(UsageRecord.request_id == request_id)
+    return list(s.scalars(q))

@@ -1,0 +1,176 @@
+"""Who is calling, and what they may do: keys, plans, private models, rate limits, quotas and metering.
+
+The request path touches the database twice: once to authenticate (key, plan, role and the month's tokens in
+one short transaction) and once to record usage, committed before the response ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from souverain.db import accounts, keys, usage
+from souverain.db import models as model_access
+from souverain.db.database import Database
+from souverain.db.tables import Plan, utcnow
+from souverain.server.errors import APIError
+from souverain.server.limits import Rate, RateLimiter
+
+
+@dataclass(frozen=True)
+class Limits:
+    """A plan's limits as the request path reads them."""
+
+    plan: str
+    requests_per_second: float | None = None
+    tokens_per_minute: int | None = None
+    tokens_per_month: int | None = None
+    allowed_models: tuple[str, ...] | None = None
+    max_context: int | None = None
+    priority: int = 0
+
+    @classmethod
+    def of(cls, p: Plan) -> Limits:
+        return cls(p.name, p.requests_per_second, p.tokens_per_minute, p.tokens_per_month,
+                   tuple(p.allowed_models) if p.allowed_models is not None else None, p.max_context, p.priority)
+
+
+@dataclass(frozen=True)
+class Caller:
+    """The principal behind a request. `root` (a static key, or a server without keys) is not metered."""
+
+    kind: str  # open | static | key | session
+    org_id: int | None = None
+    workspace_id: int | None = None
+    key_id: int | None = None
+    user_id: int | None = None
+    role: str | None = None
+    limits: Limits | None = None
+    key: keys.KeyRecord | None = None
+    month_tokens: int = 0
+
+    def usage(self, request_id: str, model: str, endpoint: str, prompt_tokens: int, completion_tokens: int,
+              latency_ms: int, status: str) -> usage.Usage:
+        return usage.Usage(request_id, model, endpoint, prompt_tokens, completion_tokens, latency_ms, status,
+                           self.org_id, self.workspace_id, self.key_id, self.user_id)
+
+    @property
+    def root(self) -> bool:
+        return self.kind in ("open", "static")
+
+    @property
+    def is_admin(self) -> bool:
+        return self.root or self.role in ("owner", "admin")
+
+    def rates(self) -> list[Rate]:
+        if self.limits is None:
+            return []
+        out = []
+        if self.key is not None:
+            out.append(Rate(f"key:{self.key.id}", self.key.requests_per_second or self.limits.requests_per_second,
+                            self.key.tokens_per_minute or self.limits.tokens_per_minute))
+        if self.workspace_id is not None:
+            out.append(Rate(f"workspace:{self.workspace_id}", self.limits.requests_per_second,
+                            self.limits.tokens_per_minute))
+        return out
+
+
+@dataclass(frozen=True)
+class Admission:
+    headers: dict[str, str]
+    priority: int = 0
+    max_context: int | None = None
+    cache_salt: str = ""
+
+
+@dataclass
+class Platform:
+    db: Database | None
+    static_digests: list[str] = field(default_factory=list)
+    limiter: RateLimiter = field(default_factory=RateLimiter)
+    now: Callable[[], datetime] = utcnow
+
+    @property
+    def open(self) -> bool:
+        return self.db is None and not self.static_digests
+
+    def authenticate(self, token: str | None) -> Caller:
+        """The caller for a bearer token; raises 401 for a missing, unknown, revoked or expired key."""
+        if self.open:
+            return Caller("open")
+        if not token:
+            raise APIError(401, "missing API key: send Authorization: Bearer <key>", type_="authentication_error")
+        digest = keys.digest(token)
+        if any(secrets.compare_digest(digest, d) for d in self.static_digests):
+            return Caller("static")
+        if self.db is None:
+            raise APIError(401, "invalid API key", type_="authentication_error")
+        with self.db.session() as s:
+            rec = keys.authenticate(s, key=token, now=self.now())
+            if rec is None:
+                raise APIError(401, "invalid, revoked or expired API key", type_="authentication_error")
+            plan = accounts.org_plan(s, org_id=rec.org_id)
+            return Caller("key", rec.org_id, rec.workspace_id, rec.id, rec.user_id,
+                          accounts.role_in(s, user_id=rec.user_id, org_id=rec.org_id), Limits.of(plan), rec,
+                          usage.month_tokens(s, org_id=rec.org_id, at=self.now()))
+
+    def visible(self, caller: Caller, model_ids: list[str]) -> list[str]:
+        """The models this caller may see: open ones, and private ones shared with its organisation."""
+        if caller.root or self.db is None:
+            return model_ids
+        with self.db.session() as s:
+            private = model_access.private_models(s)
+        return [m for m in model_ids if m not in private or caller.org_id in private[m]]
+
+    def check_model(self, caller: Caller, model: str) -> None:
+        """404 for a private model of another organisation; 403 for one the plan or the key excludes."""
+        if caller.root:
+            return
+        if not self.visible(caller, [model]):
+            raise APIError(404, f"model {model!r} not found; see GET /v1/models", param="model",
+                           code="model_not_found")
+        for allowed, what in ((caller.limits.allowed_models if caller.limits else None, "your plan"),
+                              (caller.key.allowed_models if caller.key else None, "this API key")):
+            if allowed is not None and model not in allowed:
+                raise APIError(403, f"{what} does not include model {model!r} (allowed: {', '.join(allowed)})",
+                               type_="permission_error", param="model", code="model_not_allowed")
+
+    def admit(self, caller: Caller, model: str, prompt_tokens: int) -> Admission:
+        """Quota, then rate limits; 429 with the headers clients act on."""
+        self.check_model(caller, model)
+        lim = caller.limits
+        if lim is None:
+            return Admission({})
+        quota = lim.tokens_per_month
+        if quota is not None and caller.month_tokens >= quota:
+            raise APIError(429, f"monthly token quota of the {lim.plan!r} plan is used up ({caller.month_tokens} of "
+                                f"{quota} tokens); it renews on the 1st, or upgrade the plan",
+                           type_="rate_limit_error", code="quota_exceeded",
+                           headers={"x-should-retry": "false", "x-ratelimit-limit-tokens-month": str(quota),
+                                    "x-ratelimit-remaining-tokens-month": "0"})
+        verdict = self.limiter.admit(caller.rates(), prompt_tokens)
+        if verdict.retry_after > 0:
+            raise APIError(429, f"rate limit of the {lim.plan!r} plan reached; retry in "
+                                f"{verdict.headers['Retry-After']} s", type_="rate_limit_error",
+                           code="rate_limit_exceeded", headers=verdict.headers)
+        headers = dict(verdict.headers)
+        if quota is not None:
+            headers["x-ratelimit-limit-tokens-month"] = str(quota)
+            headers["x-ratelimit-remaining-tokens-month"] = str(max(0, quota - caller.month_tokens))
+        return Admission(headers, lim.priority, lim.max_context, f"org:{caller.org_id}")
+
+    def record_now(self, caller: Caller, u: usage.Usage) -> None:
+        """Meter a finished request: the token buckets, then the usage row (committed on return)."""
+        if caller.limits is not None and u.completion_tokens:
+            self.limiter.charge(caller.rates(), u.completion_tokens)
+        if self.db is None or caller.root:
+            return
+        with self.db.session() as s:
+            usage.record(s, usage=u, at=self.now())
+
+    async def record(self, caller: Caller, u: usage.Usage) -> None:
+        # In a worker thread, shielded: a client that goes away must not cancel the write of its own usage.
+        await asyncio.shield(asyncio.to_thread(self.record_now, caller, u))

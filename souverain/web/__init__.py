@@ -1,0 +1,1 @@
+"""The chat app: static assets, sign-in sessions and conversation storage, served by the API's process."""

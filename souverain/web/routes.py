@@ -1,0 +1,210 @@
+"""/app/api: sign in and out, the signed-in user's profile, conversations and messages; / serves the app."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi.responses import FileResponse
+from pydantic import BaseModel, Field
+
+from souverain.db import accounts, chat
+from souverain.db.tables import Conversation, Message
+from souverain.server.deps import CurrentCaller, Models, PlatformDep
+from souverain.server.errors import APIError
+from souverain.server.platform import Caller, Platform
+from souverain.web.session import COOKIE
+
+STATIC = Path(__file__).parent / "static"
+router = APIRouter(prefix="/app/api", tags=["chat app"])
+pages = APIRouter(include_in_schema=False)
+
+# The page loads only its own files; inline script and event-handler attributes never run.
+CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
+       "object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'self'")
+
+
+class Login(BaseModel):
+    email: str = Field(..., min_length=3, max_length=256)
+    password: str = Field(..., min_length=1, max_length=1024)
+
+
+class NewConversation(BaseModel):
+    model: str = Field(..., min_length=1, max_length=256)
+    title: str = Field("", max_length=200)
+    system_prompt: str = Field("", max_length=20_000)
+    temperature: float | None = Field(None, ge=0, le=2)
+
+
+class ConversationPatch(BaseModel):
+    title: str | None = Field(None, max_length=200)
+    model: str | None = Field(None, min_length=1, max_length=256)
+    system_prompt: str | None = Field(None, max_length=20_000)
+    temperature: float | None = Field(None, ge=0, le=2)
+    leaf_id: str | None = Field(None, max_length=36)
+
+
+class NewMessage(BaseModel):
+    role: Literal["user", "assistant"]
+    content: str = Field("", max_length=1_000_000)
+    parent_id: str | None = Field(None, max_length=36)
+    status: Literal["complete", "streaming", "stopped", "error"] = "complete"
+    model: str = Field("", max_length=256)
+
+
+class MessagePatch(BaseModel):
+    content: str | None = Field(None, max_length=1_000_000)
+    status: Literal["complete", "streaming", "stopped", "error"] | None = None
+
+
+def signed_in(caller: CurrentCaller) -> Caller:
+    if caller.kind != "session" or caller.user_id is None:
+        raise APIError(401, "sign in first", type_="authentication_error")
+    return caller
+
+
+User = Annotated[Caller, Depends(signed_in)]
+
+
+def db_of(plat: Platform) -> Any:
+    if plat.db is None:
+        raise APIError(404, "the chat app needs the platform database", code="no_database")
+    return plat.db
+
+
+def conv_json(c: Conversation) -> dict[str, Any]:
+    return {"id": c.id, "title": c.title, "model": c.model, "system_prompt": c.system_prompt,
+            "temperature": c.temperature, "leaf_id": c.leaf_id, "created_at": c.created_at.isoformat() + "Z",
+            "updated_at": c.updated_at.isoformat() + "Z"}
+
+
+def msg_json(m: Message) -> dict[str, Any]:
+    return {"id": m.id, "parent_id": m.parent_id, "role": m.role, "content": m.content, "status": m.status,
+            "model": m.model, "created_at": m.created_at.isoformat() + "Z"}
+
+
+@router.post("/login")
+def login(body: Login, request: Request, response: Response, plat: PlatformDep) -> dict[str, Any]:
+    """Check the password; set the session cookie (HttpOnly, SameSite=Strict)."""
+    with db_of(plat).session() as s:
+        user = accounts.check_password(s, email=body.email, password=body.password)
+        orgs = accounts.memberships(s, user=user) if user else []
+        if user is None or not orgs:
+            raise APIError(401, "wrong e-mail or password", type_="authentication_error")
+        token, row = chat.create_session(s, user_id=user.id, org_id=orgs[0][0].id, now=plat.now())
+        csrf = row.csrf
+    response.set_cookie(COOKIE, token, max_age=chat.SESSION_DAYS * 86400, httponly=True, samesite="strict",
+                        secure=request.url.scheme == "https", path="/")
+    return {"ok": True, "csrf": csrf}
+
+
+@router.post("/logout")
+def logout(request: Request, response: Response, _: User, plat: PlatformDep) -> dict[str, Any]:
+    with db_of(plat).session() as s:
+        chat.end_session(s, token=request.cookies.get(COOKIE, ""))
+    response.delete_cookie(COOKIE, path="/")
+    return {"ok": True}
+
+
+@router.get("/me")
+def me(request: Request, caller: User, plat: PlatformDep, models: Models) -> dict[str, Any]:
+    """The signed-in user, their organisation's plan and usage, the models they may use, and the CSRF token."""
+    assert caller.user_id is not None and caller.org_id is not None and caller.limits is not None
+    with db_of(plat).session() as s:
+        user = accounts.get_user(s, user_id=caller.user_id)
+        org = accounts.get_org(s, org_id=caller.org_id)
+        row = chat.get_session(s, token=request.cookies.get(COOKIE, ""), now=plat.now())
+        csrf = row.csrf if row else ""
+    lim = caller.limits
+    usable = [m for m in plat.visible(caller, sorted(models.models))
+              if lim.allowed_models is None or m in lim.allowed_models]
+    return {"email": user.email, "name": user.name, "organisation": org.name, "role": caller.role,
+            "plan": lim.plan, "month_tokens": caller.month_tokens,
+            "limits": {"tokens_per_month": lim.tokens_per_month, "tokens_per_minute": lim.tokens_per_minute,
+                       "requests_per_second": lim.requests_per_second, "max_context": lim.max_context},
+            "models": usable, "csrf": csrf}
+
+
+@router.get("/conversations")
+def list_conversations(caller: User, plat: PlatformDep, q: Annotated[str, Query(max_length=200)] = ""
+                       ) -> dict[str, Any]:
+    """Newest first; `q` searches titles and message text."""
+    assert caller.user_id is not None
+    with db_of(plat).session() as s:
+        return {"data": [conv_json(c) for c in chat.list_conversations(s, user_id=caller.user_id, query=q.strip())]}
+
+
+@router.post("/conversations", status_code=201)
+def create_conversation(body: NewConversation, caller: User, plat: PlatformDep) -> dict[str, Any]:
+    assert caller.user_id is not None and caller.org_id is not None
+    with db_of(plat).session() as s:
+        c = chat.create_conversation(s, user_id=caller.user_id, org_id=caller.org_id, model=body.model,
+                                     title=body.title, system_prompt=body.system_prompt,
+                                     temperature=body.temperature)
+        return conv_json(c)
+
+
+@router.get("/conversations/{cid}")
+def get_conversation(cid: str, caller: User, plat: PlatformDep) -> dict[str, Any]:
+    """The conversation with every message (all branches) and the visible thread's ids."""
+    assert caller.user_id is not None
+    with db_of(plat).session() as s:
+        c = chat.get_conversation(s, user_id=caller.user_id, conversation_id=cid)
+        msgs = chat.messages(s, conv=c)
+        return {**conv_json(c), "messages": [msg_json(m) for m in msgs],
+                "thread": [m.id for m in chat.branch(msgs, c.leaf_id)]}
+
+
+@router.patch("/conversations/{cid}")
+def update_conversation(cid: str, body: ConversationPatch, caller: User, plat: PlatformDep) -> dict[str, Any]:
+    assert caller.user_id is not None
+    with db_of(plat).session() as s:
+        c = chat.get_conversation(s, user_id=caller.user_id, conversation_id=cid)
+        for name, value in body.model_dump(exclude_unset=True).items():
+            setattr(c, name, value.strip() if name == "title" and value else value)
+        return conv_json(c)
+
+
+@router.delete("/conversations/{cid}")
+def delete_conversation(cid: str, caller: User, plat: PlatformDep) -> dict[str, Any]:
+    assert caller.user_id is not None
+    with db_of(plat).session() as s:
+        chat.delete_conversation(s, conv=chat.get_conversation(s, user_id=caller.user_id, conversation_id=cid))
+    return {"id": cid, "deleted": True}
+
+
+@router.post("/conversations/{cid}/messages", status_code=201)
+def add_message(cid: str, body: NewMessage, caller: User, plat: PlatformDep) -> dict[str, Any]:
+    """Save a message (the user's is saved before generation starts); a parent with children makes a branch."""
+    assert caller.user_id is not None
+    with db_of(plat).session() as s:
+        c = chat.get_conversation(s, user_id=caller.user_id, conversation_id=cid)
+        m = chat.add_message(s, conv=c, role=body.role, content=body.content, parent_id=body.parent_id,
+                             status=body.status, model=body.model)
+        return msg_json(m)
+
+
+@router.patch("/conversations/{cid}/messages/{mid}")
+def update_message(cid: str, mid: str, body: MessagePatch, caller: User, plat: PlatformDep) -> dict[str, Any]:
+    """Save a streaming answer as far as it got, and its final status."""
+    assert caller.user_id is not None
+    with db_of(plat).session() as s:
+        c = chat.get_conversation(s, user_id=caller.user_id, conversation_id=cid)
+        return msg_json(chat.update_message(s, conv=c, message_id=mid, content=body.content, status=body.status))
+
+
+def _page() -> FileResponse:
+    return FileResponse(STATIC / "index.html", headers={"Content-Security-Policy": CSP, "Cache-Control": "no-cache",
+                                                        "X-Content-Type-Options": "nosniff",
+                                                        "Referrer-Policy": "no-referrer"})
+
+
+@pages.get("/")
+def index() -> FileResponse:
+    return _page()
+
+
+@pages.get("/c/{cid}")
+def conversation_page(cid: str) -> FileResponse:
+    return _page()

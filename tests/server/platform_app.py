@@ -1,0 +1,111 @@
+"""A real server (uvicorn on loopback) over tiny random models and a platform database, for the platform tests."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from datetime import datetime, timedelta
+from typing import Any
+
+import uvicorn
+
+from souverain.db import keys
+from souverain.db.database import Database
+from souverain.db.tables import utcnow
+from souverain.engine.async_engine import AsyncEngine
+from souverain.server.app import create_app
+from souverain.server.limits import RateLimiter
+from souverain.server.platform import Platform
+from souverain.server.registry import LoadedModel, Registry
+from souverain.server.settings import Settings
+from tests.engine.toy import ByteTokenizer, make_engine, tiny_model
+
+ROOT = "sk-root-operator"
+
+
+class ChatBytes(ByteTokenizer):
+    def apply_chat_template(self, messages: Sequence[dict[str, Any]], *, add_generation_prompt: bool = True,
+                            tools: Any = None) -> list[int]:
+        text = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
+        return self.encode(text + ("assistant:" if add_generation_prompt else ""))
+
+
+def tiny_registry() -> Registry:
+    """`tiny` and `secret` share an engine; `serial` runs one sequence at a time (queue-order tests)."""
+    tok = ChatBytes()
+    model = tiny_model("dense")
+    shared = AsyncEngine(make_engine(model, blocks=1024))
+    serial = AsyncEngine(make_engine(model, blocks=1024, max_num_seqs=1))
+    reg = Registry()
+    info = {"capabilities": ["chat"], "architecture": "llama"}
+    for name, engine in (("tiny", shared), ("secret", shared), ("serial", serial)):
+        reg.add(LoadedModel(name, engine, tok, info))
+    for e in (shared, serial):
+        e.start()
+    return reg
+
+
+class FakeClock:
+    """Drives both the rate limiter (monotonic seconds) and the database clock (UTC datetimes)."""
+
+    def __init__(self) -> None:
+        self.t = 1000.0
+        self.wall = utcnow()
+
+    def monotonic(self) -> float:
+        return self.t
+
+    def now(self) -> datetime:
+        return self.wall + timedelta(seconds=self.t - 1000.0)
+
+    def advance(self, seconds: float) -> None:
+        self.t += seconds
+
+
+@contextmanager
+def serve(registry: Registry, db: Database, clock: FakeClock) -> Iterator[str]:
+    platform = Platform(db, [keys.digest(ROOT)], RateLimiter(clock.monotonic), now=clock.now)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    app = create_app(Settings(port=port, api_keys=[ROOT]), registry, db, platform)
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    while not srv.started:
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=10)
+
+
+def call(url: str, method: str, path: str, key: str | None, body: dict[str, Any] | None = None
+         ) -> tuple[int, Any, Any]:
+    """(status, headers, parsed JSON or text)."""
+    h = {"Content-Type": "application/json"}
+    if key:
+        h["Authorization"] = f"Bearer {key}"
+    req = urllib.request.Request(url + path, method=method, headers=h,
+                                 data=json.dumps(body).encode() if body is not None else None)
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            status, headers, raw = r.status, r.headers, r.read().decode()
+    except urllib.error.HTTPError as e:
+        status, headers, raw = e.code, e.headers, e.read().decode()
+    try:
+        return status, headers, json.loads(raw)
+    except json.JSONDecodeError:
+        return status, headers, raw
+
+
+def sse_events(raw: str) -> list[Any]:
+    return [json.loads(line[6:]) if line[6:] != "[DONE]" else "[DONE]"
+            for line in raw.splitlines() if line.startswith("data: ")]

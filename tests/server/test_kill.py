@@ -1,0 +1,116 @@
+"""A server killed with SIGKILL mid-stream, again and again, loses no usage row and leaves a sound database.
+
+Every request whose stream reached `data: [DONE]` must have its usage row, because the row is committed
+before `[DONE]` is sent. Rounds: SOUVERAIN_KILL_ROUNDS (default 50).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from souverain.db import accounts, keys, usage
+from souverain.db.database import open_database, sqlite_url
+from tests.writers import build_hf
+
+ROUNDS = int(os.environ.get("SOUVERAIN_KILL_ROUNDS", "50"))
+CLIENTS = 4
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory: pytest.TempPathFactory, minilm_path: Path) -> Path:
+    """A tiny random Llama with a real tokenizer (MiniLM's WordPiece): starts in about a second."""
+    folder = tmp_path_factory.mktemp("tiny")
+    build_hf("llama", folder, vocab_size=30528, max_position_embeddings=512)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
+        shutil.copy(minilm_path / name, folder / name)
+    return folder
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def stream_until_killed(base: str, key: str, completed: list[str], stop: threading.Event) -> None:
+    rng = random.Random()
+    while not stop.is_set():
+        body = {"model": "tiny", "prompt": "the server", "stream": True, "temperature": 1.0,
+                "max_tokens": rng.randint(2, 40)}
+        req = urllib.request.Request(f"{base}/v1/completions", json.dumps(body).encode(),
+                                     {"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
+        rid, done = None, False
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                for raw in r:
+                    line = raw.decode().strip()
+                    if line == "data: [DONE]":
+                        done = True
+                    elif line.startswith("data: ") and rid is None:
+                        rid = json.loads(line[6:]).get("id")
+        except (OSError, ValueError):
+            return  # the server is gone
+        if done and rid:
+            completed.append(rid)
+
+
+def test_sigkill_mid_stream_loses_no_usage(tmp_path: Path, tiny_folder: Path) -> None:
+    url = sqlite_url(tmp_path / "platform.db")
+    db = open_database(url)
+    with db.session() as s:
+        org = accounts.create_org(s, name="acme", plan="enterprise", actor="t")
+        _, key = keys.create_key(s, workspace=accounts.get_workspace(s, org=org), actor="t")
+    db.close()
+    env = {**os.environ, "SOUVERAIN_HOME": str(tmp_path / "home")}
+    completed: list[str] = []
+    rng = random.Random(0)
+    for _ in range(ROUNDS):
+        port = free_port()
+        server = subprocess.Popen([sys.executable, "-m", "souverain", "serve", "--port", str(port), "--model",
+                                   f"tiny={tiny_folder}", "--db", url, "--kv-cache-memory", str(16 << 20),
+                                   "--dtype", "float32"],
+                                  env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        base = f"http://127.0.0.1:{port}"
+        try:
+            for _ in range(600):
+                try:
+                    urllib.request.urlopen(f"{base}/health", timeout=1)
+                    break
+                except OSError:
+                    assert server.poll() is None, server.stderr.read().decode() if server.stderr else ""
+                    time.sleep(0.05)
+            stop = threading.Event()
+            clients = [threading.Thread(target=stream_until_killed, args=(base, key, completed, stop))
+                       for _ in range(CLIENTS)]
+            for c in clients:
+                c.start()
+            time.sleep(rng.uniform(0.2, 0.8))
+        finally:
+            server.send_signal(signal.SIGKILL)
+            server.wait()
+        stop.set()
+        for c in clients:
+            c.join(timeout=30)
+    db = open_database(url)
+    try:
+        assert db.integrity_check() == []
+        with db.session() as s:
+            recorded = {r.request_id for r in usage.records(s)}
+        assert len(completed) >= ROUNDS  # the clients did finish requests between the kills
+        missing = [rid for rid in completed if rid not in recorded]
+        assert not missing, f"{len(missing)} of {len(completed)} completed requests have no usage row"
+    finally:
+        db.close()
