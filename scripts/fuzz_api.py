@@ -13,13 +13,17 @@ import argparse
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
+from pathlib import Path
 
 import torch
 import uvicorn
 
+from souverain.db.bootstrap import bootstrap
+from souverain.db.database import open_database, sqlite_url
 from souverain.embed import Embedder
 from souverain.engine.async_engine import AsyncEngine
 from souverain.engine.engine import EngineConfig, LLMEngine
@@ -59,7 +63,12 @@ def main() -> int:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     reg = registry()
-    server = uvicorn.Server(uvicorn.Config(create_app(Settings(port=port, api_keys=[KEY]), reg), host="127.0.0.1",
+    # With the platform database: admin, files, fine-tuning and chat-app routes are fuzzed too.
+    tmp = Path(tempfile.mkdtemp(prefix="souverain-fuzz-"))
+    db = open_database(sqlite_url(tmp / "souverain.db"))
+    bootstrap(db)
+    settings = Settings(port=port, api_keys=[KEY], data_dir=str(tmp / "data"))
+    server = uvicorn.Server(uvicorn.Config(create_app(settings, reg, db), host="127.0.0.1",
                                            port=port, log_level="warning"))
     threading.Thread(target=server.run, daemon=True).start()
     while not server.started:

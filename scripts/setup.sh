@@ -15,3 +15,8 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[test]"
   echo "$want" > "$stamp"
 fi
+# Mistral's SDK dropped its fine-tuning client after 1.x: the fine-tuning test drives 1.12.4, kept apart
+# from the venv's current SDK and put on PYTHONPATH only for that test's client process.
+if [ ! -d .venv/mistralai1/mistralai ]; then
+  .venv/bin/python -m pip install --quiet --disable-pip-version-check --target .venv/mistralai1 mistralai==1.12.4
+fi

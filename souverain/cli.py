@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 from rich.table import Table
 
-from souverain import cli_platform
+from souverain import cli_finetune, cli_platform
 from souverain.cli_platform import Db, default_db_url
 
 if TYPE_CHECKING:
@@ -75,18 +75,47 @@ def pull(
 
 @app.command("import")
 def import_(
-    path: Annotated[Path, typer.Argument(help="A .gguf file, or a model folder (HF or Mistral layout)")],
+    path: Annotated[Path, typer.Argument(help="A .gguf file, a model folder (HF or Mistral layout), or a LoRA "
+                                               "adapter folder (PEFT, Mistral lora.safetensors) with --base")],
     name: Annotated[str | None, typer.Option(help="Name in the store (default: from the path)")] = None,
+    base: Annotated[str | None, typer.Option(help="For an adapter: the model id it adapts (as served)")] = None,
 ) -> None:
-    """Copy a local model into the store."""
+    """Copy a local model into the store, or install a LoRA adapter served beside its base model."""
     from souverain.hub.sources import import_path
     from souverain.hub.store import Store
 
+    if path.is_dir() and any((path / f).exists() for f in ("adapter_config.json", "lora.safetensors",
+                                                            "adapter.json")):
+        _import_adapter(path, name or path.name, base)
+        return
     try:
         manifest = import_path(Store(), path, name)
     except _errors() as e:
         raise _fail(str(e)) from None
     err.print(f"{manifest.name}: {_size(manifest.size)} imported", highlight=False)
+
+
+def _import_adapter(path: Path, name: str, base: str | None) -> None:
+    from souverain.hub import resolve
+    from souverain.hub.names import check_name
+    from souverain.hub.store import default_home
+    from souverain.train.adapter import import_adapter
+    from souverain.weights.load import open_checkpoint
+
+    if not base:
+        raise _fail("an adapter needs --base: the model it was trained on (e.g. smollm2)")
+    try:
+        check_name(name)
+        args = open_checkpoint(resolve(base, pull_missing=False)).args
+        info = import_adapter(path, default_home() / "adapters" / name.replace("/", "--"), args, base=base)
+    except _errors() as e:  # AdapterError is a ValueError
+        raise _fail(str(e)) from None
+    import json
+
+    target = default_home() / "adapters" / name.replace("/", "--") / "adapter.json"
+    target.write_text(json.dumps({**info, "id": name}, indent=2))
+    err.print(f"adapter {name} (rank {info['rank']}, from {info['imported_from']}) installed for {base}; "
+              f"`souverain serve --model {base}` serves it as model {name!r}", highlight=False)
 
 
 @app.command("list")
@@ -338,10 +367,19 @@ def serve(
         registry = load_models(settings, say=lambda m: err.print(f"[dim]{m}[/dim]", highlight=False))
     except _errors() as e:
         raise _fail(str(e)) from None
+    from souverain.train.runner import JobRunner
+
+    def trainable(model_id: str) -> Path | None:
+        found = registry.models.get(model_id)
+        return found.path if found is not None else None
+
+    jobs = JobRunner(database, settings.data_path(), trainable)
+    jobs.start()
     err.print(f"serving on http://{host}:{port} (database {database.url.split('@')[-1]})", highlight=False)
     try:
         uvicorn.run(create_app(settings, registry, database), host=host, port=port, log_level="warning")
     finally:
+        jobs.stop()
         registry.shutdown()
         database.close()
 
@@ -372,6 +410,7 @@ def ps(
 
 
 cli_platform.install(app)
+cli_finetune.install(app)
 
 
 def main() -> None:

@@ -53,3 +53,17 @@ def db(db_url: str) -> Iterator[Database]:
     database = open_database(db_url)
     yield database
     database.close()
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_folder(tmp_path_factory: pytest.TempPathFactory, minilm_path: Path) -> Path:
+    """A tiny random Llama on disk with a real tokenizer (MiniLM's WordPiece, no chat template): loads in a blink."""
+    import shutil
+
+    from tests.writers import build_hf
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    build_hf("llama", folder, vocab_size=30528, max_position_embeddings=512)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
+        shutil.copy(minilm_path / name, folder / name)
+    return folder

@@ -178,3 +178,39 @@ class Message(Base):
     model: Mapped[str] = mapped_column(String(256), default="")
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class StoredFile(Base):
+    """An uploaded file (fine-tuning data); its bytes live in the data directory under `path`."""
+
+    __tablename__ = "files"
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    org_id: Mapped[int | None] = mapped_column(ForeignKey("organisations.id", ondelete="CASCADE"))
+    filename: Mapped[str] = mapped_column(String(256))
+    purpose: Mapped[str] = mapped_column(String(32))
+    bytes: Mapped[int] = mapped_column(BigInteger)
+    num_lines: Mapped[int | None] = mapped_column(Integer)
+    sample_type: Mapped[str] = mapped_column(String(32))
+    path: Mapped[str] = mapped_column(String(512))
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class FineTuningJob(Base):
+    __tablename__ = "fine_tuning_jobs"
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    org_id: Mapped[int | None] = mapped_column(ForeignKey("organisations.id", ondelete="CASCADE"))
+    model: Mapped[str] = mapped_column(String(256))
+    training_files: Mapped[list[Any]] = mapped_column(JSON)  # [{"file_id", "weight"}]
+    validation_files: Mapped[list[Any]] = mapped_column(JSON)
+    suffix: Mapped[str | None] = mapped_column(String(64))
+    hyperparameters: Mapped[dict[str, Any]] = mapped_column(JSON)
+    auto_start: Mapped[bool] = mapped_column(default=True)
+    start_requested: Mapped[bool] = mapped_column(default=False)
+    status: Mapped[str] = mapped_column(String(32), index=True)
+    fine_tuned_model: Mapped[str | None] = mapped_column(String(256))
+    trained_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    events: Mapped[list[Any]] = mapped_column(JSON)  # [{"name", "created_at", "data"}]
+    checkpoints: Mapped[list[Any]] = mapped_column(JSON)  # [{"step_number", "created_at", "metrics"}]
+    worker_pid: Mapped[int | None] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    modified_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -9,6 +10,7 @@ from itertools import count
 
 import torch
 
+from souverain.engine.adapters import AdapterCache
 from souverain.engine.blocks import BlockManager
 from souverain.engine.json_mode import JsonPrefix
 from souverain.engine.kv_cache import PagedKVCache
@@ -24,6 +26,7 @@ from souverain.engine.runner import ModelRunner
 from souverain.engine.scheduler import Batch, Scheduler, SchedulerConfig
 from souverain.engine.stats import EngineStats
 from souverain.engine.stops import StopMatcher
+from souverain.model.lora import LoraWeights
 from souverain.model.transformer import Transformer
 from souverain.tokenizer.base import Tokenizer
 from souverain.tokenizer.incremental import IncrementalDecoder
@@ -56,9 +59,11 @@ class _SeqState:
 
 
 class LLMEngine:
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, config: EngineConfig | None = None) -> None:
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, config: EngineConfig | None = None,
+                 adapters: AdapterCache | None = None) -> None:
         self.config = config = config or EngineConfig()
         self.model = model
+        self.adapters = adapters
         self.tokenizer = tokenizer
         args = model.args
         p = next(model.parameters())
@@ -97,6 +102,12 @@ class LLMEngine:
         if len(request.prompt_ids) >= self.max_model_len:
             raise ValueError(f"prompt of {len(request.prompt_ids)} tokens leaves no room in the model's "
                              f"context of {self.max_model_len}")
+        if request.adapter is not None:
+            if self.adapters is None:
+                raise ValueError("this engine serves no adapters")
+            self.adapters.get(request.adapter)  # loads it now: an unknown adapter fails this request only
+            # Keys and values differ under an adapter: its prefix-cache blocks are its own.
+            request = dataclasses.replace(request, cache_salt=f"{request.cache_salt}\x00lora:{request.adapter}")
         seqs: list[Sequence] = []
         for i in range(request.params.n):
             seq = Sequence(next(self._ids), request, i, list(request.prompt_ids), after=seqs[0] if seqs else None)
@@ -113,6 +124,10 @@ class LLMEngine:
             gen = torch.Generator().manual_seed((p.seed * 1_000_003 + seq.index) % (1 << 63))
         return _SeqState(IncrementalDecoder(self.tokenizer, prompt_ids=seq.token_ids), StopMatcher(p.stop),
                          gen, last_time=seq.request.arrival, json=JsonPrefix() if p.json_object else None)
+
+    def _adapter(self, name: str) -> LoraWeights:
+        assert self.adapters is not None
+        return self.adapters.get(name)
 
     def cancel(self, request_id: str) -> None:
         self.scheduler.cancel(request_id)
@@ -132,7 +147,7 @@ class LLMEngine:
     def _run(self, batch: Batch) -> list[Delta]:
         sampling = [i for i in batch.items if i.sample]
         try:
-            logits = self.runner.forward(batch.items)
+            logits = self.runner.forward(batch.items, self._adapter)
         except Exception:
             log.exception("batched forward failed; retrying sequences one by one")
             return self._run_isolated(batch)
@@ -167,7 +182,7 @@ class LLMEngine:
         deltas: list[Delta] = []
         for item in batch.items:
             try:
-                self.runner.forward([item])
+                self.runner.forward([item], self._adapter)
             except Exception as e:
                 log.exception("request %s failed", item.seq.request.request_id)
                 self.scheduler.finish(item.seq, FinishReason.ERROR)

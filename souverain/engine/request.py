@@ -74,6 +74,7 @@ class Request:
     priority: int = 0  # lower runs first
     # Prefix-cache isolation: only requests with the same salt share cached blocks.
     cache_salt: str = ""
+    adapter: str | None = None  # a LoRA adapter's name; None = the base model
     arrival: float = field(default_factory=time.monotonic)
 
     def __post_init__(self) -> None:

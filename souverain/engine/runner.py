@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -11,6 +11,7 @@ from souverain.engine.kv_cache import AttentionGroup, PagedKVCache, PagedStep, b
 from souverain.engine.request import Sequence
 from souverain.engine.sampling import SamplingTensors, apply_penalties, logprobs_of, sample
 from souverain.engine.scheduler import ScheduledSeq
+from souverain.model.lora import LoraBatch, LoraWeights
 from souverain.model.transformer import Transformer
 
 
@@ -30,8 +31,10 @@ class ModelRunner:
         self.window = model.args.sliding_window
 
     @torch.inference_mode()
-    def forward(self, items: list[ScheduledSeq]) -> torch.Tensor:
-        """Logits [R, V] (float32) for the items that sample, in their order."""
+    def forward(self, items: list[ScheduledSeq], adapter: Callable[[str], LoraWeights] | None = None
+                ) -> torch.Tensor:
+        """Logits [R, V] (float32) for the items that sample, in their order. Items whose request names an
+        adapter get its LoRA update, in the same forward as the others (`adapter` looks them up)."""
         tokens: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
@@ -50,8 +53,20 @@ class ModelRunner:
         dev = self.device
         step = PagedStep(self.cache, torch.tensor(slots, dtype=torch.long, device=dev), self._groups(items, offsets))
         logits = self.model(torch.tensor([tokens], device=dev), torch.tensor([positions], device=dev), step,
-                            output_rows=torch.tensor(out_rows, dtype=torch.long, device=dev))
+                            output_rows=torch.tensor(out_rows, dtype=torch.long, device=dev),
+                            lora=self._lora(items, adapter))
         return logits.float()
+
+    def _lora(self, items: list[ScheduledSeq], adapter: Callable[[str], LoraWeights] | None) -> LoraBatch | None:
+        names = [i.seq.request.adapter for i in items]
+        if adapter is None or not any(names):
+            return None
+        order = sorted({n for n in names if n})
+        weights = [adapter(n) for n in order]
+        slots: list[int] = []
+        for item, name in zip(items, names, strict=True):
+            slots += [order.index(name) if name else -1] * item.num_tokens
+        return LoraBatch.from_slots(weights, slots, self.device)
 
     def _groups(self, items: list[ScheduledSeq], offsets: list[int]) -> list[AttentionGroup]:
         # Decodes (one query each) and prefill chunks are padded separately: mixing them would pad

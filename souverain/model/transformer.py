@@ -10,6 +10,7 @@ from souverain.model.args import ModelArgs
 from souverain.model.attention import window_mask
 from souverain.model.kv import KVView
 from souverain.model.layers import ForwardContext, RMSNorm, TransformerBlock
+from souverain.model.lora import LoraBatch
 from souverain.model.rope import rope_cos_sin, rope_inv_freq
 
 
@@ -29,13 +30,15 @@ class Transformer(nn.Module):
         self._inv_freq = rope_inv_freq(args)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
-                kv: KVView | None = None, output_rows: torch.Tensor | None = None) -> torch.Tensor:
+                kv: KVView | None = None, output_rows: torch.Tensor | None = None,
+                lora: LoraBatch | None = None) -> torch.Tensor:
         """tokens [B, T] -> logits [B, T, V].
 
         positions [B, T] defaults to 0..T-1. Without `kv` this is plain causal attention over the
         given tokens (positions then must run on without gaps); with `kv` the view stores this
         step's keys/values and attends over what it holds. `output_rows` (indices into the
-        flattened B*T tokens) asks for those rows' logits only: [R, V].
+        flattened B*T tokens) asks for those rows' logits only: [R, V]. `lora` adds adapters' updates
+        to the rows it names.
         """
         b, t = tokens.shape
         if positions is None:
@@ -44,7 +47,7 @@ class Transformer(nn.Module):
             self._inv_freq = self._inv_freq.to(tokens.device)
         h = self.tok_embeddings(tokens)
         cos, sin = rope_cos_sin(self._inv_freq, positions, h.dtype)
-        ctx = ForwardContext(cos, sin, positions, self._mask(positions) if kv is None else None, kv)
+        ctx = ForwardContext(cos, sin, positions, self._mask(positions) if kv is None else None, kv, lora)
         for layer in self.layers:
             h = layer(h, ctx)
         if output_rows is not None:

@@ -15,7 +15,18 @@ from souverain.db.database import Database
 from souverain.server import errors
 from souverain.server.platform import Platform
 from souverain.server.registry import Registry
-from souverain.server.routes import account, admin, chat, completions, embeddings, health, metrics, models
+from souverain.server.routes import (
+    account,
+    admin,
+    chat,
+    completions,
+    embeddings,
+    files,
+    fine_tuning,
+    health,
+    metrics,
+    models,
+)
 from souverain.server.settings import Settings
 
 
@@ -30,9 +41,12 @@ def create_app(settings: Settings, registry: Registry, db: Database | None = Non
     app.state.platform = platform or Platform(db, [keys.digest(k) for k in settings.api_keys])
     errors.install(app)
     for router in (health.router, models.router, chat.router, completions.router, embeddings.router,
-                   metrics.router, account.router, admin.router):
+                   metrics.router, account.router, admin.router, files.router, fine_tuning.router):
         app.include_router(router)
     if db is not None:  # the chat app needs accounts and conversation storage
+        from souverain.server.adapters import sync_adapters
+
+        registry.refresh = lambda: sync_adapters(registry, db, settings.data_path())
         from fastapi.staticfiles import StaticFiles
 
         from souverain.web import routes as web
@@ -64,9 +78,10 @@ def create_app(settings: Settings, registry: Registry, db: Database | None = Non
     async def request_id(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
         rid = request.headers.get("x-request-id") or uuid.uuid4().hex
         size = request.headers.get("content-length")
-        if size is not None and (not size.isdigit() or int(size) > settings.max_body_bytes):
+        limit = settings.max_file_bytes + (1 << 20) if request.url.path == "/v1/files" else settings.max_body_bytes
+        if size is not None and (not size.isdigit() or int(size) > limit):
             response: Response = JSONResponse(errors.error_body(
-                f"request body over the limit of {settings.max_body_bytes} bytes", "invalid_request_error"), 413)
+                f"request body over the limit of {limit} bytes", "invalid_request_error"), 413)
         else:
             response = await call_next(request)
         response.headers["x-request-id"] = rid

@@ -97,7 +97,7 @@ def start(platform: Platform, caller: Caller, model: LoadedModel, req: Sampling,
     adm = platform.admit(caller, req.model, len(ids))
     request = Request(new_id("cmpl"), ids, sampling_params(req, model, len(ids), logprobs, json_object,
                                                            adm.max_context),
-                      priority=adm.priority, cache_salt=adm.cache_salt)
+                      priority=adm.priority, cache_salt=adm.cache_salt, adapter=model.adapter)
     check_capacity(model, request)
     return request, Meter(platform, caller, request.request_id, req.model, endpoint, len(ids)), adm.headers
 

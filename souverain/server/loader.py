@@ -12,6 +12,7 @@ from souverain.engine.engine import EngineConfig, LLMEngine
 from souverain.hub import resolve
 from souverain.hub.describe import describe
 from souverain.model.quant import resolve_bits
+from souverain.server.adapters import adapter_cache
 from souverain.server.registry import LoadedEmbedder, LoadedModel, Registry
 from souverain.server.settings import Settings
 from souverain.tokenizer import load_tokenizer
@@ -33,10 +34,11 @@ def load_models(settings: Settings, say: Callable[[str], None] = print) -> Regis
         model = load_model(path, dtype=getattr(torch, settings.dtype), bits=bits)
         tokenizer = load_tokenizer(path)
         engine = LLMEngine(model, tokenizer, EngineConfig(kv_cache_memory=settings.kv_cache_memory,
-                                                          max_waiting=settings.max_waiting))
+                                                          max_waiting=settings.max_waiting),
+                           adapters=adapter_cache(registry, name))
         async_engine = AsyncEngine(engine)
         async_engine.start()
-        registry.add(LoadedModel(name, async_engine, tokenizer, info))
+        registry.add(LoadedModel(name, async_engine, tokenizer, info, path=path))
         say(f"loaded {name} ({info.get('architecture')}, {info.get('quantization') or settings.dtype}"
             f"{f', int{bits} weights' if bits else ''}, context {engine.max_model_len})")
     return registry

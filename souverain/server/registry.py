@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from souverain.embed import Embedder
@@ -18,6 +20,10 @@ class LoadedModel:
     tokenizer: Tokenizer
     info: dict[str, Any] = field(default_factory=dict)
     created: int = field(default_factory=lambda: int(time.time()))
+    path: Path | None = None  # the weights (fine-tuning reads them); None for models built in memory
+    adapter: str | None = None  # a fine-tuned id runs on its parent's engine with this adapter
+    parent: str | None = None
+    job: str | None = None
 
     @property
     def max_context(self) -> int:
@@ -36,15 +42,29 @@ class LoadedEmbedder:
 class Registry:
     models: dict[str, LoadedModel] = field(default_factory=dict)
     embedders: dict[str, LoadedEmbedder] = field(default_factory=dict)
+    adapters: dict[str, LoadedModel] = field(default_factory=dict)  # fine-tuned ids
+    adapter_dirs: dict[str, Path] = field(default_factory=dict)
+    refresh: Callable[[], None] | None = None  # looks for new fine-tuned models (set by the server)
 
     def add(self, model: LoadedModel) -> None:
         self.models[model.id] = model
+
+    def add_adapter(self, model_id: str, parent: str, folder: Path, job: str | None = None,
+                    created: int | None = None) -> None:
+        base = self.models[parent]
+        self.adapter_dirs[model_id] = folder
+        self.adapters[model_id] = LoadedModel(model_id, base.engine, base.tokenizer, base.info,
+                                              created or int(time.time()), base.path, model_id, parent, job)
 
     def add_embedder(self, embedder: LoadedEmbedder) -> None:
         self.embedders[embedder.id] = embedder
 
     def get(self, model_id: str) -> LoadedModel | None:
-        return self.models.get(model_id)
+        found = self.models.get(model_id) or self.adapters.get(model_id)
+        if found is None and self.refresh is not None and model_id.startswith("ft:"):
+            self.refresh()
+            found = self.adapters.get(model_id)
+        return found
 
     def shutdown(self) -> None:
         for m in self.models.values():

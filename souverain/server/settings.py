@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import BaseModel, Field
 
 
@@ -15,3 +17,10 @@ class Settings(BaseModel):
     max_body_bytes: int = 16 << 20  # larger requests get 413
     dtype: str = "bfloat16"
     bits: str = "auto"
+    max_file_bytes: int = 256 << 20  # uploads to /v1/files
+    data_dir: str | None = None  # files, jobs and adapters; default: the model store's folder
+
+    def data_path(self) -> Path:
+        from souverain.hub.store import default_home
+
+        return Path(self.data_dir) if self.data_dir else default_home()

@@ -49,11 +49,13 @@ def tiny_model(name: str, seed: int = 0) -> Transformer:
     return model.eval()
 
 
-def make_engine(model: Transformer, *, blocks: int = 256, block_size: int = 4, **kw: object) -> LLMEngine:
+def make_engine(model: Transformer, *, blocks: int = 256, block_size: int = 4, adapters: object = None,
+                **kw: object) -> LLMEngine:
     args = model.args
     per_block = 2 * args.n_layers * block_size * args.n_kv_heads * args.hd * 4
-    return LLMEngine(model, ByteTokenizer(), EngineConfig(kv_cache_memory=blocks * per_block,
-                                                          block_size=block_size, **kw))  # type: ignore[arg-type]
+    return LLMEngine(model, ByteTokenizer(), EngineConfig(kv_cache_memory=blocks * per_block,  # type: ignore[arg-type]
+                                                          block_size=block_size, **kw),
+                     adapters=adapters)  # type: ignore[arg-type]
 
 
 def run_all(engine: LLMEngine, joins: dict[int, list] | None = None, max_steps: int = 10_000):

@@ -3,17 +3,12 @@
 from __future__ import annotations
 
 import json
-import socket
-import threading
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timedelta
 from typing import Any
-
-import uvicorn
 
 from souverain.db import keys
 from souverain.db.database import Database
@@ -25,6 +20,7 @@ from souverain.server.platform import Platform
 from souverain.server.registry import LoadedModel, Registry
 from souverain.server.settings import Settings
 from tests.engine.toy import ByteTokenizer, make_engine, tiny_model
+from tests.serving import running
 
 ROOT = "sk-root-operator"
 
@@ -71,20 +67,8 @@ class FakeClock:
 @contextmanager
 def serve(registry: Registry, db: Database, clock: FakeClock) -> Iterator[str]:
     platform = Platform(db, [keys.digest(ROOT)], RateLimiter(clock.monotonic), now=clock.now)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    app = create_app(Settings(port=port, api_keys=[ROOT]), registry, db, platform)
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    while not srv.started:
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        srv.should_exit = True
-        thread.join(timeout=10)
+    with running(lambda port: create_app(Settings(port=port, api_keys=[ROOT]), registry, db, platform)) as url:
+        yield url
 
 
 def call(url: str, method: str, path: str, key: str | None, body: dict[str, Any] | None = None

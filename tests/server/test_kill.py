@@ -9,9 +9,7 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -19,30 +17,12 @@ import time
 import urllib.request
 from pathlib import Path
 
-import pytest
-
 from souverain.db import accounts, keys, usage
 from souverain.db.database import open_database, sqlite_url
-from tests.writers import build_hf
+from tests.serving import free_port
 
 ROUNDS = int(os.environ.get("SOUVERAIN_KILL_ROUNDS", "50"))
 CLIENTS = 4
-
-
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory: pytest.TempPathFactory, minilm_path: Path) -> Path:
-    """A tiny random Llama with a real tokenizer (MiniLM's WordPiece): starts in about a second."""
-    folder = tmp_path_factory.mktemp("tiny")
-    build_hf("llama", folder, vocab_size=30528, max_position_embeddings=512)
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
-        shutil.copy(minilm_path / name, folder / name)
-    return folder
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def stream_until_killed(base: str, key: str, completed: list[str], stop: threading.Event) -> None:
@@ -67,7 +47,7 @@ def stream_until_killed(base: str, key: str, completed: list[str], stop: threadi
             completed.append(rid)
 
 
-def test_sigkill_mid_stream_loses_no_usage(tmp_path: Path, tiny_folder: Path) -> None:
+def test_sigkill_mid_stream_loses_no_usage(tmp_path: Path, tiny_llama_folder: Path) -> None:
     url = sqlite_url(tmp_path / "platform.db")
     db = open_database(url)
     with db.session() as s:
@@ -80,7 +60,7 @@ def test_sigkill_mid_stream_loses_no_usage(tmp_path: Path, tiny_folder: Path) ->
     for _ in range(ROUNDS):
         port = free_port()
         server = subprocess.Popen([sys.executable, "-m", "souverain", "serve", "--port", str(port), "--model",
-                                   f"tiny={tiny_folder}", "--db", url, "--kv-cache-memory", str(16 << 20),
+                                   f"tiny={tiny_llama_folder}", "--db", url, "--kv-cache-memory", str(16 << 20),
                                    "--dtype", "float32"],
                                   env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         base = f"http://127.0.0.1:{port}"

@@ -8,15 +8,12 @@ from __future__ import annotations
 
 import os
 import re
-import socket
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import uvicorn
 
 from souverain.db import accounts
 from souverain.db.bootstrap import bootstrap
@@ -26,6 +23,7 @@ from souverain.engine.engine import EngineConfig, LLMEngine
 from souverain.server.app import create_app
 from souverain.server.registry import LoadedModel, Registry
 from souverain.server.settings import Settings
+from tests.serving import running
 from tests.web.scripted import ScriptedModel, ScriptTokenizer
 
 playwright = pytest.importorskip("playwright.sync_api")
@@ -54,18 +52,8 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         engine = AsyncEngine(LLMEngine(ScriptedModel(), tok, EngineConfig(kv_cache_memory=8 << 20)))
         engine.start()
         registry.add(LoadedModel(name, engine, tok, {"capabilities": ["chat"]}))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    app = create_app(Settings(port=port), registry, db)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.02)
-    yield {"url": f"http://127.0.0.1:{port}", "email": first.email, "password": first.password, "db": db}
-    server.should_exit = True
-    thread.join(timeout=10)
+    with running(lambda port: create_app(Settings(port=port), registry, db)) as url:
+        yield {"url": url, "email": first.email, "password": first.password, "db": db}
     registry.shutdown()
     db.close()
 

@@ -19,11 +19,19 @@ def model_card(m: LoadedModel) -> dict[str, Any]:
         "id": m.id, "object": "model", "created": m.created, "owned_by": "souverain",
         "max_context_length": m.max_context,
         "capabilities": {"completion_chat": "chat" in caps, "completion_fim": "fim" in caps,
-                         "function_calling": False, "fine_tuning": False, "vision": False},
+                         "function_calling": False, "fine_tuning": m.path is not None, "vision": False},
         "type": "base", "architecture": m.info.get("architecture"), "quantization": m.info.get("quantization"),
         "status": {"running": stats.running, "waiting": stats.waiting, "kv_blocks_used": stats.kv_blocks_used,
                    "kv_blocks_total": stats.kv_blocks_total},
     }
+
+
+def adapter_card(m: LoadedModel) -> dict[str, Any]:
+    """A fine-tuned model: Mistral's FTModelCard (type fine-tuned, its job and root)."""
+    card = model_card(m)
+    card["capabilities"]["fine_tuning"] = False
+    return {**card, "type": "fine-tuned", "job": m.job or "", "root": m.parent, "parent": m.parent,
+            "archived": False, "owned_by": "organisation"}
 
 
 def embedder_card(m: LoadedEmbedder) -> dict[str, Any]:
@@ -36,8 +44,11 @@ def embedder_card(m: LoadedEmbedder) -> dict[str, Any]:
 @router.get("/v1/models")
 async def list_models(caller: CurrentCaller, models: Models, plat: PlatformDep) -> dict[str, Any]:
     """The models this server has loaded that the caller may use (private models only for their organisations)."""
-    shown = set(plat.visible(caller, [*models.models, *models.embedders]))
+    if models.refresh is not None:
+        models.refresh()
+    shown = set(plat.visible(caller, [*models.models, *models.adapters, *models.embedders]))
     cards = ([model_card(m) for m in models.models.values() if m.id in shown]
+             + [adapter_card(m) for m in models.adapters.values() if m.id in shown]
              + [embedder_card(m) for m in models.embedders.values() if m.id in shown])
     return {"object": "list", "data": cards}
 
@@ -47,4 +58,5 @@ async def get_model(model_id: str, caller: CurrentCaller, models: Models, plat: 
     """One loaded model."""
     if model_id in models.embedders and plat.visible(caller, [model_id]):
         return embedder_card(models.embedders[model_id])
-    return model_card(find_model(models, model_id, caller, plat))
+    found = find_model(models, model_id, caller, plat)
+    return adapter_card(found) if found.adapter else model_card(found)

@@ -1,0 +1,123 @@
+"""`souverain finetune` and `souverain jobs`: fine-tuning through a running server's API."""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+err = Console(stderr=True)
+out = Console()
+Url = Annotated[str, typer.Option(envvar="SOUVERAIN_URL", help="The server")]
+Key = Annotated[str | None, typer.Option(envvar="SOUVERAIN_API_KEY", help="An API key")]
+jobs_app = typer.Typer(help="Fine-tuning jobs on a running server.", no_args_is_help=True)
+
+
+def _call(url: str, key: str | None, method: str, path: str, body: bytes | None = None,
+          content_type: str = "application/json") -> Any:
+    headers = {"Content-Type": content_type, **({"Authorization": f"Bearer {key}"} if key else {})}
+    req = urllib.request.Request(url.rstrip("/") + path, body, headers, method=method)
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        try:
+            message = json.loads(e.read()).get("message")
+        except ValueError:
+            message = e.reason
+        err.print(f"[red]error:[/red] {e.code}: {message}", highlight=False)
+        raise typer.Exit(1) from None
+    except OSError as e:
+        err.print(f"[red]error:[/red] cannot reach a server at {url}: {e}", highlight=False)
+        raise typer.Exit(1) from None
+
+
+def _upload(url: str, key: str | None, path: Path) -> str:
+    boundary = uuid.uuid4().hex
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nfine-tune\r\n"
+            f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{path.name}\"\r\n"
+            "Content-Type: application/jsonl\r\n\r\n").encode() + path.read_bytes() + f"\r\n--{boundary}--\r\n".encode()
+    return str(_call(url, key, "POST", "/v1/files", body, f"multipart/form-data; boundary={boundary}")["id"])
+
+
+def finetune(
+    model: Annotated[str, typer.Argument(help="The base model, as served")],
+    data: Annotated[Path, typer.Argument(help="Training data: JSONL in Mistral's format", exists=True)],
+    validation: Annotated[Path | None, typer.Option(help="Validation JSONL", exists=True)] = None,
+    steps: Annotated[int | None, typer.Option(help="Training steps (default: from --epochs, or 50)")] = None,
+    epochs: Annotated[float | None, typer.Option(help="Passes over the data")] = None,
+    lr: Annotated[float, typer.Option(help="Learning rate")] = 1e-4,
+    rank: Annotated[int, typer.Option(help="LoRA rank")] = 16,
+    seq_len: Annotated[int, typer.Option(help="Packed sequence length")] = 512,
+    suffix: Annotated[str | None, typer.Option(help="In the new model's id: ft:<model>:<suffix>:<job>")] = None,
+    wait: Annotated[bool, typer.Option(help="Follow the job until it ends")] = True,
+    url: Url = "http://127.0.0.1:8000", api_key: Key = None,
+) -> None:
+    """Upload DATA and fine-tune MODEL with LoRA; prints the new model's id when done."""
+    hyper: dict[str, Any] = {"learning_rate": lr, "rank": rank, "seq_len": seq_len}
+    if steps or not epochs:
+        hyper["training_steps"] = steps or 50
+    if epochs:
+        hyper["epochs"] = epochs
+    body = {"model": model, "training_files": [{"file_id": _upload(url, api_key, data)}], "suffix": suffix,
+            "validation_files": [_upload(url, api_key, validation)] if validation else [],
+            "hyperparameters": hyper, "auto_start": True}
+    job = _call(url, api_key, "POST", "/v1/fine_tuning/jobs", json.dumps(body).encode())
+    err.print(f"job {job['id']} queued", highlight=False)
+    if wait:
+        _follow(url, api_key, job["id"])
+
+
+def _follow(url: str, key: str | None, job_id: str) -> None:
+    seen = 0
+    while True:
+        job = _call(url, key, "GET", f"/v1/fine_tuning/jobs/{job_id}")
+        points = list(reversed(job.get("checkpoints") or []))
+        for c in points[seen:]:
+            m = c["metrics"]
+            err.print(f"step {c['step_number']}: train loss {m.get('train_loss')}, valid loss {m.get('valid_loss')}",
+                      highlight=False)
+        seen = len(points)
+        if job["status"] in ("SUCCESS", "FAILED", "FAILED_VALIDATION", "CANCELLED"):
+            break
+        time.sleep(2)
+    if job["status"] != "SUCCESS":
+        ends = [e["data"] for e in job.get("events", []) if e["data"].get("status") == job["status"]]
+        last: dict[str, Any] = ends[0] if ends else {}
+        for line in last.get("errors", []) or [last.get("error", "")]:
+            err.print(f"[red]{line}[/red]", highlight=False)
+        raise typer.Exit(1)
+    print(job["fine_tuned_model"])
+
+
+@jobs_app.command("list")
+def jobs_list(url: Url = "http://127.0.0.1:8000", api_key: Key = None) -> None:
+    table = Table("JOB", "MODEL", "STATUS", "STEPS", "FINE-TUNED MODEL", box=None)
+    for j in _call(url, api_key, "GET", "/v1/fine_tuning/jobs")["data"]:
+        table.add_row(j["id"], j["model"], j["status"], str(j["hyperparameters"].get("training_steps") or "-"),
+                      j.get("fine_tuned_model") or "-")
+    out.print(table)
+
+
+@jobs_app.command("show")
+def jobs_show(job_id: str, url: Url = "http://127.0.0.1:8000", api_key: Key = None) -> None:
+    print(json.dumps(_call(url, api_key, "GET", f"/v1/fine_tuning/jobs/{job_id}"), indent=2))
+
+
+@jobs_app.command("cancel")
+def jobs_cancel(job_id: str, url: Url = "http://127.0.0.1:8000", api_key: Key = None) -> None:
+    job = _call(url, api_key, "POST", f"/v1/fine_tuning/jobs/{job_id}/cancel")
+    out.print(f"job {job_id}: {job['status']}")
+
+
+def install(app: typer.Typer) -> None:
+    app.command("finetune")(finetune)
+    app.add_typer(jobs_app, name="jobs")

@@ -1,0 +1,1 @@
+"""LoRA fine-tuning: data validation, the training loop, jobs and adapters."""
