@@ -103,7 +103,7 @@ class ModelRunner:
         ps = [s.params for s in seqs]
         t = SamplingTensors(
             temperature=torch.tensor([p.temperature for p in ps], device=dev),
-            top_k=torch.tensor([p.top_k if p.top_k > 0 else 0 for p in ps], device=dev),
+            top_k=torch.tensor([min(p.top_k, self.vocab) if p.top_k > 0 else 0 for p in ps], device=dev),
             top_p=torch.tensor([p.top_p for p in ps], device=dev),
             min_p=torch.tensor([p.min_p for p in ps], device=dev),
             uniform=torch.tensor(uniforms, device=dev),

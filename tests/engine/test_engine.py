@@ -249,3 +249,13 @@ def test_any_integer_seed_works_and_nothing_is_half_added() -> None:
         engine.add_request(Request(f"s{i}", [1, 2], SamplingParams(max_tokens=3, seed=seed)))
     out = run_all(engine)
     assert all(len(tokens_of(out[(f"s{i}", 0)])) >= 1 for i in range(3))
+
+
+def test_huge_top_k_is_the_whole_vocabulary() -> None:
+    """Found by fuzzing the API: a top_k beyond int64 once failed the engine step."""
+    model = tiny_model("dense")
+    e = make_engine(model)
+    r = Request("r", list(b"hi"), SamplingParams(max_tokens=3, temperature=0, top_k=10**30))
+    plain = Request("p", list(b"hi"), SamplingParams(max_tokens=3, temperature=0))
+    out = run_all(e, {0: [r, plain]})
+    assert tokens_of(out[("r", 0)]) == tokens_of(out[("p", 0)])

@@ -195,8 +195,14 @@ def test_free_plan_limit_message(page: Any, site: dict[str, Any]) -> None:
     finish(page)
     send(page, "and again")  # the first answer spent the month's 60 tokens
     page.wait_for_selector("#notice:not([hidden])")
+    finish(page)
     assert "used this month's tokens on the free plan" in page.locator("#notice").inner_text()
+    refused = last_answer(page)  # the refused answer says why, in place, and is not a broken stream
+    assert "error" in (refused.get_attribute("class") or "") and "quota" in refused.locator(".body").inner_text()
     assert re.search(r"\d+ of 60 tokens this month", page.locator("#usage-text").inner_text())
+    box = page.evaluate("(() => { const b = document.getElementById('messages'); "
+                        "return [b.scrollTop, b.scrollHeight, b.clientHeight]; })()")
+    assert box[0] + box[2] >= box[1] - 2  # scrolled to the newest message
     page.screenshot(path=str(SHOTS / "plan-usage.png"))
 
 

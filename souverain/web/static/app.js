@@ -136,8 +136,10 @@ function scrollToEnd() {
   // Off-screen messages are laid out lazily (content-visibility), so scrollHeight is an estimate: ask the
   // last message itself to come into view.
   const box = $("messages");
-  box.scrollTop = box.scrollHeight;
-  box.lastElementChild?.scrollIntoView({ block: "end" });
+  const toEnd = () => { box.scrollTop = box.scrollHeight; };
+  toEnd();
+  // New messages are first laid out at a placeholder size; once they are painted at their real size, again.
+  requestAnimationFrame(() => requestAnimationFrame(toEnd));
 }
 
 function renderThread() {
