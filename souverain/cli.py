@@ -355,9 +355,11 @@ def serve(
         raise _fail(f"cannot open the database {db or default_db_url()}: {e}") from None
     first = bootstrap(database)
     if first is not None:
-        err.print(f"[bold]first start[/bold]: sign in to the chat app as [bold]{first.email}[/bold] with password "
-                  f"[bold]{first.password}[/bold]\nAPI key (shown once; `souverain keys create` makes more): "
-                  f"[bold]{first.api_key}[/bold]", highlight=False)
+        err.print(f"[bold]first start[/bold] (shown once): the chat app at http://{host}:{port}/\n"
+                  f"  e-mail    {first.email}\n  password  {first.password}\n"
+                  f"  API key   {first.api_key}\n"
+                  "(`souverain keys create` makes more keys; `souverain users passwd` changes the password)",
+                  highlight=False, soft_wrap=True)
 
     try:
         models = model or _env_list("SOUVERAIN_MODELS") or ["smollm2", "minilm"]

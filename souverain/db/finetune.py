@@ -69,6 +69,12 @@ def list_jobs(s: Session, *, org_id: int | None, status: str | None = None) -> l
     return list(s.scalars(q))
 
 
+def active_jobs(s: Session) -> list[FineTuningJob]:
+    """Jobs not yet ended, oldest first (the runner's work list: an indexed query, however many jobs ended)."""
+    return list(s.scalars(select(FineTuningJob).where(FineTuningJob.status.in_(ACTIVE))
+                          .order_by(FineTuningJob.created_at)))
+
+
 def add_event(job: FineTuningJob, name: str, data: dict[str, Any] | None = None) -> None:
     # A new list: JSON columns notice reassignment, not in-place appends.
     job.events = [*job.events, {"name": name, "created_at": int(utcnow().timestamp()), "data": data or {}}]

@@ -62,8 +62,7 @@ class JobRunner:
     def tick(self) -> None:
         """One pass over the active jobs (tests call it directly)."""
         with self.db.session() as s:
-            jobs = [j for j in finetune.list_jobs(s, org_id=None) if j.status in finetune.ACTIVE]
-            jobs.sort(key=lambda j: j.created_at)
+            jobs = finetune.active_jobs(s)
             for job in jobs:
                 self._advance(s, job)
             running = any(j.status == "RUNNING" for j in jobs)

@@ -91,6 +91,7 @@ def test_sigkill_mid_stream_loses_no_usage(tmp_path: Path, tiny_llama_folder: Pa
             recorded = {r.request_id for r in usage.records(s)}
         assert len(completed) >= ROUNDS  # the clients did finish requests between the kills
         missing = [rid for rid in completed if rid not in recorded]
+        print(f"{ROUNDS} kills; {len(completed)} completed streams, {len(recorded)} usage rows, {len(missing)} missing")
         assert not missing, f"{len(missing)} of {len(completed)} completed requests have no usage row"
     finally:
         db.close()
