@@ -40,12 +40,13 @@ def _call(url: str, key: str | None, method: str, path: str, body: bytes | None 
         raise typer.Exit(1) from None
 
 
-def _upload(url: str, key: str | None, path: Path) -> str:
+def upload_file(url: str, key: str | None, path: Path) -> dict[str, Any]:
+    """POST /v1/files (multipart, purpose fine-tune): the stored file's description."""
     boundary = uuid.uuid4().hex
     body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nfine-tune\r\n"
             f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{path.name}\"\r\n"
             "Content-Type: application/jsonl\r\n\r\n").encode() + path.read_bytes() + f"\r\n--{boundary}--\r\n".encode()
-    return str(_call(url, key, "POST", "/v1/files", body, f"multipart/form-data; boundary={boundary}")["id"])
+    return dict(_call(url, key, "POST", "/v1/files", body, f"multipart/form-data; boundary={boundary}"))
 
 
 def finetune(
@@ -67,8 +68,8 @@ def finetune(
         hyper["training_steps"] = steps or 50
     if epochs:
         hyper["epochs"] = epochs
-    body = {"model": model, "training_files": [{"file_id": _upload(url, api_key, data)}], "suffix": suffix,
-            "validation_files": [_upload(url, api_key, validation)] if validation else [],
+    body = {"model": model, "training_files": [{"file_id": upload_file(url, api_key, data)["id"]}], "suffix": suffix,
+            "validation_files": [upload_file(url, api_key, validation)["id"]] if validation else [],
             "hyperparameters": hyper, "auto_start": True}
     job = _call(url, api_key, "POST", "/v1/fine_tuning/jobs", json.dumps(body).encode())
     err.print(f"job {job['id']} queued", highlight=False)

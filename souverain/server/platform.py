@@ -93,6 +93,13 @@ class Platform:
     limiter: RateLimiter = field(default_factory=RateLimiter)
     now: Callable[[], datetime] = utcnow
 
+    def database(self, what: str) -> Database:
+        """The platform database, or 404 naming the feature (`what`) that needs it."""
+        if self.db is None:
+            raise APIError(404, f"{what} need the platform database (start the server with --db)",
+                           code="no_database")
+        return self.db
+
     @property
     def open(self) -> bool:
         return self.db is None and not self.static_digests

@@ -13,7 +13,7 @@ from souverain.db import accounts, chat
 from souverain.db.tables import Conversation, Message
 from souverain.server.deps import CurrentCaller, Models, PlatformDep
 from souverain.server.errors import APIError
-from souverain.server.platform import Caller, Platform
+from souverain.server.platform import Caller
 from souverain.web.session import COOKIE
 
 STATIC = Path(__file__).parent / "static"
@@ -67,12 +67,6 @@ def signed_in(caller: CurrentCaller) -> Caller:
 User = Annotated[Caller, Depends(signed_in)]
 
 
-def db_of(plat: Platform) -> Any:
-    if plat.db is None:
-        raise APIError(404, "the chat app needs the platform database", code="no_database")
-    return plat.db
-
-
 def conv_json(c: Conversation) -> dict[str, Any]:
     return {"id": c.id, "title": c.title, "model": c.model, "system_prompt": c.system_prompt,
             "temperature": c.temperature, "leaf_id": c.leaf_id, "created_at": c.created_at.isoformat() + "Z",
@@ -87,7 +81,7 @@ def msg_json(m: Message) -> dict[str, Any]:
 @router.post("/login")
 def login(body: Login, request: Request, response: Response, plat: PlatformDep) -> dict[str, Any]:
     """Check the password; set the session cookie (HttpOnly, SameSite=Strict)."""
-    with db_of(plat).session() as s:
+    with plat.database("the chat app").session() as s:
         user = accounts.check_password(s, email=body.email, password=body.password)
         orgs = accounts.memberships(s, user=user) if user else []
         if user is None or not orgs:
@@ -101,7 +95,7 @@ def login(body: Login, request: Request, response: Response, plat: PlatformDep) 
 
 @router.post("/logout")
 def logout(request: Request, response: Response, _: User, plat: PlatformDep) -> dict[str, Any]:
-    with db_of(plat).session() as s:
+    with plat.database("the chat app").session() as s:
         chat.end_session(s, token=request.cookies.get(COOKIE, ""))
     response.delete_cookie(COOKIE, path="/")
     return {"ok": True}
@@ -111,7 +105,7 @@ def logout(request: Request, response: Response, _: User, plat: PlatformDep) -> 
 def me(request: Request, caller: User, plat: PlatformDep, models: Models) -> dict[str, Any]:
     """The signed-in user, their organisation's plan and usage, the models they may use, and the CSRF token."""
     assert caller.user_id is not None and caller.org_id is not None and caller.limits is not None
-    with db_of(plat).session() as s:
+    with plat.database("the chat app").session() as s:
         user = accounts.get_user(s, user_id=caller.user_id)
         org = accounts.get_org(s, org_id=caller.org_id)
         row = chat.get_session(s, token=request.cookies.get(COOKIE, ""), now=plat.now())
@@ -131,14 +125,14 @@ def list_conversations(caller: User, plat: PlatformDep, q: Annotated[str, Query(
                        ) -> dict[str, Any]:
     """Newest first; `q` searches titles and message text."""
     assert caller.user_id is not None
-    with db_of(plat).session() as s:
+    with plat.database("the chat app").session() as s:
         return {"data": [conv_json(c) for c in chat.list_conversations(s, user_id=caller.user_id, query=q.strip())]}
 
 
 @router.post("/conversations", status_code=201)
 def create_conversation(body: NewConversation, caller: User, plat: PlatformDep) -> dict[str, Any]:
     assert caller.user_id is not None and caller.org_id is not None
-    with db_of(plat).session() as s:
+    with plat.database("the chat app").session() as s:
         c = chat.create_conversation(s, user_id=caller.user_id, org_id=caller.org_id, model=body.model,
                                      title=body.title, system_prompt=body.system_prompt,
                                      temperature=body.temperature)
@@ -149,7 +143,7 @@ def create_conversation(body: NewConversation, caller: User, plat: PlatformDep) 
 def get_conversation(cid: str, caller: User, plat: PlatformDep) -> dict[str, Any]:
     """The conversation with every message (all branches) and the visible thread's ids."""
     assert caller.user_id is not None
-    with db_of(plat).session() as s:
+    with plat.database("the chat app").session() as s:
         c = chat.get_conversation(s, user_id=caller.user_id, conversation_id=cid)
         msgs = chat.messages(s, conv=c)
         return {**conv_json(c), "messages": [msg_json(m) for m in msgs],
@@ -159,7 +153,7 @@ def get_conversation(cid: str, caller: User, plat: PlatformDep) -> dict[str, Any
 @router.patch("/conversations/{cid}")
 def update_conversation(cid: str, body: ConversationPatch, caller: User, plat: PlatformDep) -> dict[str, Any]:
     assert caller.user_id is not None
-    with db_of(plat).session() as s:
+    with plat.database("the chat app").session() as s:
         c = chat.get_conversation(s, user_id=caller.user_id, conversation_id=cid)
         for name, value in body.model_dump(exclude_unset=True).items():
             setattr(c, name, value.strip() if name == "title" and value else value)
@@ -169,7 +163,7 @@ def update_conversation(cid: str, body: ConversationPatch, caller: User, plat: P
 @router.delete("/conversations/{cid}")
 def delete_conversation(cid: str, caller: User, plat: PlatformDep) -> dict[str, Any]:
     assert caller.user_id is not None
-    with db_of(plat).session() as s:
+    with plat.database("the chat app").session() as s:
         chat.delete_conversation(s, conv=chat.get_conversation(s, user_id=caller.user_id, conversation_id=cid))
     return {"id": cid, "deleted": True}
 
@@ -178,7 +172,7 @@ def delete_conversation(cid: str, caller: User, plat: PlatformDep) -> dict[str, 
 def add_message(cid: str, body: NewMessage, caller: User, plat: PlatformDep) -> dict[str, Any]:
     """Save a message (the user's is saved before generation starts); a parent with children makes a branch."""
     assert caller.user_id is not None
-    with db_of(plat).session() as s:
+    with plat.database("the chat app").session() as s:
         c = chat.get_conversation(s, user_id=caller.user_id, conversation_id=cid)
         m = chat.add_message(s, conv=c, role=body.role, content=body.content, parent_id=body.parent_id,
                              status=body.status, model=body.model)
@@ -189,7 +183,7 @@ def add_message(cid: str, body: NewMessage, caller: User, plat: PlatformDep) -> 
 def update_message(cid: str, mid: str, body: MessagePatch, caller: User, plat: PlatformDep) -> dict[str, Any]:
     """Save a streaming answer as far as it got, and its final status."""
     assert caller.user_id is not None
-    with db_of(plat).session() as s:
+    with plat.database("the chat app").session() as s:
         c = chat.get_conversation(s, user_id=caller.user_id, conversation_id=cid)
         return msg_json(chat.update_message(s, conv=c, message_id=mid, content=body.content, status=body.status))
 

@@ -6,15 +6,16 @@ from __future__ import annotations
 import json
 import os
 import signal
+import tempfile
 import time
 import urllib.request
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from souverain.cli_finetune import upload_file
 from souverain.db import finetune
 from souverain.db.database import Database, open_database, sqlite_url
 from souverain.server.app import create_app
@@ -49,14 +50,11 @@ def runner_for(site: dict[str, Any]) -> JobRunner:
 
 
 def upload(url: str, name: str, data: bytes) -> dict[str, Any]:
-    boundary = uuid.uuid4().hex
-    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nfine-tune\r\n"
-            f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{name}\"\r\n"
-            "Content-Type: application/jsonl\r\n\r\n").encode() + data + f"\r\n--{boundary}--\r\n".encode()
-    req = urllib.request.Request(url + "/v1/files", body, {"Authorization": f"Bearer {ROOT}",
-                                                           "Content-Type": f"multipart/form-data; boundary={boundary}"})
-    with urllib.request.urlopen(req, timeout=30) as r:
-        return json.loads(r.read())  # type: ignore[no-any-return]
+    """Through the CLI's own uploader (multipart, as the SDKs send it)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / name
+        path.write_bytes(data)
+        return upload_file(url, ROOT, path)
 
 
 def job_state(db: Database, job_id: str) -> tuple[str, list[dict[str, Any]], list[dict[str, Any]], int | None]:

@@ -22,7 +22,7 @@ from souverain.db import models as model_access
 from souverain.db.tables import AuditLog, Organisation
 from souverain.server.deps import CurrentCaller, PlatformDep
 from souverain.server.errors import APIError
-from souverain.server.platform import Caller, Platform
+from souverain.server.platform import Caller
 
 router = APIRouter(prefix="/v1/admin", tags=["admin"])
 OrgName = Annotated[str | None, Query(description="Organisation (root keys only; others act on their own)")]
@@ -99,12 +99,6 @@ def the_org(s: Session, caller: Caller, org: str | None) -> Organisation:
     return accounts.get_org(s, org_id=caller.org_id)
 
 
-def db_of(plat: Platform) -> Any:
-    if plat.db is None:
-        raise APIError(404, "this server runs without a platform database", code="no_database")
-    return plat.db
-
-
 def key_json(k: Any, ws: Any) -> dict[str, Any]:
     return {"id": k.id, "name": k.name, "prefix": k.prefix, "workspace": ws.name,
             "created_at": k.created_at.isoformat(), "last_used_at": k.last_used_at and k.last_used_at.isoformat(),
@@ -116,7 +110,7 @@ def key_json(k: Any, ws: Any) -> dict[str, Any]:
 @router.get("/organisations")
 def list_orgs(_: Root, plat: PlatformDep) -> dict[str, Any]:
     """Every organisation, its plan and this month's tokens (operator only)."""
-    with db_of(plat).session() as s:
+    with plat.database("admin routes").session() as s:
         return {"object": "list", "data": [
             {"id": o.id, "name": o.name, "plan": accounts.org_plan(s, org_id=o.id).name,
              "month_tokens": usage.month_tokens(s, org_id=o.id, at=plat.now())} for o in accounts.list_orgs(s)]}
@@ -125,7 +119,7 @@ def list_orgs(_: Root, plat: PlatformDep) -> dict[str, Any]:
 @router.post("/organisations", status_code=201)
 def create_org(body: OrgCreate, caller: Root, plat: PlatformDep) -> dict[str, Any]:
     """A new organisation with a `default` workspace (operator only)."""
-    with db_of(plat).session() as s:
+    with plat.database("admin routes").session() as s:
         o = accounts.create_org(s, name=body.name, plan=body.plan, actor=actor(caller))
         return {"id": o.id, "name": o.name, "plan": body.plan}
 
@@ -133,7 +127,7 @@ def create_org(body: OrgCreate, caller: Root, plat: PlatformDep) -> dict[str, An
 @router.get("/keys")
 def list_keys(caller: Admin, plat: PlatformDep, org: OrgName = None) -> dict[str, Any]:
     """The organisation's API keys (prefixes only: secrets are never stored)."""
-    with db_of(plat).session() as s:
+    with plat.database("admin routes").session() as s:
         o = the_org(s, caller, org)
         return {"object": "list", "data": [key_json(k, w) for k, w in keys.list_keys(s, org_id=o.id)]}
 
@@ -141,7 +135,7 @@ def list_keys(caller: Admin, plat: PlatformDep, org: OrgName = None) -> dict[str
 @router.post("/keys", status_code=201)
 def create_key(body: KeyCreate, caller: Admin, plat: PlatformDep, org: OrgName = None) -> dict[str, Any]:
     """A new key; `key` is shown in this response only."""
-    with db_of(plat).session() as s:
+    with plat.database("admin routes").session() as s:
         o = the_org(s, caller, org)
         ws = accounts.get_workspace(s, org=o, name=body.workspace)
         expires = plat.now() + timedelta(days=body.expires_in_days) if body.expires_in_days else None
@@ -155,7 +149,7 @@ def create_key(body: KeyCreate, caller: Admin, plat: PlatformDep, org: OrgName =
 @router.delete("/keys/{ref}")
 def revoke_key(ref: str, caller: Admin, plat: PlatformDep, org: OrgName = None) -> dict[str, Any]:
     """Revoke a key (by id or prefix); it is refused from the next request on."""
-    with db_of(plat).session() as s:
+    with plat.database("admin routes").session() as s:
         o = the_org(s, caller, org)
         row = keys.find_key(s, org_id=o.id, ref=ref)
         keys.revoke_key(s, key=row, actor=actor(caller), org_id=o.id)
@@ -164,7 +158,7 @@ def revoke_key(ref: str, caller: Admin, plat: PlatformDep, org: OrgName = None) 
 
 @router.get("/workspaces")
 def list_workspaces(caller: Admin, plat: PlatformDep, org: OrgName = None) -> dict[str, Any]:
-    with db_of(plat).session() as s:
+    with plat.database("admin routes").session() as s:
         o = the_org(s, caller, org)
         return {"object": "list", "data": [{"id": w.id, "name": w.name, "created_at": w.created_at.isoformat()}
                                            for w in accounts.list_workspaces(s, org=o)]}
@@ -172,14 +166,14 @@ def list_workspaces(caller: Admin, plat: PlatformDep, org: OrgName = None) -> di
 
 @router.post("/workspaces", status_code=201)
 def create_workspace(body: WorkspaceCreate, caller: Admin, plat: PlatformDep, org: OrgName = None) -> dict[str, Any]:
-    with db_of(plat).session() as s:
+    with plat.database("admin routes").session() as s:
         ws = accounts.create_workspace(s, org=the_org(s, caller, org), name=body.name, actor=actor(caller))
         return {"id": ws.id, "name": ws.name}
 
 
 @router.get("/members")
 def list_members(caller: Admin, plat: PlatformDep, org: OrgName = None) -> dict[str, Any]:
-    with db_of(plat).session() as s:
+    with plat.database("admin routes").session() as s:
         o = the_org(s, caller, org)
         return {"object": "list", "data": [{"email": u.email, "name": u.name, "role": r}
                                            for u, r in accounts.members(s, org=o)]}
@@ -190,7 +184,7 @@ def set_member(body: MemberSet, caller: Admin, plat: PlatformDep, org: OrgName =
     """Invite a user (created with a one-time password when new) or change a member's role."""
     if body.role == "owner" and caller.role not in ("owner", None) and not caller.root:
         raise APIError(403, "only an owner can make owners", type_="permission_error", param="role")
-    with db_of(plat).session() as s:
+    with plat.database("admin routes").session() as s:
         o = the_org(s, caller, org)
         password = None
         try:
@@ -206,7 +200,7 @@ def set_member(body: MemberSet, caller: Admin, plat: PlatformDep, org: OrgName =
 def usage_report(caller: Admin, plat: PlatformDep, org: OrgName = None, since: datetime | None = None,
                  format: Literal["json", "csv"] = "json") -> Any:
     """Usage per day, workspace and model (JSON, or CSV with `format=csv`)."""
-    with db_of(plat).session() as s:
+    with plat.database("admin routes").session() as s:
         o = the_org(s, caller, org)
         rows = usage.report(s, org_id=o.id, since=since)
         month = usage.month_tokens(s, org_id=o.id, at=plat.now())
@@ -223,7 +217,7 @@ def usage_report(caller: Admin, plat: PlatformDep, org: OrgName = None, since: d
 @router.get("/audit")
 def audit_log(caller: Admin, plat: PlatformDep, org: OrgName = None, limit: int = Query(100, ge=1, le=1000)
               ) -> dict[str, Any]:
-    with db_of(plat).session() as s:
+    with plat.database("admin routes").session() as s:
         o = the_org(s, caller, org)
         rows = s.scalars(select(AuditLog).where(AuditLog.org_id == o.id).order_by(AuditLog.id.desc()).limit(limit))
         return {"object": "list", "data": [{"at": a.at.isoformat(), "actor": a.actor, "action": a.action,
@@ -232,7 +226,7 @@ def audit_log(caller: Admin, plat: PlatformDep, org: OrgName = None, limit: int 
 
 @router.get("/plans")
 def list_plans(_: Admin, plat: PlatformDep) -> dict[str, Any]:
-    with db_of(plat).session() as s:
+    with plat.database("admin routes").session() as s:
         return {"object": "list", "data": [{"name": p.name, **{f: getattr(p, f) for f in accounts.PLAN_FIELDS}}
                                            for p in accounts.list_plans(s)]}
 
@@ -240,14 +234,14 @@ def list_plans(_: Admin, plat: PlatformDep) -> dict[str, Any]:
 @router.put("/plans/{name}")
 def set_plan(name: str, body: PlanLimits, caller: Root, plat: PlatformDep) -> dict[str, Any]:
     """Create or change a plan's limits (null = unlimited)."""
-    with db_of(plat).session() as s:
+    with plat.database("admin routes").session() as s:
         p = accounts.set_plan_limits(s, name=name, actor=actor(caller), create=True, **body.model_dump())
         return {"name": p.name, **{f: getattr(p, f) for f in accounts.PLAN_FIELDS}}
 
 
 @router.put("/organisation/plan")
 def set_org_plan(body: PlanChoice, caller: Root, plat: PlatformDep, org: OrgName = None) -> dict[str, Any]:
-    with db_of(plat).session() as s:
+    with plat.database("admin routes").session() as s:
         o = the_org(s, caller, org)
         accounts.set_org_plan(s, org=o, plan=body.plan, actor=actor(caller))
         return {"org": o.name, "plan": body.plan}
@@ -256,7 +250,7 @@ def set_org_plan(body: PlanChoice, caller: Root, plat: PlatformDep, org: OrgName
 @router.put("/models/{model:path}/private")
 def make_private(model: str, body: Visibility, caller: Root, plat: PlatformDep) -> dict[str, Any]:
     """Make a model visible only to the organisations it is shared with (call once per organisation)."""
-    with db_of(plat).session() as s:
+    with plat.database("admin routes").session() as s:
         o = accounts.get_org(s, name=body.org)
         model_access.share_model(s, model=model, org_id=o.id, actor=actor(caller))
         return {"model": model, "private": True, "organisations": sorted(model_access.private_models(s)[model])}
@@ -264,6 +258,6 @@ def make_private(model: str, body: Visibility, caller: Root, plat: PlatformDep) 
 
 @router.delete("/models/{model:path}/private")
 def make_open(model: str, caller: Root, plat: PlatformDep) -> dict[str, Any]:
-    with db_of(plat).session() as s:
+    with plat.database("admin routes").session() as s:
         model_access.open_model(s, model=model, actor=actor(caller))
         return {"model": model, "private": False}

@@ -24,12 +24,6 @@ def file_json(f: StoredFile) -> dict[str, Any]:
             "num_lines": f.num_lines, "mimetype": "application/jsonl", "signature": None}
 
 
-def _db(plat: Any) -> Any:
-    if plat.db is None:
-        raise APIError(404, "files need the platform database", code="no_database")
-    return plat.db
-
-
 @router.post("/v1/files")
 async def upload(request: Request, caller: CurrentCaller, plat: PlatformDep,
                  file: Annotated[UploadFile, File(description="A JSONL file")],
@@ -50,7 +44,7 @@ async def upload(request: Request, caller: CurrentCaller, plat: PlatformDep,
     tmp = path.with_suffix(".tmp")
     tmp.write_bytes(data)
     tmp.replace(path)  # whole or absent
-    with _db(plat).session() as s:
+    with plat.database("files").session() as s:
         row = finetune.add_file(s, org_id=caller.org_id, filename=name, purpose=purpose, size=len(data),
                                 num_lines=sum(1 for line in data.splitlines() if line.strip()),
                                 sample_type=check.kind, path=str(path), file_id=file_id)
@@ -60,7 +54,7 @@ async def upload(request: Request, caller: CurrentCaller, plat: PlatformDep,
 @router.get("/v1/files")
 def list_files(caller: CurrentCaller, plat: PlatformDep, page: Annotated[int, Query(ge=0)] = 0,
                page_size: Annotated[int, Query(ge=1, le=1000)] = 100, purpose: str | None = None) -> dict[str, Any]:
-    with _db(plat).session() as s:
+    with plat.database("files").session() as s:
         rows = finetune.list_files(s, org_id=caller.org_id, purpose=purpose)
         return {"object": "list", "total": len(rows),
                 "data": [file_json(f) for f in rows[page * page_size : (page + 1) * page_size]]}
@@ -68,13 +62,13 @@ def list_files(caller: CurrentCaller, plat: PlatformDep, page: Annotated[int, Qu
 
 @router.get("/v1/files/{file_id}")
 def get_file(file_id: str, caller: CurrentCaller, plat: PlatformDep) -> dict[str, Any]:
-    with _db(plat).session() as s:
+    with plat.database("files").session() as s:
         return {**file_json(finetune.get_file(s, file_id=file_id, org_id=caller.org_id)), "deleted": False}
 
 
 @router.get("/v1/files/{file_id}/content", response_model=None)
 def file_content(file_id: str, caller: CurrentCaller, plat: PlatformDep) -> FileResponse:
-    with _db(plat).session() as s:
+    with plat.database("files").session() as s:
         row = finetune.get_file(s, file_id=file_id, org_id=caller.org_id)
         return FileResponse(row.path, media_type="application/octet-stream", filename=row.filename)
 
@@ -82,7 +76,7 @@ def file_content(file_id: str, caller: CurrentCaller, plat: PlatformDep) -> File
 @router.delete("/v1/files/{file_id}")
 def delete_file(file_id: str, caller: CurrentCaller, plat: PlatformDep) -> dict[str, Any]:
     """Delete a file no active job needs."""
-    with _db(plat).session() as s:
+    with plat.database("files").session() as s:
         row = finetune.get_file(s, file_id=file_id, org_id=caller.org_id)
         for job in finetune.list_jobs(s, org_id=row.org_id):
             used = {f["file_id"] for f in job.training_files} | set(job.validation_files)

@@ -62,12 +62,6 @@ def job_json(job: FineTuningJob, detailed: bool = True) -> dict[str, Any]:
     return out
 
 
-def _db(plat: Any) -> Any:
-    if plat.db is None:
-        raise APIError(404, "fine-tuning needs the platform database", code="no_database")
-    return plat.db
-
-
 @router.post("/v1/fine_tuning/jobs")
 def create_job(body: JobIn, caller: CurrentCaller, plat: PlatformDep, models: Models) -> dict[str, Any]:
     """Queue a LoRA job; it is validated, then runs when `auto_start` is true or once started."""
@@ -80,7 +74,7 @@ def create_job(body: JobIn, caller: CurrentCaller, plat: PlatformDep, models: Mo
     h = body.hyperparameters.model_dump()
     if h["alpha"] is None:
         h["alpha"] = 2.0 * h["rank"]
-    with _db(plat).session() as s:
+    with plat.database("fine-tuning jobs").session() as s:
         for ref in [f.file_id for f in body.training_files] + list(body.validation_files or []):
             finetune.get_file(s, file_id=ref, org_id=caller.org_id)  # 404 when it is not the caller's
         job = finetune.create_job(s, org_id=caller.org_id, model=body.model,
@@ -94,7 +88,7 @@ def create_job(body: JobIn, caller: CurrentCaller, plat: PlatformDep, models: Mo
 def list_jobs(caller: CurrentCaller, plat: PlatformDep, page: Annotated[int, Query(ge=0)] = 0,
               page_size: Annotated[int, Query(ge=1, le=1000)] = 100, model: str | None = None,
               status: str | None = None) -> dict[str, Any]:
-    with _db(plat).session() as s:
+    with plat.database("fine-tuning jobs").session() as s:
         rows = [j for j in finetune.list_jobs(s, org_id=caller.org_id, status=status) if not model or j.model == model]
         return {"object": "list", "total": len(rows),
                 "data": [job_json(j, detailed=False) for j in rows[page * page_size : (page + 1) * page_size]]}
@@ -103,13 +97,13 @@ def list_jobs(caller: CurrentCaller, plat: PlatformDep, page: Annotated[int, Que
 @router.get("/v1/fine_tuning/jobs/{job_id}")
 def get_job(job_id: str, caller: CurrentCaller, plat: PlatformDep) -> dict[str, Any]:
     """The job with its events (validation errors name file and line) and per-step metrics."""
-    with _db(plat).session() as s:
+    with plat.database("fine-tuning jobs").session() as s:
         return job_json(finetune.get_job(s, job_id=job_id, org_id=caller.org_id))
 
 
 @router.post("/v1/fine_tuning/jobs/{job_id}/start")
 def start_job(job_id: str, caller: CurrentCaller, plat: PlatformDep) -> dict[str, Any]:
-    with _db(plat).session() as s:
+    with plat.database("fine-tuning jobs").session() as s:
         job = finetune.get_job(s, job_id=job_id, org_id=caller.org_id)
         if job.status in finetune.FINAL or job.status == "CANCELLATION_REQUESTED":
             raise APIError(400, f"job is {job.status}; it cannot start", code="invalid_state")
@@ -121,7 +115,7 @@ def start_job(job_id: str, caller: CurrentCaller, plat: PlatformDep) -> dict[str
 @router.post("/v1/fine_tuning/jobs/{job_id}/cancel")
 def cancel_job(job_id: str, caller: CurrentCaller, plat: PlatformDep) -> dict[str, Any]:
     """Cancel: a running job stops within seconds (at its next step, or its worker is ended)."""
-    with _db(plat).session() as s:
+    with plat.database("fine-tuning jobs").session() as s:
         job = finetune.get_job(s, job_id=job_id, org_id=caller.org_id)
         if job.status == "RUNNING":
             finetune.set_status(job, "CANCELLATION_REQUESTED")
