@@ -32,6 +32,7 @@ class Hyper:
     seed: int = 0
     eval_every: int = 10
     checkpoint_every: int = 10
+    dtype: str = "float32"  # the frozen base model's compute dtype (float32 or bfloat16); LoRA weights stay fp32
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """One fine-tuning job, run in its own process: `python -m souverain.train.worker --db URL --job ID ...`.
 
-It loads the base model in fp32, trains, and writes progress (per-step losses, checkpoints) to the database, so
-the server stays responsive and a killed worker resumes from its last checkpoint when started again.
+It loads the base model (fp32, or bf16 when the job asks), trains, and writes progress (per-step losses,
+checkpoints) to the database, so the server stays responsive and a killed worker resumes from its last
+checkpoint when started again.
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ def run(db_url: str, job_id: str, model_path: Path, data_dir: Path) -> int:
             resumed = (job_dir / "checkpoint").exists()
             finetune.add_event(job, "worker-started", {"resumed": resumed})
         tok = load_tokenizer(model_path)
-        model = load_model(model_path, dtype=torch.float32)
+        model = load_model(model_path, dtype=getattr(torch, str(params.get("dtype") or "float32")))
         train_set, valid_set = load_examples(db, job_id, tok, int(params.get("seq_len") or 512))
         h = hyper_from(params, len(train_set))
 

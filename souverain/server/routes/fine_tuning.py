@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query
 from pydantic import BaseModel, Field
@@ -31,6 +31,7 @@ class Hyperparameters(BaseModel):
     rank: int = Field(16, ge=1, le=256)
     alpha: float | None = Field(None, gt=0)
     batch_size: int = Field(4, ge=1, le=256)
+    dtype: Literal["float32", "bfloat16"] = "float32"  # the base model's compute dtype while training
 
 
 class JobIn(BaseModel):
