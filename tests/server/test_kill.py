@@ -47,6 +47,40 @@ def stream_until_killed(base: str, key: str, completed: list[str], stop: threadi
             completed.append(rid)
 
 
+def kill_rounds(rounds: int, seed: int, url: str, key: str, env: dict[str, str], model: Path,
+                completed: list[str]) -> None:
+    """Start a server, let clients stream, SIGKILL it at a random moment; `rounds` times."""
+    rng = random.Random(seed)
+    for _ in range(rounds):
+        port = free_port()
+        server = subprocess.Popen([sys.executable, "-m", "souverain", "serve", "--port", str(port), "--model",
+                                   f"tiny={model}", "--db", url, "--kv-cache-memory", str(16 << 20),
+                                   "--dtype", "float32"],
+                                  env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        base = f"http://127.0.0.1:{port}"
+        stop = threading.Event()
+        clients = [threading.Thread(target=stream_until_killed, args=(base, key, completed, stop))
+                   for _ in range(CLIENTS)]
+        try:
+            for _ in range(600):
+                try:
+                    urllib.request.urlopen(f"{base}/health", timeout=1)
+                    break
+                except OSError:
+                    assert server.poll() is None, server.stderr.read().decode() if server.stderr else ""
+                    time.sleep(0.05)
+            for c in clients:
+                c.start()
+            time.sleep(rng.uniform(0.2, 0.8))
+        finally:
+            server.send_signal(signal.SIGKILL)
+            server.wait()
+        stop.set()
+        for c in clients:
+            if c.is_alive():
+                c.join(timeout=30)
+
+
 def test_sigkill_mid_stream_loses_no_usage(tmp_path: Path, tiny_llama_folder: Path) -> None:
     url = sqlite_url(tmp_path / "platform.db")
     db = open_database(url)
@@ -56,34 +90,21 @@ def test_sigkill_mid_stream_loses_no_usage(tmp_path: Path, tiny_llama_folder: Pa
     db.close()
     env = {**os.environ, "SOUVERAIN_HOME": str(tmp_path / "home")}
     completed: list[str] = []
-    rng = random.Random(0)
-    for _ in range(ROUNDS):
-        port = free_port()
-        server = subprocess.Popen([sys.executable, "-m", "souverain", "serve", "--port", str(port), "--model",
-                                   f"tiny={tiny_llama_folder}", "--db", url, "--kv-cache-memory", str(16 << 20),
-                                   "--dtype", "float32"],
-                                  env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        base = f"http://127.0.0.1:{port}"
+    failures: list[BaseException] = []
+
+    def lane(rounds: int, seed: int) -> None:
         try:
-            for _ in range(600):
-                try:
-                    urllib.request.urlopen(f"{base}/health", timeout=1)
-                    break
-                except OSError:
-                    assert server.poll() is None, server.stderr.read().decode() if server.stderr else ""
-                    time.sleep(0.05)
-            stop = threading.Event()
-            clients = [threading.Thread(target=stream_until_killed, args=(base, key, completed, stop))
-                       for _ in range(CLIENTS)]
-            for c in clients:
-                c.start()
-            time.sleep(rng.uniform(0.2, 0.8))
-        finally:
-            server.send_signal(signal.SIGKILL)
-            server.wait()
-        stop.set()
-        for c in clients:
-            c.join(timeout=30)
+            kill_rounds(rounds, seed, url, key, env, tiny_llama_folder, completed)
+        except BaseException as e:  # a lane's failure must fail the test, not vanish with its thread
+            failures.append(e)
+
+    # Two lanes of servers, each killed in turn, on the one database: several processes write at once.
+    lanes = [threading.Thread(target=lane, args=(ROUNDS // 2 + i * (ROUNDS % 2), i)) for i in range(2)]
+    for t in lanes:
+        t.start()
+    for t in lanes:
+        t.join()
+    assert not failures, failures
     db = open_database(url)
     try:
         assert db.integrity_check() == []
