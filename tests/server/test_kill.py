@@ -1,7 +1,8 @@
 """A server killed with SIGKILL mid-stream, again and again, loses no usage row and leaves a sound database.
 
 Every request whose stream reached `data: [DONE]` must have its usage row, because the row is committed
-before `[DONE]` is sent. Rounds: SOUVERAIN_KILL_ROUNDS (default 50).
+before `[DONE]` is sent. Two servers at a time share the database (several writer processes), each killed in
+turn. Rounds in all: SOUVERAIN_KILL_ROUNDS (default 50).
 """
 
 from __future__ import annotations
