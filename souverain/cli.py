@@ -107,13 +107,10 @@ def _import_adapter(path: Path, name: str, base: str | None) -> None:
     try:
         check_name(name)
         args = open_checkpoint(resolve(base, pull_missing=False)).args
-        info = import_adapter(path, default_home() / "adapters" / name.replace("/", "--"), args, base=base)
+        info = import_adapter(path, default_home() / "adapters" / name.replace("/", "--"), args, base=base,
+                              meta={"id": name})
     except _errors() as e:  # AdapterError is a ValueError
         raise _fail(str(e)) from None
-    import json
-
-    target = default_home() / "adapters" / name.replace("/", "--") / "adapter.json"
-    target.write_text(json.dumps({**info, "id": name}, indent=2))
     err.print(f"adapter {name} (rank {info['rank']}, from {info['imported_from']}) installed for {base}; "
               f"`souverain serve --model {base}` serves it as model {name!r}", highlight=False)
 

@@ -133,12 +133,10 @@ class Platform:
         return [m for m in model_ids if m not in private or caller.org_id in private[m]]
 
     def check_model(self, caller: Caller, model: str) -> None:
-        """404 for a private model of another organisation; 403 for one the plan or the key excludes."""
+        """403 for a model the plan or the key excludes. (Visibility, 404, is checked when the route looks the
+        model up: `find_model`, or `visible` for embedders; not twice per request.)"""
         if caller.root:
             return
-        if not self.visible(caller, [model]):
-            raise APIError(404, f"model {model!r} not found; see GET /v1/models", param="model",
-                           code="model_not_found")
         for allowed, what in ((caller.limits.allowed_models if caller.limits else None, "your plan"),
                               (caller.key.allowed_models if caller.key else None, "this API key")):
             if allowed is not None and model not in allowed:

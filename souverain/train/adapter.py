@@ -96,7 +96,8 @@ def read_mistral(folder: Path, model_args: ModelArgs) -> tuple[LoraArgs, dict[st
     return LoraArgs(rank, scaling * rank, targets), ours
 
 
-def import_adapter(source: Path, dest: Path, model_args: ModelArgs, *, base: str) -> dict[str, Any]:
+def import_adapter(source: Path, dest: Path, model_args: ModelArgs, *, base: str,
+                   meta: dict[str, Any] | None = None) -> dict[str, Any]:
     """Convert a PEFT or Mistral adapter (or copy ours) into `dest`, checked against the base model's shapes."""
     if (source / "adapter_config.json").exists():
         args, tensors = read_peft(source)
@@ -116,5 +117,5 @@ def import_adapter(source: Path, dest: Path, model_args: ModelArgs, *, base: str
         lora.load_tensors(tensors)
     except ValueError as e:
         raise AdapterError(f"{source}: {e}; is {base!r} its base model?") from None
-    save_adapter(dest, lora, base=base, meta={"imported_from": kind})
+    save_adapter(dest, lora, base=base, meta={"imported_from": kind, **(meta or {})})
     return read_info(dest)
