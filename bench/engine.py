@@ -1,6 +1,6 @@
 """Engine benchmark on SmolLM2-135M-Instruct Q4_1: Souverain vs HF transformers vs llama.cpp.
 
-Run: .venv/bin/python bench/engine.py [--dtype bfloat16] [--skip-hf] [--skip-llamacpp]
+Run: .venv/bin/python bench/engine.py [--dtype bfloat16] [--skip-hf] [--hf-dtypes float32,bfloat16] [--skip-llamacpp]
 (needs `pip install llama-cpp-python` for the llama.cpp column; it builds from source, ~6 min).
 
 All peers run in this one process, one after another, on the same prompts, 2 threads each.
@@ -71,10 +71,10 @@ def souverain_runner(path: Path, dtype: torch.dtype, bits: int | None):
 
 
 # -- HF transformers -----------------------------------------------------------------------------
-def hf_runner(path: Path):
+def hf_runner(path: Path, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype).eval()
 
     def run(prompts: list[list[int]], new: int) -> tuple[float, float]:
         width = max(len(p) for p in prompts)
@@ -125,12 +125,32 @@ def measure(run: Callable[[list[list[int]], int], tuple[float, float]], tok) -> 
     return res
 
 
+def hf_measure(hf: Callable[[list[list[int]], int], tuple[float, float]], tok) -> dict[str, float]:
+    short = prompts_of_tokens(tok, 16, 1)
+    hf(short, 2)
+    t_long, _ = hf(short, NEW)
+    t_first, _ = hf(short, 1)
+    res = {"decode_b1": (NEW - 1) / (t_long - t_first)}
+    for conc in (8, 32):
+        # Its best padded batch: the whole set at once, or one batch of 8 after another.
+        ps = prompts_of_tokens(tok, 200, conc)
+        best = hf(ps, NEW)[0]
+        if conc > 8:
+            best = min(best, sum(hf(ps[i : i + 8], NEW)[0] for i in range(0, conc, 8)))
+        res[f"agg_{conc}"] = conc * NEW / best
+    t, _ = hf(prompts_of_tokens(tok, 1000, 1), 1)
+    res["ttft_1000"] = t
+    return res
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     parser.add_argument("--bits", type=int, default=4, choices=[0, 4, 8],
                         help="weight-only quantisation for decoding (0: none)")
     parser.add_argument("--skip-hf", action="store_true")
+    parser.add_argument("--hf-dtypes", default="float32,bfloat16",
+                        help="HF transformers runs in each (its GGUF default is float32; bf16 uses AMX where there is)")
     parser.add_argument("--skip-llamacpp", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(2)
@@ -140,27 +160,8 @@ def main() -> None:
     tok, ours = souverain_runner(path, getattr(torch, args.dtype), args.bits or None)
     label = f"souverain ({args.dtype}" + (f", int{args.bits} weights)" if args.bits else ")")
     rows = {label: measure(ours, tok)}
-    if not args.skip_hf:
-        hf = hf_runner(path)
-
-        def hf_measure() -> dict[str, float]:
-            short = prompts_of_tokens(tok, 16, 1)
-            hf(short, 2)
-            t_long, _ = hf(short, NEW)
-            t_first, _ = hf(short, 1)
-            res = {"decode_b1": (NEW - 1) / (t_long - t_first)}
-            for conc in (8, 32):
-                # Its best padded batch: the whole set at once, or one batch of 8 after another.
-                ps = prompts_of_tokens(tok, 200, conc)
-                best = hf(ps, NEW)[0]
-                if conc > 8:
-                    best = min(best, sum(hf(ps[i : i + 8], NEW)[0] for i in range(0, conc, 8)))
-                res[f"agg_{conc}"] = conc * NEW / best
-            t, _ = hf(prompts_of_tokens(tok, 1000, 1), 1)
-            res["ttft_1000"] = t
-            return res
-
-        rows["hf transformers (float32)"] = hf_measure()
+    for hf_dtype in [] if args.skip_hf else args.hf_dtypes.split(","):
+        rows[f"hf transformers ({hf_dtype})"] = hf_measure(hf_runner(path, getattr(torch, hf_dtype)), tok)
     if not args.skip_llamacpp:
         try:
             rows["llama.cpp (Q4_1, 2 threads)"] = measure(llamacpp_runner(path), tok)

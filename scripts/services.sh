@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# System packages the tests need, from Debian: PostgreSQL (the database tests start a throw-away cluster)
-# and Chromium (the chat app's browser tests). Installs only what is missing; needs root or sudo.
+# System packages the tests need, from Debian: PostgreSQL (the database tests start a throw-away cluster),
+# Chromium (the chat app's browser tests) and g++ (our C++ kernels, which the tests compare with the
+# PyTorch ops). Installs only what is missing; needs root or sudo.
 set -euo pipefail
 need=()
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
 [ -x /usr/bin/chromium ] || need+=(chromium)
+command -v g++ >/dev/null 2>&1 || need+=(g++)
 [ ${#need[@]} -eq 0 ] && exit 0
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"

@@ -20,3 +20,6 @@ fi
 if [ ! -d .venv/mistralai1/mistralai ]; then
   .venv/bin/python -m pip install --quiet --disable-pip-version-check --target .venv/mistralai1 mistralai==1.12.4
 fi
+# Our C++ kernels (souverain/kernels/cpu.cpp), built once per machine into the user cache (about half a
+# minute). Without a C++ compiler this says so, and the PyTorch ops serve instead (slower).
+.venv/bin/python -m souverain.kernels

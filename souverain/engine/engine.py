@@ -10,6 +10,7 @@ from itertools import count
 
 import torch
 
+from souverain import kernels
 from souverain.engine.adapters import AdapterCache
 from souverain.engine.blocks import BlockManager
 from souverain.engine.json_mode import JsonPrefix
@@ -67,6 +68,7 @@ class LLMEngine:
         self.tokenizer = tokenizer
         args = model.args
         p = next(model.parameters())
+        fast = kernels.load() if p.device.type == "cpu" else None  # built once per machine; else PyTorch ops
         num_blocks = PagedKVCache.blocks_for_memory(config.kv_cache_memory, args.n_layers, config.block_size,
                                                     args.n_kv_heads, args.hd, p.dtype)
         if num_blocks < 2:
@@ -79,8 +81,11 @@ class LLMEngine:
         elif args.sliding_window + 2 * config.block_size > capacity:
             raise ValueError("kv_cache_memory is too small for one sliding window")
         self.max_model_len = max_len
+        # The C++ decode kernel reads keys stored transposed; the PyTorch path reads either layout.
+        transposed = fast is not None and p.dtype in (torch.bfloat16, torch.float32) and fast.decode_supported(
+            args.n_heads, args.n_kv_heads, args.hd, config.block_size)
         self.cache = PagedKVCache(args.n_layers, num_blocks, config.block_size, args.n_kv_heads, args.hd,
-                                  p.dtype, p.device)
+                                  p.dtype, p.device, k_transposed=transposed)
         self.blocks = BlockManager(num_blocks, config.block_size)
         self.scheduler = Scheduler(self.blocks, SchedulerConfig(
             max_num_seqs=config.max_num_seqs, max_batched_tokens=config.max_batched_tokens,

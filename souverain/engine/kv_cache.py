@@ -9,20 +9,29 @@ The metadata is built once per step and shared by every layer.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import ModuleType
 
 import torch
 
+from souverain import kernels
 from souverain.model.attention import attend, window_mask
 
 
 class PagedKVCache:
+    """`k_transposed` stores keys as [layers, blocks, Hkv, hd, block_size], the layout the C++ decode
+    kernel reads (a block's keys for a head one contiguous tile, transposed); values, and keys
+    otherwise, are [layers, slots, Hkv, hd]."""
+
     def __init__(self, n_layers: int, num_blocks: int, block_size: int, n_kv_heads: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device | str = "cpu") -> None:
-        shape = (n_layers, num_blocks * block_size, n_kv_heads, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
+                 dtype: torch.dtype, device: torch.device | str = "cpu", k_transposed: bool = False) -> None:
+        slots = num_blocks * block_size
+        shape = (n_layers, slots, n_kv_heads, head_dim)
+        k_shape = (n_layers, num_blocks, n_kv_heads, head_dim, block_size) if k_transposed else shape
+        self.k = torch.zeros(k_shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.num_blocks = num_blocks
         self.block_size = block_size
+        self.k_transposed = k_transposed
 
     @staticmethod
     def blocks_for_memory(memory_bytes: int, n_layers: int, block_size: int, n_kv_heads: int, head_dim: int,
@@ -42,6 +51,11 @@ class AttentionGroup:
     out_rows: torch.Tensor  # [V] flat rows of the real (unpadded) queries...
     out_picks: torch.Tensor  # [V] ...and where they sit in the group's flattened [G*T] output
     identity: bool = False  # one query per sequence, rows 0..N-1 in order: no gather/scatter
+    # Decode groups (one query per sequence) also carry what the C++ kernel reads the paged cache
+    # with, no gathered copy: int32 block tables [G, W] and key position ranges [lo, hi) [G].
+    tables: torch.Tensor | None = None
+    key_lo: torch.Tensor | None = None
+    key_hi: torch.Tensor | None = None
 
 
 class PagedStep:
@@ -55,22 +69,47 @@ class PagedStep:
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                positions: torch.Tensor) -> torch.Tensor:
         kc, vc = self.cache.k[layer], self.cache.v[layer]
-        kc.index_copy_(0, self.slots, k[0])
+        if self.cache.k_transposed:
+            bs = self.cache.block_size
+            kc[self.slots // bs, :, :, self.slots % bs] = k[0]  # [N, Hkv, hd] into [blocks, Hkv, hd, bs]
+        else:
+            kc.index_copy_(0, self.slots, k[0])
         vc.index_copy_(0, self.slots, v[0])
         flat_q = q[0]  # [N, H, hd]
+        fast = kernels.usable(flat_q, kc) if self.cache.k_transposed else None
         if len(self.groups) == 1 and self.groups[0].identity:  # all decodes: the common case
             g = self.groups[0]
-            return attend(flat_q[:, None], self._keys(kc, g), self._keys(vc, g), g.mask).transpose(0, 1)
+            if fast is not None and g.tables is not None:
+                return self._paged(fast, flat_q.contiguous(), kc, vc, g)[None]
+            return attend(flat_q[:, None], self._keys(kc, g), self._values(vc, g), g.mask).transpose(0, 1)
         out = torch.empty_like(flat_q)
         for g in self.groups:
-            o = attend(flat_q[g.q_rows], self._keys(kc, g), self._keys(vc, g), g.mask)  # [G, T, H, hd]
+            if fast is not None and g.tables is not None:
+                o = self._paged(fast, flat_q.index_select(0, g.out_rows), kc, vc, g)  # [G, H, hd]
+                out.index_copy_(0, g.out_rows, o)
+                continue
+            o = attend(flat_q[g.q_rows], self._keys(kc, g), self._values(vc, g), g.mask)  # [G, T, H, hd]
             out.index_copy_(0, g.out_rows, o.flatten(0, 1).index_select(0, g.out_picks))
         return out[None]
 
-    def _keys(self, layer_cache: torch.Tensor, g: AttentionGroup) -> torch.Tensor:
+    def _paged(self, fast: ModuleType, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor,
+               g: AttentionGroup) -> torch.Tensor:
+        """Decode attention read straight from the paged cache (C++): q [G, H, hd] -> [G, H, hd]."""
+        return fast.paged_decode_attention(q, kc, vc, g.tables, g.key_lo, g.key_hi, self.cache.block_size,
+                                           q.shape[-1] ** -0.5)
+
+    def _values(self, layer_cache: torch.Tensor, g: AttentionGroup) -> torch.Tensor:
         """[G, S, Hkv, hd]: whole blocks copied at once (rows of block_size * Hkv * hd values)."""
         blocks = layer_cache.view(self.cache.num_blocks, -1).index_select(0, g.k_blocks)
         return blocks.view(-1, g.num_keys, *layer_cache.shape[1:])
+
+    def _keys(self, layer_cache: torch.Tensor, g: AttentionGroup) -> torch.Tensor:
+        """[G, S, Hkv, hd], from either key layout."""
+        if not self.cache.k_transposed:
+            return self._values(layer_cache, g)
+        _, hkv, hd, _ = layer_cache.shape
+        blocks = layer_cache.index_select(0, g.k_blocks)  # [G*B, Hkv, hd, bs]
+        return blocks.permute(0, 3, 1, 2).reshape(-1, g.num_keys, hkv, hd)
 
 
 def build_group(starts: list[int], counts: list[int], row_offsets: list[int], block_tables: list[list[int]],
@@ -100,4 +139,7 @@ def build_group(starts: list[int], counts: list[int], row_offsets: list[int], bl
     mask = window_mask(q_pos, k_pos, window)
     picks = q_valid.flatten().nonzero().squeeze(-1)
     identity = t == 1 and row_offsets == list(range(len(row_offsets)))
-    return AttentionGroup(q_rows, k_blocks, n_blocks * block_size, mask, q_rows.flatten()[picks], picks, identity)
+    group = AttentionGroup(q_rows, k_blocks, n_blocks * block_size, mask, q_rows.flatten()[picks], picks, identity)
+    if t == 1:
+        group.tables, group.key_lo, group.key_hi = table.to(torch.int32), k_start.to(torch.int32), end.to(torch.int32)
+    return group

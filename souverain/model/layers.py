@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from souverain import kernels
 from souverain.model.args import ModelArgs
 from souverain.model.attention import attend
 from souverain.model.kv import KVView
@@ -27,8 +28,9 @@ class ForwardContext:
     kv: KVView | None = None
     lora: LoraBatch | None = None
 
-    def project(self, layer: int, target: str, proj: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def project(self, layer: int, target: str, proj: nn.Module | None, x: torch.Tensor) -> torch.Tensor:
         """proj(x), plus the LoRA update of the rows that have an adapter."""
+        assert proj is not None
         y: torch.Tensor = proj(x)
         return y if self.lora is None else self.lora.apply(layer, target, x, y)
 
@@ -40,6 +42,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fast = kernels.usable(x, self.weight, multiple=x.shape[-1])
+        if fast is not None:
+            return fast.rms_norm(x.contiguous(), self.weight, self.eps)
         # Normalise in fp32 whatever the compute dtype, as the reference implementations do.
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -52,17 +57,33 @@ class Attention(nn.Module):
         self.layer = layer
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.hd
         bias = args.attention_bias
-        self.wq = nn.Linear(args.dim, args.n_heads * args.hd, bias=bias)
-        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.hd, bias=bias)
-        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.hd, bias=bias)
+        self.wq: nn.Module | None = nn.Linear(args.dim, args.n_heads * args.hd, bias=bias)
+        self.wk: nn.Module | None = nn.Linear(args.dim, args.n_kv_heads * args.hd, bias=bias)
+        self.wv: nn.Module | None = nn.Linear(args.dim, args.n_kv_heads * args.hd, bias=bias)
         self.wo = nn.Linear(args.n_heads * args.hd, args.dim, bias=bias)
+        self.wqkv: nn.Module | None = None  # set by fuse_qkv (inference): one matmul for q, k and v
+
+    def fuse_qkv(self, wqkv: nn.Module) -> None:
+        """Replace wq, wk, wv by one projection computing [q | k | v]."""
+        self.wqkv, self.wq, self.wk, self.wv = wqkv, None, None, None
+
+    def _qkv(self, x: torch.Tensor, ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self.wqkv is None:
+            return (ctx.project(self.layer, "wq", self.wq, x), ctx.project(self.layer, "wk", self.wk, x),
+                    ctx.project(self.layer, "wv", self.wv, x))
+        kv = self.n_kv_heads * self.head_dim
+        q, k, v = self.wqkv(x).split([self.n_heads * self.head_dim, kv, kv], dim=-1)
+        if ctx.lora is not None:
+            q, k, v = (ctx.lora.apply(self.layer, t, x, y) for t, y in (("wq", q), ("wk", k), ("wv", v)))
+        return q, k, v
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """x [B, T, D] -> [B, T, D]."""
         b, t, _ = x.shape
-        q = ctx.project(self.layer, "wq", self.wq, x).view(b, t, self.n_heads, self.head_dim)
-        k = ctx.project(self.layer, "wk", self.wk, x).view(b, t, self.n_kv_heads, self.head_dim)
-        v = ctx.project(self.layer, "wv", self.wv, x).view(b, t, self.n_kv_heads, self.head_dim)
+        q, k, v = self._qkv(x, ctx)
+        q = q.reshape(b, t, self.n_heads, self.head_dim)
+        k = k.reshape(b, t, self.n_kv_heads, self.head_dim)
+        v = v.reshape(b, t, self.n_kv_heads, self.head_dim)
         q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
         if ctx.kv is None:
             out = attend(q, k, v, ctx.mask)
@@ -77,15 +98,40 @@ class FeedForward(nn.Module):
     def __init__(self, args: ModelArgs, layer: int = 0) -> None:
         super().__init__()
         self.layer = layer
-        self.w1 = nn.Linear(args.dim, args.hidden_dim, bias=args.mlp_bias)
+        self.w1: nn.Module | None = nn.Linear(args.dim, args.hidden_dim, bias=args.mlp_bias)
         self.w2 = nn.Linear(args.hidden_dim, args.dim, bias=args.mlp_bias)
-        self.w3 = nn.Linear(args.dim, args.hidden_dim, bias=args.mlp_bias)
+        self.w3: nn.Module | None = nn.Linear(args.dim, args.hidden_dim, bias=args.mlp_bias)
+        self.w13: nn.Module | None = None  # set by fuse_w13 (inference): one matmul for w1 and w3
+
+    def fuse_w13(self, w13: nn.Module) -> None:
+        """Replace w1 and w3 by one projection computing [w1 x | w3 x]."""
+        self.w13, self.w1, self.w3 = w13, None, None
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext | None = None) -> torch.Tensor:
-        if ctx is None or ctx.lora is None:
-            return self.w2(F.silu(self.w1(x)) * self.w3(x))
-        h = F.silu(ctx.project(self.layer, "w1", self.w1, x)) * ctx.project(self.layer, "w3", self.w3, x)
-        return ctx.project(self.layer, "w2", self.w2, h)
+        lora = None if ctx is None else ctx.lora
+        if self.w13 is not None:
+            gu = self.w13(x)
+            fast = kernels.usable(gu) if lora is None else None
+            if fast is not None:
+                h = fast.swiglu(gu.contiguous())
+            else:
+                gate, up = gu.chunk(2, dim=-1)
+                if lora is not None:
+                    gate, up = lora.apply(self.layer, "w1", x, gate), lora.apply(self.layer, "w3", x, up)
+                h = silu_mul(gate, up)
+        elif ctx is None or lora is None:
+            h = silu_mul(self.w1(x), self.w3(x))  # type: ignore[misc]
+        else:
+            h = silu_mul(ctx.project(self.layer, "w1", self.w1, x), ctx.project(self.layer, "w3", self.w3, x))
+        return self.w2(h) if lora is None or ctx is None else ctx.project(self.layer, "w2", self.w2, h)
+
+
+def silu_mul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """silu(a) * b, in one pass where the C++ kernels apply."""
+    fast = kernels.usable(a, b)
+    if fast is not None and a.shape == b.shape:
+        return fast.silu_mul(a.contiguous(), b.contiguous())
+    return F.silu(a) * b
 
 
 class TransformerBlock(nn.Module):

@@ -6,6 +6,7 @@ import math
 
 import torch
 
+from souverain import kernels
 from souverain.model.args import ModelArgs
 
 
@@ -48,6 +49,12 @@ def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.d
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x [B, T, H, hd]; cos/sin [B, T, hd]."""
+    fast = kernels.usable(x, cos, sin, multiple=x.shape[-1] // 2)
+    if fast is not None and cos.shape[:2] == x.shape[:2]:
+        b, t, h, d = x.shape
+        out = fast.rope(x.reshape(b * t, h, d).contiguous(), cos.reshape(b * t, d).contiguous(),
+                        sin.reshape(b * t, d).contiguous())
+        return out.view(b, t, h, d)
     cos, sin = cos[:, :, None, :], sin[:, :, None, :]
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)

@@ -24,6 +24,13 @@ CASES = {
 TOL = 1e-4
 
 
+def assert_matches(ours: torch.Tensor, expected: torch.Tensor) -> None:
+    """Within TOL plus a few float32 steps of the logits' scale: the large logits of random weights
+    (hundreds) differ in their last bits when a sum is added in another order (our C++ RMSNorm, for one)."""
+    scale = expected.abs().max().item()
+    assert (ours - expected).abs().max().item() <= TOL + 4e-6 * scale
+
+
 def prompts() -> torch.Tensor:
     g = torch.Generator().manual_seed(1)
     return torch.randint(0, 256, (3, 24), generator=g)
@@ -58,14 +65,14 @@ def _ours(path: Path) -> torch.Tensor:
 
 def test_hf_layout_matches_transformers(reference) -> None:
     _, folder, _, expected = reference
-    assert (_ours(folder) - expected).abs().max().item() <= TOL
+    assert_matches(_ours(folder), expected)
 
 
 def test_hf_sharded_layout(reference, tmp_path: Path) -> None:
     _, _, model, expected = reference
     model.save_pretrained(tmp_path, max_shard_size="20KB")
     assert (tmp_path / "model.safetensors.index.json").exists()
-    assert (_ours(tmp_path) - expected).abs().max().item() <= TOL
+    assert_matches(_ours(tmp_path), expected)
 
 
 @pytest.mark.parametrize("name", ["mistral", "mixtral"])  # params.json has no Llama 3 rope scaling
@@ -73,14 +80,14 @@ def test_mistral_layout_matches(references, name: str, tmp_path: Path) -> None:
     _, folder, _, expected = references(name)
     args, state = our_state(folder)
     write_mistral(args, state, tmp_path)
-    assert (_ours(tmp_path) - expected).abs().max().item() <= TOL
+    assert_matches(_ours(tmp_path), expected)
 
 
 def test_gguf_f32_matches(reference, tmp_path: Path) -> None:
     _, folder, _, expected = reference
     args, state = our_state(folder)
     write_gguf(args, state, tmp_path / "m.gguf")
-    assert (_ours(tmp_path / "m.gguf") - expected).abs().max().item() <= TOL
+    assert_matches(_ours(tmp_path / "m.gguf"), expected)
 
 
 # Q8_0 on every architecture; the other types on one.
@@ -101,7 +108,7 @@ def test_gguf_quantised_matches_dequantised_reference(references, name: str, qty
             if p.dim() >= 2:
                 p.copy_(quantize_roundtrip(p.reshape(-1, p.shape[-1]), quant).reshape(p.shape))
         expected = model(prompts()).logits
-    assert (_ours(tmp_path / "q.gguf") - expected).abs().max().item() <= TOL
+    assert_matches(_ours(tmp_path / "q.gguf"), expected)
 
 
 @pytest.mark.parametrize("qtype", ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"])
@@ -117,4 +124,4 @@ def test_gguf_k_quants_match_transformers_reading_the_same_file(tmp_path: Path, 
     ref = transformers.LlamaForCausalLM.from_pretrained(tmp_path, gguf_file="k.gguf", dtype=torch.float32).eval()
     with torch.no_grad():
         expected = ref(prompts()).logits
-    assert (_ours(tmp_path / "k.gguf") - expected).abs().max().item() <= TOL
+    assert_matches(_ours(tmp_path / "k.gguf"), expected)

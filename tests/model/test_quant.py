@@ -52,3 +52,28 @@ def test_decode_and_prefill_paths_agree(bits: int) -> None:
         exact = lin(x)
     assert (small.float() - exact.float()).abs().max().item() < (0.05 if bits == 8 else 0.3)
     assert (big.float() - exact.float()).abs().max().item() < 1e-2
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("rows", [1, 6])  # the int kernels, and the dense copy
+def test_fused_projections_equal_separate_ones(bits: int, rows: int) -> None:
+    """wq/wk/wv and w1/w3 fused into one matmul each give the separate projections' output, with
+    an adapter on some rows too (its update is added to each part of the split)."""
+    import copy
+
+    from souverain.model.lora import LoraBatch
+    from tests.engine.test_lora import random_adapter
+    from tests.engine.toy import tiny_model
+
+    base = tiny_model("dense").to(torch.bfloat16)
+    fused = quantize(copy.deepcopy(base), bits=bits)
+    separate = quantize(copy.deepcopy(base), bits=bits, fuse=False)
+    assert fused.layers[0].attention.wqkv is not None and fused.layers[0].attention.wq is None
+    assert separate.layers[0].attention.wqkv is None and separate.layers[0].feed_forward.w13 is None
+    adapter = random_adapter(base, 3)
+    tokens = torch.randint(0, 256, (1, rows))
+    lora = LoraBatch.from_slots([adapter], [0 if i % 2 else -1 for i in range(rows)], torch.device("cpu"))
+    with torch.no_grad():
+        for batch in (None, lora):
+            a, b = fused(tokens, lora=batch).float(), separate(tokens, lora=batch).float()
+            assert (a - b).abs().max().item() <= 1e-2 * b.abs().max().item()

@@ -1,0 +1,110 @@
+"""Our C++ CPU kernels (cpu.cpp), compiled once per machine with the system's C++ compiler.
+
+`load()` builds them on first call (about a minute on 2 cores; `scripts/setup.sh` does it ahead
+with `python -m souverain.kernels`) into the user cache, keyed by the source, the torch version and
+the CPU's instruction sets, then imports the result. Without a compiler, or with
+SOUVERAIN_KERNELS=0, `load()` returns None and every op falls back to plain PyTorch (souverain/kernels/ops.py):
+same results, slower. Nothing is built at import time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import threading
+from pathlib import Path
+from types import ModuleType
+
+log = logging.getLogger(__name__)
+
+_lock = threading.Lock()
+_state: dict[str, ModuleType | None] = {}
+SOURCE = Path(__file__).with_name("cpu.cpp")
+
+
+def enabled() -> bool:
+    return os.environ.get("SOUVERAIN_KERNELS", "1").lower() not in ("0", "false", "no", "off")
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def build_dir() -> Path:
+    """Where this machine's build lives: -march=native code must not travel to another CPU."""
+    import platformdirs
+    import torch
+
+    key = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode() + _cpu_flags().encode()).hexdigest()[:16]
+    base = os.environ.get("SOUVERAIN_KERNELS_DIR") or platformdirs.user_cache_dir("souverain")
+    return Path(base) / "kernels" / key
+
+
+def load() -> ModuleType | None:
+    """The compiled kernels, building them if needed; None when they cannot be had here."""
+    with _lock:
+        if "cpu" in _state:
+            return _state["cpu"]
+        module = None
+        if enabled():
+            try:
+                module = _build()
+            except Exception as e:  # no compiler, no headers, a failed build: PyTorch ops instead
+                log.warning("C++ kernels unavailable, using PyTorch ops (slower): %s", str(e).strip()[-500:])
+        _state["cpu"] = module
+        return module
+
+
+def loaded() -> ModuleType | None:
+    """The kernels if `load()` already succeeded in this process; never builds."""
+    return _state.get("cpu")
+
+
+def _capability() -> list[str]:
+    """ATen's vector classes pick their instruction set from these macros (as PyTorch's own
+    generated kernels do); without them the portable scalar versions compile."""
+    flags = set(_cpu_flags().split())
+    if {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags:
+        return ["-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"]
+    if {"avx2", "fma"} <= flags:
+        return ["-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
+    return []
+
+
+def _build() -> ModuleType:
+    from torch.utils import cpp_extension
+
+    where = build_dir()
+    where.mkdir(parents=True, exist_ok=True)
+    flags = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", *_capability()]
+    return cpp_extension.load(name="souverain_cpu_kernels", sources=[str(SOURCE)], build_directory=str(where),
+                              extra_cflags=flags, extra_ldflags=["-fopenmp"], verbose=False)
+
+
+def usable(*tensors: object, multiple: int = 0) -> ModuleType | None:
+    """The loaded kernels if they apply to these tensors: CPU, one dtype (bfloat16 or float32), no
+    autograd (training takes the PyTorch ops, which have gradients), and `multiple` (the rows' length
+    the kernel walks) a multiple of the SIMD width."""
+    module = _state.get("cpu")
+    if module is None or multiple % module.vector_width():
+        return None
+    import torch
+
+    if torch.is_grad_enabled():
+        return None
+    dtype = None
+    for t in tensors:
+        if not isinstance(t, torch.Tensor) or t.device.type != "cpu" or t.dtype not in (torch.bfloat16, torch.float32):
+            return None
+        if dtype is not None and t.dtype != dtype:
+            return None
+        dtype = t.dtype
+    return module

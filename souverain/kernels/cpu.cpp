@@ -1,0 +1,392 @@
+// CPU kernels for the decode hot path, built on first use by souverain/kernels/__init__.py.
+//
+// Each one replaces a chain of small ATen ops (one memory pass each, one dispatch each) by a
+// single pass. The bf16 variants round exactly where the PyTorch reference path rounds, so the
+// two paths agree to the last bit (sums and exp aside). Parallel loops use ATen's
+// OpenMP pool, the same threads as every other op.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+namespace {
+
+using at::BFloat16;
+using fVec = at::vec::Vectorized<float>;
+using bVec = at::vec::Vectorized<BFloat16>;
+constexpr int64_t W = fVec::size();
+// Element-wise kernels split work across threads only above this many values.
+constexpr int64_t kInlineWork = 1 << 16;
+
+inline fVec loadv(const float* p) { return fVec::loadu(p); }
+inline fVec loadv(const BFloat16* p) {
+  fVec out;
+  at::vec::load_to_float<BFloat16>(p, out);
+  return out;
+}
+
+// Round to the storage type as an ATen op would (round to nearest even for bf16).
+template <typename T> inline fVec round_to(const fVec& v) { return v; }
+template <> inline fVec round_to<BFloat16>(const fVec& v) {
+  auto [lo, hi] = at::vec::convert_to_float<BFloat16>(at::vec::convert_from_float<BFloat16>(v, v));
+  (void)hi;
+  return lo;
+}
+template <typename T> inline float round_to(float v) { return static_cast<float>(static_cast<T>(v)); }
+
+// A float row to storage, n a multiple of W.
+inline void store_row(const float* src, float* dst, int64_t n) {
+  for (int64_t i = 0; i < n; i += W) fVec::loadu(src + i).store(dst + i);
+}
+inline void store_row(const float* src, BFloat16* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + 2 * W <= n; i += 2 * W) {
+    at::vec::convert_from_float<BFloat16>(fVec::loadu(src + i), fVec::loadu(src + i + W)).store(dst + i);
+  }
+  for (; i < n; ++i) dst[i] = static_cast<BFloat16>(src[i]);
+}
+
+inline float to_float(float v) { return v; }
+inline float to_float(BFloat16 v) { return static_cast<float>(v); }
+
+void check_cpu(const torch::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), name, " must be on the CPU");
+  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Decode attention straight from the paged cache: one query token per sequence, keys read block
+// by block through the sequence's block table (no gathered copy of the keys).
+//
+// Layouts: k_cache [blocks, Hkv, hd, block_size] (each block's keys stored transposed, one
+// contiguous tile per head, so a score is a sum of vector FMAs over dimensions with no
+// horizontal reduction per key), v_cache [slots, Hkv, hd], a slot being block * block_size + offset.
+// Work items are (sequence, kv head); the R = H / Hkv query heads sharing a kv head are computed
+// together, so each key and value is read once; R and CH = hd / W are template parameters so
+// the accumulators stay in registers.
+struct DecodeArgs {
+  int64_t h, hkv, hd, width, block_size;
+  const int32_t* table;
+  const int32_t* starts;
+  const int32_t* ends;
+  float scale;
+};
+
+template <typename T, int R, int CH>
+void decode_item(const DecodeArgs& a, const T* qp, const T* kp, const T* vp, T* op, int64_t s, int64_t g,
+                 std::vector<float>& scores) {
+  constexpr int64_t hd = CH * W;
+  const int64_t bs = a.block_size, lo = a.starts[s], hi = a.ends[s];
+  const int64_t first = lo / bs, last = (hi - 1) / bs, span = (last - first + 1) * bs;
+  const int32_t* blocks = a.table + s * a.width;
+  float qf[R][hd];
+  for (int r = 0; r < R; ++r) {
+    const T* src = qp + (s * a.h + g * R + r) * hd;
+    for (int c = 0; c < CH; ++c) (loadv(src + c * W) * fVec(a.scale)).store(&qf[r][c * W]);
+  }
+  // Scores for every slot of the blocks in reach, W keys per vector (the few outside [lo, hi) unused).
+  scores.resize(R * span);
+  for (int64_t b = first; b <= last; ++b) {
+    const T* tile = kp + (static_cast<int64_t>(blocks[b]) * a.hkv + g) * hd * bs;  // [hd, bs]
+    for (int64_t o = 0; o < bs; o += W) {
+      fVec acc[R];
+      for (int r = 0; r < R; ++r) acc[r] = fVec(0.f);
+      const T* col = tile + o;
+      for (int64_t d = 0; d < hd; ++d) {
+        const fVec k = loadv(col + d * bs);
+        for (int r = 0; r < R; ++r) acc[r] = at::vec::fmadd(fVec(qf[r][d]), k, acc[r]);
+      }
+      for (int r = 0; r < R; ++r) acc[r].store(scores.data() + r * span + (b - first) * bs + o);
+    }
+  }
+  // Softmax over [lo, hi).
+  const int64_t j0 = lo - first * bs, j1 = hi - first * bs;
+  float total[R];
+  for (int r = 0; r < R; ++r) {
+    float* sr = scores.data() + r * span;
+    float mx = -INFINITY;
+    for (int64_t j = j0; j < j1; ++j) mx = std::max(mx, sr[j]);
+    fVec sumv(0.f);
+    int64_t j = j0;
+    for (; j + W <= j1; j += W) {
+      const fVec e = (fVec::loadu(sr + j) - fVec(mx)).exp_u20();
+      e.store(sr + j);
+      sumv = sumv + e;
+    }
+    float sum = sumv.reduce_add();
+    for (; j < j1; ++j) {
+      sr[j] = std::exp(sr[j] - mx);
+      sum += sr[j];
+    }
+    total[r] = sum;
+  }
+  fVec out[R][CH];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < CH; ++c) out[r][c] = fVec(0.f);
+  for (int64_t j = j0; j < j1; ++j) {
+    const int64_t pos = first * bs + j;
+    const int64_t slot = static_cast<int64_t>(blocks[pos / bs]) * bs + pos % bs;
+    const T* vrow = vp + (slot * a.hkv + g) * hd;
+    for (int c = 0; c < CH; ++c) {
+      const fVec v = loadv(vrow + c * W);
+      for (int r = 0; r < R; ++r) out[r][c] = at::vec::fmadd(fVec(scores[r * span + j]), v, out[r][c]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    float row[hd];
+    const fVec inv(1.f / total[r]);
+    for (int c = 0; c < CH; ++c) (out[r][c] * inv).store(row + c * W);
+    store_row(row, op + (s * a.h + g * R + r) * hd, hd);
+  }
+}
+
+template <typename T, int R, int CH>
+void decode_all(const DecodeArgs& a, const T* qp, const T* kp, const T* vp, T* op, int64_t n) {
+  at::parallel_for(0, n * a.hkv, 1, [&](int64_t begin, int64_t stop) {
+    std::vector<float> scores;
+    for (int64_t item = begin; item < stop; ++item) decode_item<T, R, CH>(a, qp, kp, vp, op, item / a.hkv, item % a.hkv, scores);
+  });
+}
+
+template <typename T, int CH>
+bool decode_rep(const DecodeArgs& a, const T* qp, const T* kp, const T* vp, T* op, int64_t n, int64_t rep) {
+  switch (rep) {
+    case 1: decode_all<T, 1, CH>(a, qp, kp, vp, op, n); return true;
+    case 2: decode_all<T, 2, CH>(a, qp, kp, vp, op, n); return true;
+    case 3: decode_all<T, 3, CH>(a, qp, kp, vp, op, n); return true;
+    case 4: decode_all<T, 4, CH>(a, qp, kp, vp, op, n); return true;
+    case 5: decode_all<T, 5, CH>(a, qp, kp, vp, op, n); return true;
+    case 6: decode_all<T, 6, CH>(a, qp, kp, vp, op, n); return true;
+    case 7: decode_all<T, 7, CH>(a, qp, kp, vp, op, n); return true;
+    case 8: decode_all<T, 8, CH>(a, qp, kp, vp, op, n); return true;
+    default: return false;
+  }
+}
+
+template <typename T>
+bool decode_dispatch(const DecodeArgs& a, const T* qp, const T* kp, const T* vp, T* op, int64_t n) {
+  const int64_t rep = a.h / a.hkv;
+  switch (a.hd / W) {
+    case 2: return decode_rep<T, 2>(a, qp, kp, vp, op, n, rep);
+    case 4: return decode_rep<T, 4>(a, qp, kp, vp, op, n, rep);
+    case 8: return decode_rep<T, 8>(a, qp, kp, vp, op, n, rep);
+    case 16: return decode_rep<T, 16>(a, qp, kp, vp, op, n, rep);
+    default: return false;
+  }
+}
+
+bool decode_supported(int64_t n_heads, int64_t n_kv_heads, int64_t head_dim, int64_t block_size) {
+  const int64_t ch = head_dim / W, rep = n_kv_heads > 0 ? n_heads / n_kv_heads : 0;
+  return head_dim % W == 0 && (ch == 2 || ch == 4 || ch == 8 || ch == 16) && n_heads % n_kv_heads == 0 &&
+         rep >= 1 && rep <= 8 && block_size % W == 0;
+}
+
+torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
+                                     torch::Tensor block_table, torch::Tensor k_start, torch::Tensor k_end,
+                                     int64_t block_size, double scale) {
+  for (auto* t : {&q, &k_cache, &v_cache, &block_table, &k_start, &k_end}) check_cpu(*t, "paged_decode_attention input");
+  TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && v_cache.dim() == 3,
+              "q [N, H, hd], k_cache [blocks, Hkv, hd, block_size], v_cache [slots, Hkv, hd]");
+  TORCH_CHECK(k_cache.size(1) == v_cache.size(1) && k_cache.size(2) == v_cache.size(2) && k_cache.size(3) == block_size &&
+              k_cache.size(0) * block_size == v_cache.size(0), "k_cache [blocks, Hkv, hd, block_size] and v_cache [slots, Hkv, hd] disagree");
+  TORCH_CHECK(q.scalar_type() == k_cache.scalar_type() && q.scalar_type() == v_cache.scalar_type(), "one dtype for q, k, v");
+  TORCH_CHECK(q.size(2) == v_cache.size(2), "head_dim disagrees");
+  TORCH_CHECK(decode_supported(q.size(1), v_cache.size(1), q.size(2), block_size), "unsupported head or block shape");
+  TORCH_CHECK(block_table.scalar_type() == at::kInt && k_start.scalar_type() == at::kInt && k_end.scalar_type() == at::kInt,
+              "block_table, k_start, k_end must be int32");
+  TORCH_CHECK(block_table.size(0) == q.size(0) && k_start.size(0) == q.size(0) && k_end.size(0) == q.size(0),
+              "one block table row and key range per query");
+  auto out = torch::empty_like(q);
+  DecodeArgs a{q.size(1), v_cache.size(1), q.size(2), block_table.size(1), block_size,
+               block_table.data_ptr<int32_t>(), k_start.data_ptr<int32_t>(), k_end.data_ptr<int32_t>(),
+               static_cast<float>(scale)};
+  const int64_t n = q.size(0);
+  for (int64_t i = 0; i < n; ++i) TORCH_CHECK(a.starts[i] >= 0 && a.starts[i] < a.ends[i], "empty key range");
+  if (q.scalar_type() == at::kBFloat16) {
+    decode_dispatch<BFloat16>(a, q.data_ptr<BFloat16>(), k_cache.data_ptr<BFloat16>(), v_cache.data_ptr<BFloat16>(),
+                              out.data_ptr<BFloat16>(), n);
+  } else {
+    TORCH_CHECK(q.scalar_type() == at::kFloat, "paged_decode_attention takes bfloat16 or float32");
+    decode_dispatch<float>(a, q.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(),
+                           out.data_ptr<float>(), n);
+  }
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------
+// RMSNorm as the reference computes it: in fp32, rounded to the input dtype, then times the weight.
+template <typename T>
+void rms_norm_impl(const torch::Tensor& x, const torch::Tensor& w, double eps, torch::Tensor& out) {
+  const int64_t rows = x.numel() / x.size(-1), dim = x.size(-1);
+  const T* xp = x.data_ptr<T>();
+  const T* wp = w.data_ptr<T>();
+  T* op = out.data_ptr<T>();
+  // Small inputs (a decode step's rows) run on the calling thread: waking the pool costs more.
+  at::parallel_for(0, rows, std::max<int64_t>(1, kInlineWork / dim), [&](int64_t begin, int64_t end) {
+    std::vector<float> y(dim);
+    for (int64_t r = begin; r < end; ++r) {
+      const T* xr = xp + r * dim;
+      fVec ssv(0.f);
+      for (int64_t d = 0; d < dim; d += W) {
+        const fVec v = loadv(xr + d);
+        ssv = at::vec::fmadd(v, v, ssv);
+      }
+      const float inv = 1.f / std::sqrt(ssv.reduce_add() / static_cast<float>(dim) + static_cast<float>(eps));
+      const fVec invv(inv);
+      for (int64_t d = 0; d < dim; d += W) (loadv(wp + d) * round_to<T>(loadv(xr + d) * invv)).store(y.data() + d);
+      store_row(y.data(), op + r * dim, dim);
+    }
+  });
+}
+
+torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {
+  check_cpu(x, "x");
+  check_cpu(weight, "weight");
+  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == x.size(-1) && weight.scalar_type() == x.scalar_type(),
+              "weight must be [dim] in x's dtype");
+  TORCH_CHECK(x.size(-1) % W == 0, "dim must be a multiple of ", W);
+  auto out = torch::empty_like(x);
+  if (x.scalar_type() == at::kBFloat16) {
+    rms_norm_impl<BFloat16>(x, weight, eps, out);
+  } else {
+    TORCH_CHECK(x.scalar_type() == at::kFloat, "rms_norm takes bfloat16 or float32");
+    rms_norm_impl<float>(x, weight, eps, out);
+  }
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------
+// SwiGLU's gate: silu(a) * b, each op rounded as ATen rounds it. Rows of n values; a and b rows
+// start every `stride` values (a fused [gate | up] projection has a = gu, b = gu + n, stride 2n).
+template <typename T>
+void silu_mul_rows(const T* ap, const T* bp, T* op, int64_t rows, int64_t n, int64_t stride) {
+  at::parallel_for(0, rows * n, kInlineWork, [&](int64_t begin, int64_t end) {
+    float buf[2 * W];
+    const fVec one(1.f);
+    int64_t i = begin;
+    while (i < end) {
+      const int64_t r = i / n, col = i % n, stop = std::min(end - i, n - col);
+      const T* a = ap + r * stride + col;
+      const T* b = bp + r * stride + col;
+      T* o = op + i;
+      int64_t k = 0;
+      for (; k + 2 * W <= stop; k += 2 * W) {
+        for (int64_t h = 0; h < 2; ++h) {
+          const fVec x = loadv(a + k + h * W);
+          const fVec sig = round_to<T>(x / (one + x.neg().exp()));
+          (sig * loadv(b + k + h * W)).store(buf + h * W);
+        }
+        store_row(buf, o + k, 2 * W);
+      }
+      for (; k < stop; ++k) {
+        const float x = to_float(a[k]);
+        o[k] = static_cast<T>(round_to<T>(x / (1.f + std::exp(-x))) * to_float(b[k]));
+      }
+      i += stop;
+    }
+  });
+}
+
+template <typename T>
+void silu_mul_typed(const torch::Tensor& a, const torch::Tensor& b, torch::Tensor& out, int64_t rows, int64_t n,
+                    int64_t stride) {
+  silu_mul_rows<T>(a.data_ptr<T>(), b.data_ptr<T>(), out.data_ptr<T>(), rows, n, stride);
+}
+
+torch::Tensor silu_mul(torch::Tensor a, torch::Tensor b) {
+  check_cpu(a, "a");
+  check_cpu(b, "b");
+  TORCH_CHECK(a.sizes() == b.sizes() && a.scalar_type() == b.scalar_type(), "a and b must match");
+  auto out = torch::empty_like(a);
+  const int64_t n = a.numel();
+  if (a.scalar_type() == at::kBFloat16) {
+    silu_mul_typed<BFloat16>(a, b, out, 1, n, n);
+  } else {
+    TORCH_CHECK(a.scalar_type() == at::kFloat, "silu_mul takes bfloat16 or float32");
+    silu_mul_typed<float>(a, b, out, 1, n, n);
+  }
+  return out;
+}
+
+// gu [..., 2n] (gate then up) -> silu(gate) * up [..., n].
+torch::Tensor swiglu(torch::Tensor gu) {
+  check_cpu(gu, "gu");
+  TORCH_CHECK(gu.size(-1) % 2 == 0, "gu's last dimension must be even");
+  const int64_t n = gu.size(-1) / 2, rows = gu.numel() / gu.size(-1);
+  auto sizes = gu.sizes().vec();
+  sizes.back() = n;
+  auto out = torch::empty(sizes, gu.options());
+  if (gu.scalar_type() == at::kBFloat16) {
+    silu_mul_rows<BFloat16>(gu.data_ptr<BFloat16>(), gu.data_ptr<BFloat16>() + n, out.data_ptr<BFloat16>(), rows, n, 2 * n);
+  } else {
+    TORCH_CHECK(gu.scalar_type() == at::kFloat, "swiglu takes bfloat16 or float32");
+    silu_mul_rows<float>(gu.data_ptr<float>(), gu.data_ptr<float>() + n, out.data_ptr<float>(), rows, n, 2 * n);
+  }
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Rotary embedding (rotate-half layout) on x [R, heads, hd] with cos/sin [R, hd]:
+// x * cos + rotate_half(x) * sin, rounded per op as the reference path rounds.
+template <typename T>
+void rope_impl(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin, torch::Tensor& out) {
+  const int64_t rows = x.size(0), heads = x.size(1), hd = x.size(2), half = hd / 2;
+  const T* xp = x.data_ptr<T>();
+  const T* cp = cos.data_ptr<T>();
+  const T* sp = sin.data_ptr<T>();
+  T* op = out.data_ptr<T>();
+  at::parallel_for(0, rows, std::max<int64_t>(1, kInlineWork / (heads * hd)), [&](int64_t begin, int64_t end) {
+    std::vector<float> y(hd);
+    for (int64_t r = begin; r < end; ++r) {
+      const T* c = cp + r * hd;
+      const T* sn = sp + r * hd;
+      for (int64_t hh = 0; hh < heads; ++hh) {
+        const int64_t base = (r * heads + hh) * hd;
+        const T* v = xp + base;
+        for (int64_t d = 0; d < half; d += W) {  // first half: x * cos - x[half:] * sin
+          (round_to<T>(loadv(v + d) * loadv(c + d)) + round_to<T>(loadv(v + half + d).neg() * loadv(sn + d)))
+              .store(y.data() + d);
+        }
+        for (int64_t d = half; d < hd; d += W) {  // second half: x * cos + x[:half] * sin
+          (round_to<T>(loadv(v + d) * loadv(c + d)) + round_to<T>(loadv(v + d - half) * loadv(sn + d)))
+              .store(y.data() + d);
+        }
+        store_row(y.data(), op + base, hd);
+      }
+    }
+  });
+}
+
+torch::Tensor rope(torch::Tensor x, torch::Tensor cos, torch::Tensor sin) {
+  for (auto* t : {&x, &cos, &sin}) check_cpu(*t, "rope input");
+  TORCH_CHECK(x.dim() == 3 && cos.dim() == 2 && cos.sizes() == sin.sizes() && cos.size(0) == x.size(0) &&
+              cos.size(1) == x.size(2) && x.size(2) % 2 == 0, "x [R, heads, hd], cos/sin [R, hd]");
+  TORCH_CHECK(cos.scalar_type() == x.scalar_type() && sin.scalar_type() == x.scalar_type(), "one dtype for x, cos, sin");
+  TORCH_CHECK(x.size(2) % (2 * W) == 0, "head_dim must be a multiple of ", 2 * W);
+  auto out = torch::empty_like(x);
+  if (x.scalar_type() == at::kBFloat16) {
+    rope_impl<BFloat16>(x, cos, sin, out);
+  } else {
+    TORCH_CHECK(x.scalar_type() == at::kFloat, "rope takes bfloat16 or float32");
+    rope_impl<float>(x, cos, sin, out);
+  }
+  return out;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("vector_width", [] { return W; }, "floats per SIMD vector: row lengths must be multiples of it");
+  m.def("decode_supported", &decode_supported, "whether paged_decode_attention takes these shapes");
+  m.def("paged_decode_attention", &paged_decode_attention, "decode attention over a paged KV cache");
+  m.def("rms_norm", &rms_norm, "RMSNorm");
+  m.def("silu_mul", &silu_mul, "silu(a) * b");
+  m.def("swiglu", &swiglu, "silu(gate) * up from a fused [gate | up] tensor");
+  m.def("rope", &rope, "rotary embedding, rotate-half layout");
+}

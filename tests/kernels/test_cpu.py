@@ -1,0 +1,181 @@
+"""The C++ kernels against the PyTorch ops they replace, and the engine on them against the plain path."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from souverain import kernels
+from souverain.engine.request import Request, SamplingParams
+from souverain.engine.simple import generate_tokens
+from souverain.model import ModelArgs, Transformer
+from souverain.model.attention import attend
+from souverain.model.layers import RMSNorm, silu_mul
+from souverain.model.quant import quantize
+from souverain.model.rope import apply_rope
+from tests.engine.toy import EOS, make_engine, run_all, tokens_of
+
+fast = kernels.load()
+pytestmark = pytest.mark.skipif(fast is None, reason="no C++ compiler here: the PyTorch ops serve")
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+def reference(fn, monkeypatch: pytest.MonkeyPatch):
+    """fn() on the PyTorch ops, as on a machine without the kernels."""
+    with monkeypatch.context() as m:
+        m.setitem(kernels._state, "cpu", None)
+        return fn()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@torch.inference_mode()
+def test_rms_norm_rounds_as_the_reference(dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(0)
+    norm = RMSNorm(576, 1e-5).to(dtype)
+    norm.weight.data = torch.randn(576).to(dtype)
+    for rows in (1, 32, 300):  # 300 rows take the threaded path
+        x = (torch.randn(rows, 576) * 3).to(dtype)
+        got, want = norm(x), reference(lambda x=x: norm(x), monkeypatch)
+        # The sum of squares is added in another order: the scale may differ in its last bit.
+        if dtype == torch.float32:
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+        else:  # which moves a rare value across a bf16 rounding boundary: one step, no more
+            assert ((got.float() - want.float()).abs() <= want.float().abs() / 128 + 1e-30).all()
+            assert (got == want).float().mean().item() > 0.99
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@torch.inference_mode()
+def test_swiglu_and_silu_mul_are_exact(dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(0)
+    for rows in (1, 7, 64):  # 64 x 1536 is past the inline limit: threaded
+        gu = (torch.randn(rows, 2 * 1536) * 4).to(dtype)
+        gate, up = gu.chunk(2, dim=-1)
+        want = F.silu(gate) * up
+        assert torch.equal(fast.swiglu(gu), want)
+        assert torch.equal(silu_mul(gate.contiguous(), up.contiguous()), want)
+        assert torch.equal(reference(lambda g=gate, u=up: silu_mul(g, u), monkeypatch), want)
+    odd = torch.randn(3, 2 * 37).to(dtype)  # a length with a scalar tail
+    assert torch.equal(fast.swiglu(odd), F.silu(odd[:, :37]) * odd[:, 37:])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@torch.inference_mode()
+def test_rope_is_exact(dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+    from souverain.model.rope import rope_cos_sin
+
+    torch.manual_seed(0)
+    inv = 1.0 / (10000 ** (torch.arange(0, 64, 2).float() / 64))
+    positions = torch.randint(0, 4000, (2, 40))
+    cos, sin = rope_cos_sin(inv, positions, dtype)
+    x = torch.randn(2, 40, 9, 64).to(dtype)
+    got = apply_rope(x, cos, sin)
+    assert torch.equal(got, reference(lambda: apply_rope(x, cos, sin), monkeypatch))
+
+
+def paged_case(n: int, h: int, hkv: int, hd: int, bs: int, dtype: torch.dtype, window: int | None, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    lengths = [int(x) for x in torch.randint(1, 300, (n,), generator=g)]
+    per_seq = [(length + bs - 1) // bs for length in lengths]
+    num_blocks = sum(per_seq) + 5
+    order = torch.randperm(num_blocks, generator=g).tolist()  # blocks scattered through the pool
+    tables, k = [], 0
+    for count in per_seq:
+        tables.append(order[k : k + count])
+        k += count
+    width = max(per_seq)
+    table = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
+    keys = torch.randn(num_blocks * bs, hkv, hd, generator=g).to(dtype)
+    values = torch.randn(num_blocks * bs, hkv, hd, generator=g).to(dtype)
+    q = torch.randn(n, h, hd, generator=g).to(dtype)
+    hi = torch.tensor(lengths, dtype=torch.int32)
+    lo = (hi - window).clamp(min=0) if window else torch.zeros_like(hi)
+    return q, keys, values, table, lo, hi, tables
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("h", "hkv", "hd", "window"), [(9, 3, 64, None), (8, 8, 128, None), (32, 8, 64, 50),
+                                                        (4, 1, 32, 17)])
+@torch.inference_mode()
+def test_paged_decode_attention_matches_sdpa(dtype: torch.dtype, h: int, hkv: int, hd: int,
+                                             window: int | None) -> None:
+    bs = 16
+    assert fast.decode_supported(h, hkv, hd, bs)
+    q, keys, values, table, lo, hi, tables = paged_case(12, h, hkv, hd, bs, dtype, window, seed=h + hd)
+    # The kernel's key layout: [blocks, Hkv, hd, bs].
+    k_tiles = keys.view(-1, bs, hkv, hd).permute(0, 2, 3, 1).contiguous()
+    got = fast.paged_decode_attention(q, k_tiles, values, table, lo, hi, bs, hd**-0.5)
+    for s, blocks in enumerate(tables):
+        slots = torch.tensor([b * bs + o for b in blocks for o in range(bs)])[int(lo[s]) : int(hi[s])]
+        everything = torch.ones(1, 1, 1, len(slots), dtype=torch.bool)
+        want = attend(q[s][None, None], keys[slots][None], values[slots][None], everything)[0, 0]
+        tol = 1e-5 if dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(got[s].float(), want.float(), atol=tol, rtol=tol)
+
+
+def test_paged_decode_attention_refuses_bad_input() -> None:
+    q, keys, values, table, lo, hi, _ = paged_case(2, 4, 2, 64, 16, torch.float32, None, seed=0)
+    tiles = keys.view(-1, 16, 2, 64).permute(0, 2, 3, 1).contiguous()
+    with pytest.raises(RuntimeError, match="int32"):
+        fast.paged_decode_attention(q, tiles, values, table.long(), lo, hi, 16, 0.125)
+    with pytest.raises(RuntimeError, match="empty key range"):
+        fast.paged_decode_attention(q, tiles, values, table, hi, hi, 16, 0.125)
+    with pytest.raises(RuntimeError, match="disagree"):
+        fast.paged_decode_attention(q, tiles, values[:-16], table, lo, hi, 16, 0.125)
+
+
+# -- the engine on the kernels ---------------------------------------------------------------------
+KERNEL_SHAPED = dict(dim=192, n_layers=2, n_heads=3, n_kv_heads=1, hidden_dim=256, vocab_size=258, max_seq_len=512)
+
+
+def kernel_model(window: int | None = None, seed: int = 0) -> Transformer:
+    torch.manual_seed(seed)
+    model = Transformer(ModelArgs(**KERNEL_SHAPED, sliding_window=window))  # type: ignore[arg-type]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+    return model.eval()
+
+
+def prompts(n: int, seed: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(256) for _ in range(rng.choice([1, 5, 17, 33, 70]))] for _ in range(n)]
+
+
+@pytest.mark.parametrize("window", [None, 24])
+@pytest.mark.parametrize("blocks", [64, 12])  # 12 blocks of 16: preemption
+def test_engine_on_kernels_equals_alone(window: int | None, blocks: int) -> None:
+    model = kernel_model(window)
+    engine = make_engine(model, blocks=blocks, block_size=16, max_batched_tokens=48)
+    assert engine.cache.k_transposed  # the decode kernel serves this engine
+    ps = prompts(6, seed=blocks)
+    params = SamplingParams(temperature=0.0, max_tokens=30)
+    out = run_all(engine, {0: [Request(f"r{i}", p, params) for i, p in enumerate(ps[:4])],
+                           3: [Request(f"r{i}", p, params) for i, p in enumerate(ps[4:], start=4)]})
+    if blocks == 12:
+        assert engine.stats.preemptions > 0
+    for i, p in enumerate(ps):
+        # Alone: the contiguous cache and PyTorch's attention, no paged kernel.
+        assert tokens_of(out[(f"r{i}", 0)]) == list(generate_tokens(model, p, max_tokens=30, stop_ids=[EOS])), i
+    assert engine.blocks.num_free == engine.blocks.num_blocks
+
+
+def test_engine_gives_the_same_tokens_without_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+    ps = prompts(5, seed=3)
+    params = SamplingParams(temperature=0.0, max_tokens=20)
+
+    def run() -> tuple[list[list[int]], bool]:
+        # Quantised, so the fused projections (wqkv, w13 through swiglu) are on the path too.
+        model = quantize(kernel_model(window=24), bits=8)
+        engine = make_engine(model, block_size=16)
+        out = run_all(engine, {0: [Request(f"r{i}", p, params) for i, p in enumerate(ps)]})
+        return [tokens_of(out[(f"r{i}", 0)]) for i in range(len(ps))], engine.cache.k_transposed
+
+    with_kernels, used = run()
+    monkeypatch.setitem(kernels._state, "cpu", None)
+    without, unused = run()
+    assert used and not unused
+    assert with_kernels == without
