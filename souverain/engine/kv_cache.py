@@ -51,6 +51,7 @@ class AttentionGroup:
     out_rows: torch.Tensor  # [V] flat rows of the real (unpadded) queries...
     out_picks: torch.Tensor  # [V] ...and where they sit in the group's flattened [G*T] output
     identity: bool = False  # one query per sequence, rows 0..N-1 in order: no gather/scatter
+    local: bool = False  # chunks starting their sequences: causal over their own rows, no cached keys
     # Decode groups (one query per sequence) also carry what the C++ kernel reads the paged cache
     # with, no gathered copy: int32 block tables [G, W] and key position ranges [lo, hi) [G].
     tables: torch.Tensor | None = None
@@ -69,14 +70,17 @@ class PagedStep:
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                positions: torch.Tensor) -> torch.Tensor:
         kc, vc = self.cache.k[layer], self.cache.v[layer]
-        if self.cache.k_transposed:
-            bs = self.cache.block_size
-            kc[self.slots // bs, :, :, self.slots % bs] = k[0]  # [N, Hkv, hd] into [blocks, Hkv, hd, bs]
-        else:
-            kc.index_copy_(0, self.slots, k[0])
-        vc.index_copy_(0, self.slots, v[0])
         flat_q = q[0]  # [N, H, hd]
         fast = kernels.usable(flat_q, kc) if self.cache.k_transposed else None
+        if fast is not None:
+            fast.store_kv(k[0].contiguous(), v[0].contiguous(), kc, vc, self.slots)
+        elif self.cache.k_transposed:
+            bs = self.cache.block_size
+            kc[self.slots // bs, :, :, self.slots % bs] = k[0]  # [N, Hkv, hd] into [blocks, Hkv, hd, bs]
+            vc.index_copy_(0, self.slots, v[0])
+        else:
+            kc.index_copy_(0, self.slots, k[0])
+            vc.index_copy_(0, self.slots, v[0])
         if len(self.groups) == 1 and self.groups[0].identity:  # all decodes: the common case
             g = self.groups[0]
             if fast is not None and g.tables is not None:
@@ -84,6 +88,12 @@ class PagedStep:
             return attend(flat_q[:, None], self._keys(kc, g), self._values(vc, g), g.mask).transpose(0, 1)
         out = torch.empty_like(flat_q)
         for g in self.groups:
+            if g.local:
+                # Right-padded rows repeat a sequence's last token: later than every real query, so
+                # the causal mask already hides them.
+                o = attend(flat_q[g.q_rows], k[0][g.q_rows], v[0][g.q_rows], None)
+                out.index_copy_(0, g.out_rows, o.flatten(0, 1).index_select(0, g.out_picks))
+                continue
             if fast is not None and g.tables is not None:
                 o = self._paged(fast, flat_q.index_select(0, g.out_rows), kc, vc, g)  # [G, H, hd]
                 out.index_copy_(0, g.out_rows, o)
@@ -113,8 +123,10 @@ class PagedStep:
 
 
 def build_group(starts: list[int], counts: list[int], row_offsets: list[int], block_tables: list[list[int]],
-                block_size: int, window: int | None, device: torch.device) -> AttentionGroup:
-    """Attention metadata for sequences computing positions [start, start + count) this step."""
+                block_size: int, window: int | None, device: torch.device, local: bool = False) -> AttentionGroup:
+    """Attention metadata for sequences computing positions [start, start + count) this step.
+    `local`: every start is 0 and the chunk fits the window, so the queries attend only among
+    themselves (causal) and no cached keys are described."""
     t = max(counts)
     start = torch.tensor(starts, device=device)
     count = torch.tensor(counts, device=device)
@@ -123,6 +135,12 @@ def build_group(starts: list[int], counts: list[int], row_offsets: list[int], bl
     # Padding queries repeat the last real one, so no row of the mask is empty.
     q_off = torch.minimum(ar_t[None], (count - 1)[:, None])
     q_rows = torch.tensor(row_offsets, device=device)[:, None] + q_off
+    if local:
+        assert not any(starts) and (window is None or t <= window)
+        picks = q_valid.flatten().nonzero().squeeze(-1)
+        nothing = torch.empty(0, dtype=torch.long, device=device)
+        return AttentionGroup(q_rows, nothing, 0, torch.empty(0, dtype=torch.bool, device=device),
+                              q_rows.flatten()[picks], picks, local=True)
     q_pos = start[:, None] + q_off
     end = start + count
     # Keys: whole blocks, from the first one the window reaches to the one holding `end - 1`.

@@ -70,14 +70,21 @@ class ModelRunner:
 
     def _groups(self, items: list[ScheduledSeq], offsets: list[int]) -> list[AttentionGroup]:
         # Decodes (one query each) and prefill chunks are padded separately: mixing them would pad
-        # every decode to the longest chunk.
+        # every decode to the longest chunk. Chunks that start a sequence (nothing cached before them)
+        # attend among their own tokens only: plain causal attention, no keys read back from the cache.
+        def kind(item: ScheduledSeq) -> str:
+            if item.num_tokens == 1:
+                return "decode"
+            fresh = item.start == 0 and (self.window is None or item.num_tokens <= self.window)
+            return "fresh" if fresh else "chunk"
+
         groups = []
-        for want_decode in (True, False):
-            chosen = [(i, off) for i, off in zip(items, offsets, strict=True) if (i.num_tokens == 1) == want_decode]
+        for want in ("decode", "fresh", "chunk"):
+            chosen = [(i, off) for i, off in zip(items, offsets, strict=True) if kind(i) == want]
             if chosen:
                 groups.append(build_group([i.start for i, _ in chosen], [i.num_tokens for i, _ in chosen],
                                           [off for _, off in chosen], [i.seq.block_table for i, _ in chosen],
-                                          self.cache.block_size, self.window, self.device))
+                                          self.cache.block_size, self.window, self.device, local=want == "fresh"))
         return groups
 
     @torch.inference_mode()

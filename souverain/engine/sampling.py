@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from souverain import kernels
+
 
 @dataclass
 class SamplingTensors:
@@ -43,7 +45,9 @@ def sample(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
     """logits [R, V] (float32, penalties applied) -> token ids [R]. Temperature 0 rows are greedy."""
     greedy = t.temperature == 0
     if bool(greedy.all()):
-        return logits.argmax(-1)
+        fast = kernels.usable(logits)
+        return fast.argmax_rows(logits.contiguous()) if fast is not None and logits.dtype == torch.float32 else (
+            logits.argmax(-1))
     temp = torch.where(greedy, torch.ones_like(t.temperature), t.temperature)
     probs = torch.softmax(logits / temp[:, None], dim=-1)
     if bool(((t.top_k > 0) | (t.top_p < 1) | (t.min_p > 0)).any()):

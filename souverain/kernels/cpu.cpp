@@ -92,13 +92,21 @@ void decode_item(const DecodeArgs& a, const T* qp, const T* kp, const T* vp, T* 
   }
   // Scores for every slot of the blocks in reach, W keys per vector (the few outside [lo, hi) unused).
   scores.resize(R * span);
+  constexpr int64_t line = 64 / sizeof(T);  // values per cache line
+  auto tile_of = [&](int64_t b) { return kp + (static_cast<int64_t>(blocks[b]) * a.hkv + g) * hd * bs; };
+  // Blocks lie anywhere in the pool: tiles are fetched two blocks ahead of the one computed.
+  for (int64_t b = first; b <= std::min(last, first + 1); ++b) {
+    for (int64_t k = 0; k < hd * bs; k += line) __builtin_prefetch(tile_of(b) + k);
+  }
   for (int64_t b = first; b <= last; ++b) {
-    const T* tile = kp + (static_cast<int64_t>(blocks[b]) * a.hkv + g) * hd * bs;  // [hd, bs]
+    const T* tile = tile_of(b);  // [hd, bs]
+    const T* next = b + 2 <= last ? tile_of(b + 2) : nullptr;
     for (int64_t o = 0; o < bs; o += W) {
       fVec acc[R];
       for (int r = 0; r < R; ++r) acc[r] = fVec(0.f);
       const T* col = tile + o;
       for (int64_t d = 0; d < hd; ++d) {
+        if (next != nullptr && o == 0 && (d * bs) % line == 0) __builtin_prefetch(next + d * bs);
         const fVec k = loadv(col + d * bs);
         for (int r = 0; r < R; ++r) acc[r] = at::vec::fmadd(fVec(qf[r][d]), k, acc[r]);
       }
@@ -129,10 +137,21 @@ void decode_item(const DecodeArgs& a, const T* qp, const T* kp, const T* vp, T* 
   fVec out[R][CH];
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < CH; ++c) out[r][c] = fVec(0.f);
-  for (int64_t j = j0; j < j1; ++j) {
+  auto value_row = [&](int64_t j) {
     const int64_t pos = first * bs + j;
     const int64_t slot = static_cast<int64_t>(blocks[pos / bs]) * bs + pos % bs;
-    const T* vrow = vp + (slot * a.hkv + g) * hd;
+    return vp + (slot * a.hkv + g) * hd;
+  };
+  constexpr int64_t ahead = 12;  // value rows fetched this many keys ahead
+  for (int64_t j = j0; j < std::min(j1, j0 + ahead); ++j) {
+    for (int64_t k = 0; k < hd; k += line) __builtin_prefetch(value_row(j) + k);
+  }
+  for (int64_t j = j0; j < j1; ++j) {
+    if (j + ahead < j1) {
+      const T* later = value_row(j + ahead);
+      for (int64_t k = 0; k < hd; k += line) __builtin_prefetch(later + k);
+    }
+    const T* vrow = value_row(j);
     for (int c = 0; c < CH; ++c) {
       const fVec v = loadv(vrow + c * W);
       for (int r = 0; r < R; ++r) out[r][c] = at::vec::fmadd(fVec(scores[r * span + j]), v, out[r][c]);
@@ -379,6 +398,91 @@ torch::Tensor rope(torch::Tensor x, torch::Tensor cos, torch::Tensor sin) {
   return out;
 }
 
+// ---------------------------------------------------------------------------------------------
+// Writing a step's keys and values into the paged cache (keys as [blocks, Hkv, hd, bs] tiles).
+template <typename T>
+void store_kv_impl(const torch::Tensor& k, const torch::Tensor& v, torch::Tensor& k_cache, torch::Tensor& v_cache,
+                   const torch::Tensor& slots) {
+  const int64_t n = k.size(0), hkv = k.size(1), hd = k.size(2), bs = k_cache.size(3);
+  const T* kp = k.data_ptr<T>();
+  const T* vp = v.data_ptr<T>();
+  T* kc = k_cache.data_ptr<T>();
+  T* vc = v_cache.data_ptr<T>();
+  const int64_t* sp = slots.data_ptr<int64_t>();
+  at::parallel_for(0, n, std::max<int64_t>(1, kInlineWork / (hkv * hd)), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t slot = sp[i], block = slot / bs, off = slot % bs;
+      std::copy(vp + i * hkv * hd, vp + (i + 1) * hkv * hd, vc + slot * hkv * hd);
+      for (int64_t g = 0; g < hkv; ++g) {
+        const T* src = kp + (i * hkv + g) * hd;
+        T* tile = kc + (block * hkv + g) * hd * bs + off;
+        for (int64_t d = 0; d < hd; ++d) tile[d * bs] = src[d];
+      }
+    }
+  });
+}
+
+void store_kv(torch::Tensor k, torch::Tensor v, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor slots) {
+  for (auto* t : {&k, &v, &k_cache, &v_cache, &slots}) check_cpu(*t, "store_kv input");
+  TORCH_CHECK(k.dim() == 3 && k.sizes() == v.sizes() && k_cache.dim() == 4 && v_cache.dim() == 3,
+              "k, v [N, Hkv, hd]; k_cache [blocks, Hkv, hd, bs]; v_cache [slots, Hkv, hd]");
+  TORCH_CHECK(k_cache.size(1) == k.size(1) && k_cache.size(2) == k.size(2) && v_cache.size(1) == k.size(1) &&
+              v_cache.size(2) == k.size(2) && k_cache.size(0) * k_cache.size(3) == v_cache.size(0), "cache shapes disagree");
+  TORCH_CHECK(slots.scalar_type() == at::kLong && slots.dim() == 1 && slots.size(0) == k.size(0), "slots: int64 [N]");
+  TORCH_CHECK(k.scalar_type() == k_cache.scalar_type() && v.scalar_type() == v_cache.scalar_type() &&
+              k.scalar_type() == v.scalar_type(), "one dtype for k, v and the caches");
+  const int64_t* sp = slots.data_ptr<int64_t>();
+  for (int64_t i = 0; i < slots.size(0); ++i) TORCH_CHECK(sp[i] >= 0 && sp[i] < v_cache.size(0), "slot out of range");
+  if (k.scalar_type() == at::kBFloat16) {
+    store_kv_impl<BFloat16>(k, v, k_cache, v_cache, slots);
+  } else {
+    TORCH_CHECK(k.scalar_type() == at::kFloat, "store_kv takes bfloat16 or float32");
+    store_kv_impl<float>(k, v, k_cache, v_cache, slots);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Greedy sampling: the index of each row's maximum, the first one on ties, NaN above all (as argmax).
+torch::Tensor argmax_rows(torch::Tensor x) {
+  check_cpu(x, "x");
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.size(1) > 0, "x: float32 [R, V]");
+  const int64_t rows = x.size(0), n = x.size(1);
+  auto out = torch::empty({rows}, x.options().dtype(at::kLong));
+  const float* xp = x.data_ptr<float>();
+  int64_t* op = out.data_ptr<int64_t>();
+  at::parallel_for(0, rows, std::max<int64_t>(1, kInlineWork / n), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float* row = xp + r * n;
+      // Vector pass for the maximum, then the first index holding it.
+      fVec mx(-INFINITY);
+      bool nan = false;
+      int64_t i = 0;
+      for (; i + W <= n; i += W) {
+        const fVec v = fVec::loadu(row + i);
+        nan = nan || v.isnan().zero_mask() != (1 << W) - 1;
+        mx = at::vec::maximum(mx, v);
+      }
+      float best = -INFINITY;
+      float lanes[W];
+      mx.store(lanes);
+      for (int64_t l = 0; l < W; ++l) best = std::max(best, lanes[l]);
+      for (int64_t j = i; j < n; ++j) {
+        nan = nan || std::isnan(row[j]);
+        best = std::max(best, row[j]);
+      }
+      int64_t at = 0;
+      for (int64_t j = 0; j < n; ++j) {
+        if (nan ? std::isnan(row[j]) : row[j] == best) {
+          at = j;
+          break;
+        }
+      }
+      op[r] = at;
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -386,6 +490,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_supported", &decode_supported, "whether paged_decode_attention takes these shapes");
   m.def("paged_decode_attention", &paged_decode_attention, "decode attention over a paged KV cache");
   m.def("rms_norm", &rms_norm, "RMSNorm");
+  m.def("store_kv", &store_kv, "write keys and values into the paged cache");
+  m.def("argmax_rows", &argmax_rows, "argmax of each row of a float32 matrix");
   m.def("silu_mul", &silu_mul, "silu(a) * b");
   m.def("swiglu", &swiglu, "silu(gate) * up from a fused [gate | up] tensor");
   m.def("rope", &rope, "rotary embedding, rotate-half layout");

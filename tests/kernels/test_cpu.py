@@ -179,3 +179,31 @@ def test_engine_gives_the_same_tokens_without_kernels(monkeypatch: pytest.Monkey
     without, unused = run()
     assert used and not unused
     assert with_kernels == without
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_store_kv_writes_where_the_reference_writes(dtype: torch.dtype) -> None:
+    g = torch.Generator().manual_seed(0)
+    blocks, bs, hkv, hd = 6, 16, 3, 64
+    k_tiles = torch.zeros(blocks, hkv, hd, bs, dtype=dtype)
+    v_rows = torch.zeros(blocks * bs, hkv, hd, dtype=dtype)
+    slots = torch.randperm(blocks * bs, generator=g)[:40]
+    k = torch.randn(40, hkv, hd, generator=g).to(dtype)
+    v = torch.randn(40, hkv, hd, generator=g).to(dtype)
+    fast.store_kv(k, v, k_tiles, v_rows, slots)
+    assert torch.equal(k_tiles.permute(0, 3, 1, 2).reshape(-1, hkv, hd)[slots], k)
+    assert torch.equal(v_rows[slots], v)
+    untouched = torch.ones(blocks * bs, dtype=torch.bool)
+    untouched[slots] = False
+    assert not k_tiles.permute(0, 3, 1, 2).reshape(-1, hkv, hd)[untouched].any()
+    with pytest.raises(RuntimeError, match="slot out of range"):
+        fast.store_kv(k[:1], v[:1], k_tiles, v_rows, torch.tensor([blocks * bs]))
+
+
+def test_argmax_rows_is_argmax() -> None:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(33, 49157, generator=g)  # a length with a scalar tail
+    x[1, 7] = x[1, 9000] = 1e9  # ties: the first
+    x[2, 12], x[2, 40000] = float("nan"), float("nan")  # NaN wins, the first
+    x[3] = float("-inf")
+    assert torch.equal(fast.argmax_rows(x), x.argmax(-1))
