@@ -355,7 +355,7 @@ torch::Tensor swiglu(torch::Tensor gu) {
 // x * cos + rotate_half(x) * sin, rounded per op as the reference path rounds.
 template <typename T>
 void rope_impl(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin, torch::Tensor& out) {
-  const int64_t rows = x.size(0), heads = x.size(1), hd = x.size(2), half = hd / 2;
+  const int64_t rows = x.size(0), heads = x.size(1), hd = x.size(2), half = hd / 2, row_stride = x.stride(0);
   const T* xp = x.data_ptr<T>();
   const T* cp = cos.data_ptr<T>();
   const T* sp = sin.data_ptr<T>();
@@ -367,7 +367,7 @@ void rope_impl(const torch::Tensor& x, const torch::Tensor& cos, const torch::Te
       const T* sn = sp + r * hd;
       for (int64_t hh = 0; hh < heads; ++hh) {
         const int64_t base = (r * heads + hh) * hd;
-        const T* v = xp + base;
+        const T* v = xp + r * row_stride + hh * hd;
         for (int64_t d = 0; d < half; d += W) {  // first half: x * cos - x[half:] * sin
           (round_to<T>(loadv(v + d) * loadv(c + d)) + round_to<T>(loadv(v + half + d).neg() * loadv(sn + d)))
               .store(y.data() + d);
@@ -382,13 +382,16 @@ void rope_impl(const torch::Tensor& x, const torch::Tensor& cos, const torch::Te
   });
 }
 
+// x's rows may lie apart (q or k sliced from a fused projection); each row's heads are contiguous.
 torch::Tensor rope(torch::Tensor x, torch::Tensor cos, torch::Tensor sin) {
-  for (auto* t : {&x, &cos, &sin}) check_cpu(*t, "rope input");
+  for (auto* t : {&cos, &sin}) check_cpu(*t, "rope input");
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 3 && x.stride(2) == 1 && x.stride(1) == x.size(2),
+              "x must be on the CPU with contiguous rows [R, heads, hd]");
   TORCH_CHECK(x.dim() == 3 && cos.dim() == 2 && cos.sizes() == sin.sizes() && cos.size(0) == x.size(0) &&
               cos.size(1) == x.size(2) && x.size(2) % 2 == 0, "x [R, heads, hd], cos/sin [R, hd]");
   TORCH_CHECK(cos.scalar_type() == x.scalar_type() && sin.scalar_type() == x.scalar_type(), "one dtype for x, cos, sin");
   TORCH_CHECK(x.size(2) % (2 * W) == 0, "head_dim must be a multiple of ", 2 * W);
-  auto out = torch::empty_like(x);
+  auto out = torch::empty(x.sizes(), x.options());
   if (x.scalar_type() == at::kBFloat16) {
     rope_impl<BFloat16>(x, cos, sin, out);
   } else {
@@ -404,6 +407,7 @@ template <typename T>
 void store_kv_impl(const torch::Tensor& k, const torch::Tensor& v, torch::Tensor& k_cache, torch::Tensor& v_cache,
                    const torch::Tensor& slots) {
   const int64_t n = k.size(0), hkv = k.size(1), hd = k.size(2), bs = k_cache.size(3);
+  const int64_t k_stride = k.stride(0), v_stride = v.stride(0);
   const T* kp = k.data_ptr<T>();
   const T* vp = v.data_ptr<T>();
   T* kc = k_cache.data_ptr<T>();
@@ -412,9 +416,9 @@ void store_kv_impl(const torch::Tensor& k, const torch::Tensor& v, torch::Tensor
   at::parallel_for(0, n, std::max<int64_t>(1, kInlineWork / (hkv * hd)), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t slot = sp[i], block = slot / bs, off = slot % bs;
-      std::copy(vp + i * hkv * hd, vp + (i + 1) * hkv * hd, vc + slot * hkv * hd);
+      std::copy(vp + i * v_stride, vp + i * v_stride + hkv * hd, vc + slot * hkv * hd);
       for (int64_t g = 0; g < hkv; ++g) {
-        const T* src = kp + (i * hkv + g) * hd;
+        const T* src = kp + i * k_stride + g * hd;
         T* tile = kc + (block * hkv + g) * hd * bs + off;
         for (int64_t d = 0; d < hd; ++d) tile[d * bs] = src[d];
       }
@@ -422,8 +426,13 @@ void store_kv_impl(const torch::Tensor& k, const torch::Tensor& v, torch::Tensor
   });
 }
 
+// k's and v's rows may lie apart (sliced from a fused projection); each row's heads are contiguous.
 void store_kv(torch::Tensor k, torch::Tensor v, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor slots) {
-  for (auto* t : {&k, &v, &k_cache, &v_cache, &slots}) check_cpu(*t, "store_kv input");
+  for (auto* t : {&k_cache, &v_cache, &slots}) check_cpu(*t, "store_kv input");
+  for (auto* t : {&k, &v}) {
+    TORCH_CHECK(t->device().is_cpu() && t->dim() == 3 && t->stride(2) == 1 && t->stride(1) == t->size(2),
+                "k and v must be on the CPU with contiguous rows [N, Hkv, hd]");
+  }
   TORCH_CHECK(k.dim() == 3 && k.sizes() == v.sizes() && k_cache.dim() == 4 && v_cache.dim() == 3,
               "k, v [N, Hkv, hd]; k_cache [blocks, Hkv, hd, bs]; v_cache [slots, Hkv, hd]");
   TORCH_CHECK(k_cache.size(1) == k.size(1) && k_cache.size(2) == k.size(2) && v_cache.size(1) == k.size(1) &&

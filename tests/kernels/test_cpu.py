@@ -207,3 +207,19 @@ def test_argmax_rows_is_argmax() -> None:
     x[2, 12], x[2, 40000] = float("nan"), float("nan")  # NaN wins, the first
     x[3] = float("-inf")
     assert torch.equal(fast.argmax_rows(x), x.argmax(-1))
+
+
+def test_rope_and_store_kv_read_rows_sliced_from_a_fused_projection() -> None:
+    """q, k, v are column slices of one [N, q + 2 kv] output: rows lie apart, no copy is made."""
+    g = torch.Generator().manual_seed(1)
+    fused = torch.randn(20, 9 * 64 + 2 * 3 * 64, generator=g).to(torch.bfloat16)
+    q, k, v = fused.split([9 * 64, 3 * 64, 3 * 64], dim=-1)
+    q3, k3, v3 = q.view(20, 9, 64), k.view(20, 3, 64), v.view(20, 3, 64)
+    assert not q3.is_contiguous()
+    cos, sin = torch.randn(20, 64, generator=g).to(torch.bfloat16), torch.randn(20, 64, generator=g).to(torch.bfloat16)
+    assert torch.equal(fast.rope(q3, cos, sin), fast.rope(q3.contiguous(), cos, sin))
+    tiles, rows = torch.zeros(2, 3, 64, 16, dtype=torch.bfloat16), torch.zeros(32, 3, 64, dtype=torch.bfloat16)
+    slots = torch.arange(20)
+    fast.store_kv(k3, v3, tiles, rows, slots)
+    assert torch.equal(tiles.permute(0, 3, 1, 2).reshape(-1, 3, 64)[:20], k3)
+    assert torch.equal(rows[:20], v3)
