@@ -74,7 +74,9 @@ def test_overload_is_immediate() -> None:
             with pytest.raises(EngineOverloaded):
                 await streams[2].__anext__()
             gate.set()
-            assert (await first[0]).request_id == "r0"
+            # Both first deltas arrive before the streams are closed: closing one whose __anext__ is
+            # still pending is an error of the test, not of the engine (seen once in a full run).
+            assert [d.request_id for d in await asyncio.gather(*first)] == ["r0", "r1"]
             for s in streams[:2]:
                 await s.aclose()
         finally:
