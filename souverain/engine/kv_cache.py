@@ -88,17 +88,16 @@ class PagedStep:
             return attend(flat_q[:, None], self._keys(kc, g), self._values(vc, g), g.mask).transpose(0, 1)
         out = torch.empty_like(flat_q)
         for g in self.groups:
-            if g.local:
-                # Right-padded rows repeat a sequence's last token: later than every real query, so
-                # the causal mask already hides them.
-                o = attend(flat_q[g.q_rows], k[0][g.q_rows], v[0][g.q_rows], None)
-                out.index_copy_(0, g.out_rows, o.flatten(0, 1).index_select(0, g.out_picks))
-                continue
             if fast is not None and g.tables is not None:
                 o = self._paged(fast, flat_q.index_select(0, g.out_rows), kc, vc, g)  # [G, H, hd]
                 out.index_copy_(0, g.out_rows, o)
                 continue
-            o = attend(flat_q[g.q_rows], self._keys(kc, g), self._values(vc, g), g.mask)  # [G, T, H, hd]
+            if g.local:
+                # Right-padded rows repeat a sequence's last token: later than every real query, so
+                # the causal mask already hides them.
+                o = attend(flat_q[g.q_rows], k[0][g.q_rows], v[0][g.q_rows], None)
+            else:
+                o = attend(flat_q[g.q_rows], self._keys(kc, g), self._values(vc, g), g.mask)  # [G, T, H, hd]
             out.index_copy_(0, g.out_rows, o.flatten(0, 1).index_select(0, g.out_picks))
         return out[None]
 
