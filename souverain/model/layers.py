@@ -109,21 +109,19 @@ class FeedForward(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext | None = None) -> torch.Tensor:
         lora = None if ctx is None else ctx.lora
-        if self.w13 is not None:
-            gu = self.w13(x)
-            fast = kernels.usable(gu) if lora is None else None
-            if fast is not None:
-                h = fast.swiglu(gu.contiguous())
-            else:
-                gate, up = gu.chunk(2, dim=-1)
-                if lora is not None:
-                    gate, up = lora.apply(self.layer, "w1", x, gate), lora.apply(self.layer, "w3", x, up)
-                h = silu_mul(gate, up)
-        elif ctx is None or lora is None:
-            h = silu_mul(self.w1(x), self.w3(x))  # type: ignore[misc]
+        if self.w13 is None:
+            assert self.w1 is not None and self.w3 is not None
+            gate, up = self.w1(x), self.w3(x)
+            if lora is not None:
+                gate, up = lora.apply(self.layer, "w1", x, gate), lora.apply(self.layer, "w3", x, up)
+            h = silu_mul(gate, up)
+        elif lora is None:
+            h = swiglu(self.w13(x))
         else:
-            h = silu_mul(ctx.project(self.layer, "w1", self.w1, x), ctx.project(self.layer, "w3", self.w3, x))
-        return self.w2(h) if lora is None or ctx is None else ctx.project(self.layer, "w2", self.w2, h)
+            gate, up = self.w13(x).chunk(2, dim=-1)
+            h = silu_mul(lora.apply(self.layer, "w1", x, gate), lora.apply(self.layer, "w3", x, up))
+        y = self.w2(h)
+        return y if lora is None else lora.apply(self.layer, "w2", h, y)
 
 
 def silu_mul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -132,6 +130,15 @@ def silu_mul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if fast is not None and a.shape == b.shape:
         return fast.silu_mul(a.contiguous(), b.contiguous())
     return F.silu(a) * b
+
+
+def swiglu(gu: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up from a fused [gate | up] projection output, without splitting it where the kernels apply."""
+    fast = kernels.usable(gu)
+    if fast is not None:
+        return fast.swiglu(gu.contiguous())
+    gate, up = gu.chunk(2, dim=-1)
+    return F.silu(gate) * up
 
 
 class TransformerBlock(nn.Module):
