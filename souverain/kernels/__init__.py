@@ -3,8 +3,11 @@
 `load()` builds them on first call (about a minute on 2 cores; `scripts/setup.sh` does it ahead
 with `python -m souverain.kernels`) into the user cache, keyed by the source, the torch version and
 the CPU's instruction sets, then imports the result. Without a compiler, or with
-SOUVERAIN_KERNELS=0, `load()` returns None and every op falls back to plain PyTorch (souverain/kernels/ops.py):
-same results, slower. Nothing is built at import time.
+SOUVERAIN_KERNELS=0, `load()` returns None and every op falls back to the plain PyTorch code beside
+its call: same results, slower. Nothing is built at import time.
+
+cpu.cpp holds the element-wise and attention kernels, gemm.cpp the AMX matrix product (compiled
+only where the CPU has AMX; `amx_available()` says whether it runs here).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ log = logging.getLogger(__name__)
 
 _lock = threading.Lock()
 _state: dict[str, ModuleType | None] = {}
-SOURCE = Path(__file__).with_name("cpu.cpp")
+SOURCES = [Path(__file__).with_name("cpu.cpp"), Path(__file__).with_name("gemm.cpp")]
 
 
 def enabled() -> bool:
@@ -43,7 +46,8 @@ def build_dir() -> Path:
     import platformdirs
     import torch
 
-    key = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode() + _cpu_flags().encode()).hexdigest()[:16]
+    source = b"".join(p.read_bytes() for p in SOURCES)
+    key = hashlib.sha256(source + torch.__version__.encode() + _cpu_flags().encode()).hexdigest()[:16]
     base = os.environ.get("SOUVERAIN_KERNELS_DIR") or platformdirs.user_cache_dir("souverain")
     return Path(base) / "kernels" / key
 
@@ -85,8 +89,14 @@ def _build() -> ModuleType:
     where = build_dir()
     where.mkdir(parents=True, exist_ok=True)
     flags = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", *_capability()]
-    return cpp_extension.load(name="souverain_cpu_kernels", sources=[str(SOURCE)], build_directory=str(where),
-                              extra_cflags=flags, extra_ldflags=["-fopenmp"], verbose=False)
+    return cpp_extension.load(name="souverain_cpu_kernels", sources=[str(p) for p in SOURCES],
+                              build_directory=str(where), extra_cflags=flags, extra_ldflags=["-fopenmp"], verbose=False)
+
+
+def amx() -> ModuleType | None:
+    """The loaded kernels if their AMX matrix product runs on this CPU; never builds."""
+    module = _state.get("cpu")
+    return module if module is not None and module.amx_available() else None
 
 
 def usable(*tensors: object, multiple: int = 0) -> ModuleType | None:

@@ -494,6 +494,11 @@ torch::Tensor argmax_rows(torch::Tensor x) {
 
 }  // namespace
 
+// gemm.cpp
+bool amx_available();
+torch::Tensor amx_linear(torch::Tensor x, torch::Tensor packed);
+torch::Tensor amx_linear_int4(torch::Tensor x, torch::Tensor qtiles, torch::Tensor sz);
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("vector_width", [] { return W; }, "floats per SIMD vector: row lengths must be multiples of it");
   m.def("decode_supported", &decode_supported, "whether paged_decode_attention takes these shapes");
@@ -504,4 +509,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("silu_mul", &silu_mul, "silu(a) * b");
   m.def("swiglu", &swiglu, "silu(gate) * up from a fused [gate | up] tensor");
   m.def("rope", &rope, "rotary embedding, rotate-half layout");
+  m.def("amx_available", &amx_available, "whether amx_linear runs here (an AMX CPU, and the OS grants the tiles)");
+  m.def("amx_linear", &amx_linear, "x [M, K] bf16 times a weight packed by pack_tiles, as x @ w.T");
+  m.def("amx_linear_int4", &amx_linear_int4, "x [M, K] bf16 times an int4 weight packed by pack_int4_tiles");
 }

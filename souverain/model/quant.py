@@ -5,7 +5,9 @@ speed: int4 (groups of 32, a scale and a zero each) or int8 (one scale per outpu
 activations, through torch's CPU kernels `_weight_int4pack_mm_for_cpu` / `_weight_int8pack_mm`.
 Those kernels are gemv-shaped; batches of more than `dense_rows` rows (prefill, many streams)
 are compute-bound and use a bf16 copy kept alongside, stored transposed ([in, out]: `x @ w_t`
-ran up to 1.5x faster than `F.linear` on these CPUs for prefill-sized batches).
+ran up to 1.5x faster than `F.linear` on these CPUs for prefill-sized batches). On a CPU with AMX
+the engine swaps that copy for weights packed in AMX tiles (`pack_for_amx`: int4 weights stay int4,
+dequantised tile by tile inside our C++ product, souverain/kernels/gemm.cpp).
 
 The projections that read the same input are fused, one matmul instead of several: wq/wk/wv into
 `Attention.wqkv` and w1/w3 into `FeedForward.w13` (fewer, larger calls; the outputs are split).
@@ -20,6 +22,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from souverain import kernels
+from souverain.kernels import tiles
 from souverain.model.layers import Attention, FeedForward
 from souverain.model.transformer import Transformer
 
@@ -28,6 +32,12 @@ GROUP = 32
 
 def _int4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """w [N, K] -> (packed int4 weight, scales_and_zeros [K/32, N, 2]); dequant = (q - 8) * s + z."""
+    q, scales_zeros = _int4_codes(w)
+    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1), scales_zeros
+
+
+def _int4_codes(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [N, K] -> (codes q [N, K] int32 in 0..15, scales_and_zeros [K/32, N, 2] bf16)."""
     n, k = w.shape
     groups = w.reshape(n, k // GROUP, GROUP)
     lo, hi = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
@@ -35,7 +45,7 @@ def _int4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     q = torch.round((groups - lo) / scale).clamp(0, 15).to(torch.int32).reshape(n, k)
     zero = lo + 8 * scale
     scales_zeros = torch.cat([scale, zero], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)  # [K/32, N, 2]
-    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1), scales_zeros
+    return q, scales_zeros
 
 
 class QuantLinear(nn.Module):
@@ -67,6 +77,10 @@ class QuantLinear(nn.Module):
             self.qweight = nn.Buffer(torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8))
             self.scales = nn.Buffer(scales.to(torch.bfloat16))
         self.dense_t = nn.Buffer(linear.weight.detach().to(torch.bfloat16).t().contiguous())  # [in, out]
+        # Once pack_for_amx ran: the dense copy in AMX tiles (bf16), or the int4 weight (nibbles, scales).
+        self.register_buffer("tiles", None)
+        self.register_buffer("nibbles", None)
+        self.register_buffer("nibble_scales", None)
         self.bias = linear.bias
         self.dense_rows = dense_rows
         self.out_features = linear.out_features
@@ -75,7 +89,7 @@ class QuantLinear(nn.Module):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).to(torch.bfloat16)
         if x2.shape[0] > self.dense_rows:
-            y = x2 @ self.dense_t
+            y = self._dense(x2)
         elif self.bits == 4:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.qweight, GROUP, self.scales)
         else:
@@ -83,6 +97,36 @@ class QuantLinear(nn.Module):
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
+
+    def pack_for_amx(self) -> bool:
+        """Swap the bf16 copy for AMX tiles when the kernels' AMX product runs here and the shape
+        fits (both sides multiples of 32): int4 weights become int4 tiles (the bf16 copy is dropped),
+        int8 ones bf16 tiles (the same memory). Returns whether tiles are in use."""
+        if self.tiles is not None or self.nibbles is not None:
+            return True
+        if kernels.amx() is None or self.dense_t.device.type != "cpu" or self.dense_t.shape[0] % 32 \
+                or self.dense_t.shape[1] % 32:
+            return False
+        if self.bits == 4:
+            # The codes again, from the bf16 copy: the same as qweight's for a bf16 model.
+            self.nibbles, self.nibble_scales = tiles.pack_int4_tiles(*_int4_codes(self.dense_t.t().float()))
+        else:
+            self.tiles = tiles.pack_tiles(self.dense_t.t())
+        self.dense_t = None
+        return True
+
+    def _dense(self, x2: torch.Tensor) -> torch.Tensor:
+        if self.dense_t is not None:
+            return x2 @ self.dense_t
+        fast = kernels.amx()
+        if fast is None or x2.device.type != "cpu" or (torch.is_grad_enabled() and x2.requires_grad):
+            # Elsewhere (autograd, another device, no kernels): the same weights through PyTorch.
+            if self.nibbles is not None:
+                return x2 @ tiles.unpack_int4_tiles(self.nibbles, self.nibble_scales).t()
+            return x2 @ tiles.unpack_tiles(self.tiles).t()
+        if self.nibbles is not None:
+            return fast.amx_linear_int4(x2, self.nibbles, self.nibble_scales)
+        return fast.amx_linear(x2, self.tiles)
 
 
 def resolve_bits(bits: str | int, quantization: str | None) -> int:

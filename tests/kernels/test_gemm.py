@@ -1,0 +1,97 @@
+"""The AMX matrix products (gemm.cpp) against PyTorch's, and QuantLinear on them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from souverain import kernels
+from souverain.kernels import tiles
+from souverain.model.quant import QuantLinear, _int4_codes
+
+fast = kernels.load()
+pytestmark = pytest.mark.skipif(fast is None or not fast.amx_available(),
+                                reason="no AMX here (or no compiler): QuantLinear keeps its PyTorch paths")
+ROWS = [1, 5, 16, 17, 32, 33, 100]  # partial tiles, one and two tiles of rows, several row blocks
+
+
+def within_rounding(got: torch.Tensor, want: torch.Tensor) -> None:
+    """bf16 results that differ from `want` (fp32) by no more than their own rounding, plus a
+    little for the order of the fp32 sums."""
+    err = (got.float() - want).abs()
+    assert (err <= want.abs() / 128 + 1e-3).all(), err.max().item()
+
+
+@pytest.mark.parametrize("n,k", [(96, 64), (64, 160), (1024, 32)])  # 1024 x 32: threads split the columns
+@torch.inference_mode()
+def test_amx_linear_is_matmul(n: int, k: int) -> None:
+    torch.manual_seed(n + k)
+    w = torch.randn(n, k).to(torch.bfloat16)
+    packed = tiles.pack_tiles(w)
+    assert torch.equal(tiles.unpack_tiles(packed), w)
+    for m in ROWS:
+        x = torch.randn(m, k).to(torch.bfloat16)
+        got = fast.amx_linear(x, packed)
+        assert got.shape == (m, n) and got.dtype == torch.bfloat16
+        within_rounding(got, x.float() @ w.float().t())
+        assert (got == x @ w.t()).float().mean().item() > 0.98  # oneDNN sums in another order
+        # Each row is computed alone: the same row gives the same bits in any batch.
+        assert torch.equal(fast.amx_linear(x[-1:], packed), got[-1:])
+
+
+@pytest.mark.parametrize("n,k", [(96, 64), (64, 160)])
+@torch.inference_mode()
+def test_amx_linear_int4_is_the_dequantised_product(n: int, k: int) -> None:
+    torch.manual_seed(n * k)
+    codes, sz = _int4_codes(torch.randn(n, k))
+    nibbles, scales = tiles.pack_int4_tiles(codes, sz)
+    w = tiles.unpack_int4_tiles(nibbles, scales)
+    # Dequantised as defined: (q - 8) * scale + zero, per 32 values of a row.
+    s, z = (sz[..., i].float().t().repeat_interleave(32, dim=1) for i in (0, 1))
+    torch.testing.assert_close(w.float(), ((codes.float() - 8) * s + z).to(torch.bfloat16).float(), rtol=0, atol=0)
+    for m in ROWS:
+        x = torch.randn(m, k).to(torch.bfloat16)
+        got = fast.amx_linear_int4(x, nibbles, scales)
+        within_rounding(got, x.float() @ w.float().t())
+        assert torch.equal(fast.amx_linear_int4(x[:1], nibbles, scales), got[:1])
+
+
+def test_amx_refuses_bad_input() -> None:
+    w = torch.randn(64, 64).to(torch.bfloat16)
+    packed = tiles.pack_tiles(w)
+    nibbles, scales = tiles.pack_int4_tiles(*_int4_codes(w.float()))
+    x = torch.randn(3, 64).to(torch.bfloat16)
+    with pytest.raises(RuntimeError, match="bfloat16"):
+        fast.amx_linear(x.float(), packed)
+    with pytest.raises(RuntimeError, match="columns"):
+        fast.amx_linear(torch.randn(3, 96).to(torch.bfloat16), packed)
+    with pytest.raises(RuntimeError, match="packed"):
+        fast.amx_linear(x, w)
+    with pytest.raises(RuntimeError, match="scales and zeros"):
+        fast.amx_linear_int4(x, nibbles, scales[:, :1])
+    with pytest.raises(ValueError, match="multiples of 32"):
+        tiles.pack_tiles(torch.randn(48, 64))
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quant_linear_on_tiles(bits: int) -> None:
+    """pack_for_amx keeps what the layer computes: int8 layers the same bf16 weights, int4 ones the
+    int4 kernel's weights (same codes); with autograd the tiles are unpacked and gradients flow."""
+    torch.manual_seed(bits)
+    lin = nn.Linear(96, 64, bias=True).to(torch.bfloat16)
+    q = QuantLinear(lin, bits, dense_rows=4)
+    x = torch.randn(2, 20, 96).to(torch.bfloat16)
+    with torch.no_grad():
+        before = q(x).float()
+        small = q(x[:, :2]).float()  # the int kernel, 4 rows
+        assert q.pack_for_amx() and q.dense_t is None
+        after = q(x).float()
+        assert torch.equal(q(x[:, :2]).float(), small)  # the small-batch path is untouched
+    if bits == 8:
+        assert (after - before).abs().max().item() <= 1e-2 * before.abs().max().item()
+    else:  # the int4 grid instead of the exact weights, as the int4 kernel's rows
+        assert (after[:, :2] - small).abs().max().item() <= 1e-2 * small.abs().max().item()
+    xg = x.clone().requires_grad_()
+    q(xg).float().sum().backward()
+    assert xg.grad is not None and xg.grad.abs().sum().item() > 0
