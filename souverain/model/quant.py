@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from souverain import kernels
-from souverain.kernels import tiles
+from souverain.kernels import tiles as amx_tiles
 from souverain.model.layers import Attention, FeedForward
 from souverain.model.transformer import Transformer
 
@@ -104,26 +104,30 @@ class QuantLinear(nn.Module):
         int8 ones bf16 tiles (the same memory). Returns whether tiles are in use."""
         if self.tiles is not None or self.nibbles is not None:
             return True
+        # (The tiles are set before the copy goes: a forward running meanwhile sees one or the other.)
         if kernels.amx() is None or self.dense_t.device.type != "cpu" or self.dense_t.shape[0] % 32 \
                 or self.dense_t.shape[1] % 32:
             return False
         if self.bits == 4:
             # The codes again, from the bf16 copy: the same as qweight's for a bf16 model.
-            self.nibbles, self.nibble_scales = tiles.pack_int4_tiles(*_int4_codes(self.dense_t.t().float()))
+            self.nibbles, self.nibble_scales = amx_tiles.pack_int4_tiles(*_int4_codes(self.dense_t.t().float()))
         else:
-            self.tiles = tiles.pack_tiles(self.dense_t.t())
+            self.tiles = amx_tiles.pack_tiles(self.dense_t.t())
         self.dense_t = None
         return True
 
     def _dense(self, x2: torch.Tensor) -> torch.Tensor:
-        if self.dense_t is not None:
-            return x2 @ self.dense_t
+        dense = self.dense_t  # read once: another engine may be packing this model now
+        if dense is not None:
+            return x2 @ dense
+        if x2.stride(-1) != 1:
+            x2 = x2.contiguous()
         fast = kernels.amx()
         if fast is None or x2.device.type != "cpu" or (torch.is_grad_enabled() and x2.requires_grad):
             # Elsewhere (autograd, another device, no kernels): the same weights through PyTorch.
             if self.nibbles is not None:
-                return x2 @ tiles.unpack_int4_tiles(self.nibbles, self.nibble_scales).t()
-            return x2 @ tiles.unpack_tiles(self.tiles).t()
+                return x2 @ amx_tiles.unpack_int4_tiles(self.nibbles, self.nibble_scales).t()
+            return x2 @ amx_tiles.unpack_tiles(self.tiles).t()
         if self.nibbles is not None:
             return fast.amx_linear_int4(x2, self.nibbles, self.nibble_scales)
         return fast.amx_linear(x2, self.tiles)
