@@ -49,6 +49,12 @@ def _int4_codes(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class QuantLinear(nn.Module):
+    dense_t: torch.Tensor | None
+    # Once pack_for_amx ran: the dense copy in AMX tiles (bf16), or the int4 weight (nibbles, scales).
+    tiles: torch.Tensor | None
+    nibbles: torch.Tensor | None
+    nibble_scales: torch.Tensor | None
+
     @classmethod
     def fused(cls, modules: list[nn.Module | None], bits: int, dense_rows: int) -> QuantLinear:
         """One QuantLinear computing the linears' outputs side by side (same input)."""
@@ -77,7 +83,6 @@ class QuantLinear(nn.Module):
             self.qweight = nn.Buffer(torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8))
             self.scales = nn.Buffer(scales.to(torch.bfloat16))
         self.dense_t = nn.Buffer(linear.weight.detach().to(torch.bfloat16).t().contiguous())  # [in, out]
-        # Once pack_for_amx ran: the dense copy in AMX tiles (bf16), or the int4 weight (nibbles, scales).
         self.register_buffer("tiles", None)
         self.register_buffer("nibbles", None)
         self.register_buffer("nibble_scales", None)
@@ -104,15 +109,16 @@ class QuantLinear(nn.Module):
         int8 ones bf16 tiles (the same memory). Returns whether tiles are in use."""
         if self.tiles is not None or self.nibbles is not None:
             return True
-        # (The tiles are set before the copy goes: a forward running meanwhile sees one or the other.)
-        if kernels.amx() is None or self.dense_t.device.type != "cpu" or self.dense_t.shape[0] % 32 \
-                or self.dense_t.shape[1] % 32:
+        dense = self.dense_t
+        if kernels.amx() is None or dense is None or dense.device.type != "cpu" or dense.shape[0] % 32 \
+                or dense.shape[1] % 32:
             return False
+        # The tiles are set before the copy goes: a forward running meanwhile sees one or the other.
         if self.bits == 4:
             # The codes again, from the bf16 copy: the same as qweight's for a bf16 model.
-            self.nibbles, self.nibble_scales = amx_tiles.pack_int4_tiles(*_int4_codes(self.dense_t.t().float()))
+            self.nibbles, self.nibble_scales = amx_tiles.pack_int4_tiles(*_int4_codes(dense.t().float()))
         else:
-            self.tiles = amx_tiles.pack_tiles(self.dense_t.t())
+            self.tiles = amx_tiles.pack_tiles(dense.t())
         self.dense_t = None
         return True
 
@@ -122,15 +128,19 @@ class QuantLinear(nn.Module):
             return x2 @ dense
         if x2.stride(-1) != 1:
             x2 = x2.contiguous()
-        fast = kernels.amx()
-        if fast is None or x2.device.type != "cpu" or (torch.is_grad_enabled() and x2.requires_grad):
-            # Elsewhere (autograd, another device, no kernels): the same weights through PyTorch.
-            if self.nibbles is not None:
-                return x2 @ amx_tiles.unpack_int4_tiles(self.nibbles, self.nibble_scales).t()
-            return x2 @ amx_tiles.unpack_tiles(self.tiles).t()
-        if self.nibbles is not None:
-            return fast.amx_linear_int4(x2, self.nibbles, self.nibble_scales)
-        return fast.amx_linear(x2, self.tiles)
+        # None under autograd, on another device or without the kernels: the same weights through PyTorch.
+        usable = x2.device.type == "cpu" and not (torch.is_grad_enabled() and x2.requires_grad)
+        fast = kernels.amx() if usable else None
+        nibbles, scales, tiles = self.nibbles, self.nibble_scales, self.tiles
+        if nibbles is not None and scales is not None:
+            if fast is None:
+                return x2 @ amx_tiles.unpack_int4_tiles(nibbles, scales).t()
+            return fast.amx_linear_int4(x2, nibbles, scales)
+        if tiles is None:
+            raise RuntimeError("QuantLinear has neither its dense copy nor its tiles")
+        if fast is None:
+            return x2 @ amx_tiles.unpack_tiles(tiles).t()
+        return fast.amx_linear(x2, tiles)
 
 
 def resolve_bits(bits: str | int, quantization: str | None) -> int:
