@@ -27,7 +27,6 @@ from souverain.engine.runner import ModelRunner
 from souverain.engine.scheduler import Batch, Scheduler, SchedulerConfig
 from souverain.engine.stats import EngineStats
 from souverain.engine.stops import StopMatcher
-from souverain.kernels.malloc import retain_freed_memory
 from souverain.model.lora import LoraWeights
 from souverain.model.quant import QuantLinear
 from souverain.model.transformer import Transformer
@@ -71,8 +70,6 @@ class LLMEngine:
         args = model.args
         p = next(model.parameters())
         fast = kernels.load() if p.device.type == "cpu" else None  # built once per machine; else PyTorch ops
-        if p.device.type == "cpu":
-            retain_freed_memory()  # the step's tensors reuse freed heap instead of faulting fresh pages in
         if fast is not None and fast.amx_available():
             for module in model.modules():
                 if isinstance(module, QuantLinear):

@@ -140,10 +140,8 @@ struct PanelRef {
 // tiles (in place, or dequantised into the buffer) and where to prefetch the next blocks from.
 //
 // Each thread takes a range of column blocks, in groups whose weights fit in half of L2; every
-// 32-row block of x passes over a group before the next. Then each output row is written in runs of
-// the group's width: writing one 64-byte piece per row down a tall output touched a new page every
-// few rows. (The larger cost of a fresh output, the page faults of its new pages, is the engine's
-// to avoid: souverain/kernels/malloc.py.)
+// 32-row block of x passes over a group before the next, so each output row is written in runs of
+// the group's width rather than one 64-byte piece per row down a tall output.
 template <typename Panel>
 torch::Tensor product(const torch::Tensor& x, int64_t NB, int64_t KB, Panel panel) {
   const int64_t M = x.size(0), N = NB * 32;
