@@ -214,10 +214,11 @@ bool amx_available() {
 #endif
 }
 
-void check_x(const torch::Tensor& x, int64_t K) {
+static void check_x(const torch::Tensor& x, int64_t K) {
   TORCH_CHECK(amx_available(), "amx_linear: this CPU or build has no AMX");
   TORCH_CHECK(x.device().is_cpu(), "amx_linear: x must be on the CPU");
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.stride(1) == 1 && x.stride(0) >= x.size(1),
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.stride(1) == 1 &&
+                  (x.size(0) <= 1 || x.stride(0) >= x.size(1)),
               "amx_linear: x must be bfloat16 [M, K] with contiguous rows");
   TORCH_CHECK(x.size(1) == K, "amx_linear: x has ", x.size(1), " columns, the weight ", K);
 }
@@ -262,7 +263,7 @@ torch::Tensor amx_linear_int4(torch::Tensor x, torch::Tensor qtiles, torch::Tens
       _mm_prefetch(reinterpret_cast<const char*>(s + (kb + kPrefetch) * 64) + 64, _MM_HINT_T0);
       dequant_block(q + kb * qbytes, s + kb * 64, buffer + kb * kBlock);
     }
-    return PanelRef{buffer, nullptr, 0};  // the panel is in L1/L2 now: nothing to prefetch
+    return PanelRef{buffer, nullptr, 0};  // the panel is in L1/L2 now: nothing more to fetch from memory
   });
 #else
   return x;
