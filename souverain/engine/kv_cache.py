@@ -73,7 +73,7 @@ class PagedStep:
         flat_q = q[0]  # [N, H, hd]
         fast = kernels.usable(flat_q, kc) if self.cache.k_transposed else None
         if fast is not None:
-            fast.store_kv(rows_contiguous(k[0]), rows_contiguous(v[0]), kc, vc, self.slots)
+            fast.store_kv(kernels.rows_contiguous(k[0]), kernels.rows_contiguous(v[0]), kc, vc, self.slots)
         elif self.cache.k_transposed:
             bs = self.cache.block_size
             kc[self.slots // bs, :, :, self.slots % bs] = k[0]  # [N, Hkv, hd] into [blocks, Hkv, hd, bs]
@@ -119,11 +119,6 @@ class PagedStep:
         _, hkv, hd, _ = layer_cache.shape
         blocks = layer_cache.index_select(0, g.k_blocks)  # [G*B, Hkv, hd, bs]
         return blocks.permute(0, 3, 1, 2).reshape(-1, g.num_keys, hkv, hd)
-
-
-def rows_contiguous(x: torch.Tensor) -> torch.Tensor:
-    """x [N, Hkv, hd] with each row contiguous (rows may lie apart, as in a slice of a fused projection)."""
-    return x if x.stride(2) == 1 and x.stride(1) == x.shape[2] else x.contiguous()
 
 
 def build_group(starts: list[int], counts: list[int], row_offsets: list[int], block_tables: list[list[int]],

@@ -19,6 +19,10 @@ import platform
 import threading
 from pathlib import Path
 from types import ModuleType
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +101,12 @@ def amx() -> ModuleType | None:
     """The loaded kernels if their AMX matrix product runs on this CPU; never builds."""
     module = _state.get("cpu")
     return module if module is not None and module.amx_available() else None
+
+
+def rows_contiguous(x: torch.Tensor) -> torch.Tensor:
+    """x [N, heads, hd] with each row contiguous, as the kernels read it: rows may lie apart (a slice
+    of a fused projection is taken in place), anything else is copied."""
+    return x if x.stride(2) == 1 and x.stride(1) == x.shape[2] else x.contiguous()
 
 
 def usable(*tensors: object, multiple: int = 0) -> ModuleType | None:

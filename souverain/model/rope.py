@@ -52,9 +52,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     fast = kernels.usable(x, cos, sin, multiple=x.shape[-1] // 2)
     if fast is not None and cos.shape[:2] == x.shape[:2]:
         b, t, h, d = x.shape
-        rows = x.reshape(b * t, h, d)
-        if rows.stride(2) != 1 or rows.stride(1) != d:
-            rows = rows.contiguous()
+        rows = kernels.rows_contiguous(x.reshape(b * t, h, d))
         out = fast.rope(rows, cos.reshape(b * t, d).contiguous(), sin.reshape(b * t, d).contiguous())
         return out.view(b, t, h, d)
     cos, sin = cos[:, :, None, :], sin[:, :, None, :]
