@@ -13,6 +13,7 @@ import torch
 from souverain import kernels
 from souverain.engine.adapters import AdapterCache
 from souverain.engine.blocks import BlockManager
+from souverain.engine.fused import build_decoder
 from souverain.engine.json_mode import JsonPrefix
 from souverain.engine.kv_cache import PagedKVCache
 from souverain.engine.request import (
@@ -96,7 +97,8 @@ class LLMEngine:
             max_num_seqs=config.max_num_seqs, max_batched_tokens=config.max_batched_tokens,
             max_waiting=config.max_waiting, max_model_len=max_len, sliding_window=args.sliding_window,
         ), tokenizer.eos_ids)
-        self.runner = ModelRunner(model, self.cache, tokenizer.eos_ids)
+        decoder = build_decoder(model, fast, config.block_size) if fast is not None and transposed else None
+        self.runner = ModelRunner(model, self.cache, tokenizer.eos_ids, decoder)
         self.stats = EngineStats(kv_blocks_total=num_blocks)
         self._ids = count()
         self._state: dict[int, _SeqState] = {}

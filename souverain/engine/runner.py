@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -22,9 +23,11 @@ class Sampled:
 
 
 class ModelRunner:
-    def __init__(self, model: Transformer, cache: PagedKVCache, eos_ids: Iterable[int] = ()) -> None:
+    def __init__(self, model: Transformer, cache: PagedKVCache, eos_ids: Iterable[int] = (),
+                 decoder: Any | None = None) -> None:
         self.model = model
         self.cache = cache
+        self.decoder = decoder  # the C++ decoder (souverain/engine/fused.py) for steps of decodes only
         self.device = next(model.parameters()).device
         self.vocab = model.args.vocab_size
         self.eos_ids = sorted(set(eos_ids))
@@ -51,10 +54,21 @@ class ModelRunner:
             if item.sample:
                 out_rows.append(len(tokens) - 1)
         dev = self.device
-        step = PagedStep(self.cache, torch.tensor(slots, dtype=torch.long, device=dev), self._groups(items, offsets))
+        groups = self._groups(items, offsets)
+        lora = self._lora(items, adapter)
+        slot_t = torch.tensor(slots, dtype=torch.long, device=dev)
+        g = groups[0]
+        if self.decoder is not None and lora is None and len(groups) == 1 and g.identity and g.tables is not None \
+                and len(out_rows) == len(items):
+            # One token per sequence, each sampled: the layers in one C++ call.
+            h = self.model.tok_embeddings(torch.tensor(tokens, device=dev))
+            cos, sin = self.model.rope_tables(torch.tensor(positions, device=dev), h.dtype)
+            h = self.decoder.forward(h, cos, sin, self.cache.k, self.cache.v, slot_t, g.tables, g.key_lo, g.key_hi,
+                                     self.cache.block_size)
+            return self.model.head(h).float()
+        step = PagedStep(self.cache, slot_t, groups)
         logits = self.model(torch.tensor([tokens], device=dev), torch.tensor([positions], device=dev), step,
-                            output_rows=torch.tensor(out_rows, dtype=torch.long, device=dev),
-                            lora=self._lora(items, adapter))
+                            output_rows=torch.tensor(out_rows, dtype=torch.long, device=dev), lora=lora)
         return logits.float()
 
     def _lora(self, items: list[ScheduledSeq], adapter: Callable[[str], LoraWeights] | None) -> LoraBatch | None:

@@ -7,7 +7,9 @@ SOUVERAIN_KERNELS=0, `load()` returns None and every op falls back to the plain 
 its call: same results, slower. Nothing is built at import time.
 
 cpu.cpp holds the element-wise and attention kernels, gemm.cpp the AMX matrix product (compiled
-only where the CPU has AMX; `amx_available()` says whether it runs here).
+only where the CPU has AMX; `amx_available()` says whether it runs here), decoder.cpp a decode
+step's layers in one call (`Decoder`, built by souverain/engine/fused.py); kernels.h declares what
+they share.
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ log = logging.getLogger(__name__)
 
 _lock = threading.Lock()
 _state: dict[str, ModuleType | None] = {}
-SOURCES = [Path(__file__).with_name("cpu.cpp"), Path(__file__).with_name("gemm.cpp")]
+SOURCES = [Path(__file__).with_name(name) for name in ("cpu.cpp", "gemm.cpp", "decoder.cpp")]
+HEADERS = [Path(__file__).with_name("kernels.h")]
 
 
 def enabled() -> bool:
@@ -50,7 +53,7 @@ def build_dir() -> Path:
     import platformdirs
     import torch
 
-    source = b"".join(p.read_bytes() for p in SOURCES)
+    source = b"".join(p.read_bytes() for p in SOURCES + HEADERS)
     key = hashlib.sha256(source + torch.__version__.encode() + _cpu_flags().encode()).hexdigest()[:16]
     base = os.environ.get("SOUVERAIN_KERNELS_DIR") or platformdirs.user_cache_dir("souverain")
     return Path(base) / "kernels" / key

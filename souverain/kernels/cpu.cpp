@@ -10,12 +10,14 @@
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
+#include "kernels.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <vector>
 
-namespace {
+namespace souverain {
 
 using at::BFloat16;
 using fVec = at::vec::Vectorized<float>;
@@ -492,14 +494,10 @@ torch::Tensor argmax_rows(torch::Tensor x) {
   return out;
 }
 
-}  // namespace
-
-// gemm.cpp
-bool amx_available();
-torch::Tensor amx_linear(torch::Tensor x, torch::Tensor packed);
-torch::Tensor amx_linear_int4(torch::Tensor x, torch::Tensor qtiles, torch::Tensor sz);
+}  // namespace souverain
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  using namespace souverain;
   m.def("vector_width", [] { return W; }, "floats per SIMD vector: row lengths must be multiples of it");
   m.def("decode_supported", &decode_supported, "whether paged_decode_attention takes these shapes");
   m.def("paged_decode_attention", &paged_decode_attention, "decode attention over a paged KV cache");
@@ -512,4 +510,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("amx_available", &amx_available, "whether amx_linear runs here (an AMX CPU, and the OS grants the tiles)");
   m.def("amx_linear", &amx_linear, "x [M, K] bf16 times a weight packed by pack_tiles, as x @ w.T");
   m.def("amx_linear_int4", &amx_linear_int4, "x [M, K] bf16 times an int4 weight packed by pack_int4_tiles");
+  bind_decoder(m);
 }

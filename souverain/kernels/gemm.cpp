@@ -23,6 +23,8 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include "kernels.h"
+
 #include <algorithm>
 #include <cstdint>
 #include <vector>
@@ -203,6 +205,8 @@ torch::Tensor product(const torch::Tensor& x, int64_t NB, int64_t KB, Panel pane
 
 }  // namespace
 
+namespace souverain {
+
 // Whether this build has the AMX kernel and the OS lets this process use the tiles.
 bool amx_available() {
 #ifdef SOUVERAIN_AMX
@@ -269,3 +273,5 @@ torch::Tensor amx_linear_int4(torch::Tensor x, torch::Tensor qtiles, torch::Tens
   return x;
 #endif
 }
+
+}  // namespace souverain

@@ -43,15 +43,23 @@ class Transformer(nn.Module):
         b, t = tokens.shape
         if positions is None:
             positions = torch.arange(t, device=tokens.device).expand(b, t)
-        if self._inv_freq.device != tokens.device:
-            self._inv_freq = self._inv_freq.to(tokens.device)
         h = self.tok_embeddings(tokens)
-        cos, sin = rope_cos_sin(self._inv_freq, positions, h.dtype)
+        cos, sin = self.rope_tables(positions, h.dtype)
         ctx = ForwardContext(cos, sin, positions, self._mask(positions) if kv is None else None, kv, lora)
         for layer in self.layers:
             h = layer(h, ctx)
         if output_rows is not None:
             h = h.reshape(b * t, -1)[output_rows]
+        return self.head(h)
+
+    def rope_tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [..., head_dim] for integer positions [...]."""
+        if self._inv_freq.device != positions.device:
+            self._inv_freq = self._inv_freq.to(positions.device)
+        return rope_cos_sin(self._inv_freq, positions, dtype)
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """The last hidden states [..., D] -> logits [..., V]: final norm, output projection."""
         h = self.norm(h)
         if self.output is None:
             return F.linear(h, self.tok_embeddings.weight)

@@ -1,0 +1,59 @@
+"""A decode step's decoder layers in one C++ call (`Decoder`, souverain/kernels/decoder.cpp).
+
+Between its kernels the Python forward spends about 0.3 ms a layer on module calls, checks and
+views: on SmolLM2 (30 layers) ~9 ms of a ~21 ms batch-1 decode step. The C++ decoder runs the same
+ops in the same order on the same tensors, so its output is the Python path's to the bit. It covers
+bf16 models on the CPU whose layers are plain (dense feed-forward, nn.Linear or QuantLinear
+projections) and shapes the kernels take; the runner uses it for steps of decodes only without
+LoRA, and the Python forward for everything else.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+from typing import Any
+
+import torch
+from torch import nn
+
+from souverain.model.layers import FeedForward, TransformerBlock
+from souverain.model.quant import QuantLinear
+from souverain.model.transformer import Transformer
+
+
+def build_decoder(model: Transformer, fast: ModuleType, block_size: int) -> Any | None:
+    """The C++ decoder over `model`'s layers (sharing their tensors), or None where it does not apply."""
+    args = model.args
+    p = next(model.parameters())
+    width = fast.vector_width()
+    if p.device.type != "cpu" or p.dtype != torch.bfloat16 or args.moe is not None or args.dim % width \
+            or (args.hd // 2) % width or not fast.decode_supported(args.n_heads, args.n_kv_heads, args.hd, block_size):
+        return None
+    layers = []
+    for block in model.layers:
+        if not isinstance(block, TransformerBlock) or not isinstance(block.feed_forward, FeedForward):
+            return None
+        att, ff = block.attention, block.feed_forward
+        qkv = [att.wqkv] if att.wqkv is not None else [att.wq, att.wk, att.wv]
+        gate_up = [ff.w13] if ff.w13 is not None else [ff.w1, ff.w3]
+        parts = [_linear(fast, m) for m in [*qkv, att.wo, *gate_up, ff.w2]]
+        if any(part is None for part in parts):
+            return None
+        n = len(qkv)
+        layers.append(fast.Layer(attention_norm=block.attention_norm.weight.detach(),
+                                 ffn_norm=block.ffn_norm.weight.detach(), qkv=parts[:n], wo=parts[n],
+                                 gate_up=parts[n + 1 : -1], down=parts[-1]))
+    return fast.Decoder(layers, args.n_heads, args.n_kv_heads, args.hd, args.norm_eps)
+
+
+def _linear(fast: ModuleType, m: nn.Module | None) -> Any | None:
+    """A projection's forms for the C++ decoder: an exact nn.Linear or a QuantLinear, in bf16."""
+    if type(m) is nn.Linear:
+        if m.weight.dtype != torch.bfloat16:
+            return None
+        return fast.Linear(weight=m.weight.detach(), bias=None if m.bias is None else m.bias.detach())
+    if isinstance(m, QuantLinear):
+        bias = None if m.bias is None else m.bias.detach()
+        return fast.Linear(qweight=m.qweight, scales=m.scales, dense_t=m.dense_t, tiles=m.tiles, nibbles=m.nibbles,
+                           nibble_scales=m.nibble_scales, bias=bias, bits=m.bits, dense_rows=m.dense_rows)
+    return None

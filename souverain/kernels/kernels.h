@@ -1,0 +1,28 @@
+// The kernels' entry points, for the sources that call one another (cpu.cpp binds them all).
+#pragma once
+
+#include <torch/extension.h>
+
+namespace souverain {
+
+// cpu.cpp
+bool decode_supported(int64_t n_heads, int64_t n_kv_heads, int64_t head_dim, int64_t block_size);
+torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
+                                     torch::Tensor block_table, torch::Tensor k_start, torch::Tensor k_end,
+                                     int64_t block_size, double scale);
+torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps);
+torch::Tensor silu_mul(torch::Tensor a, torch::Tensor b);
+torch::Tensor swiglu(torch::Tensor gu);
+torch::Tensor rope(torch::Tensor x, torch::Tensor cos, torch::Tensor sin);
+void store_kv(torch::Tensor k, torch::Tensor v, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor slots);
+torch::Tensor argmax_rows(torch::Tensor x);
+
+// gemm.cpp
+bool amx_available();
+torch::Tensor amx_linear(torch::Tensor x, torch::Tensor packed);
+torch::Tensor amx_linear_int4(torch::Tensor x, torch::Tensor qtiles, torch::Tensor sz);
+
+// decoder.cpp
+void bind_decoder(pybind11::module& m);
+
+}  // namespace souverain
