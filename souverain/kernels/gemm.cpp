@@ -201,6 +201,73 @@ torch::Tensor product(const torch::Tensor& x, int64_t NB, int64_t KB, Panel pane
   });
   return y;
 }
+
+// y = x @ w.T for an int4 weight and at most 32 rows of x: one pass over the weight, so each block
+// is dequantised just before its products, a few blocks ahead into a small ring that stays in L1.
+// The vector units dequantise while the tiles multiply, instead of one after the other as when a
+// whole panel is dequantised first (the path for more rows, where a panel serves many row blocks).
+// Same values, same order of sums as `product`: the same bits.
+torch::Tensor small_int4(const torch::Tensor& x, const uint8_t* qp, const at::BFloat16* sp, int64_t NB, int64_t KB) {
+  constexpr int64_t kAhead = 2, kRing = 4;  // blocks dequantised ahead; ring slots
+  constexpr int64_t qbytes = kBlock / 2;
+  const int64_t M = x.size(0), N = NB * 32;
+  auto y = torch::empty({M, N}, x.options().memory_format(at::MemoryFormat::Contiguous));
+  if (M == 0) return y;
+  const auto* xp = x.data_ptr<at::BFloat16>();
+  auto* yp = y.data_ptr<at::BFloat16>();
+  const int64_t ldx = x.stride(0);
+  const int r0 = static_cast<int>(std::min<int64_t>(M, 16)), r1 = static_cast<int>(M) - r0;
+  const int64_t stride = ldx * static_cast<int64_t>(sizeof(at::BFloat16));
+  at::parallel_for(0, NB, 1, [&](int64_t begin, int64_t end) {
+    alignas(64) float acc[32 * 32];
+    alignas(64) at::BFloat16 ring[kRing * kBlock];
+    configure(r0, r1);
+    for (int64_t nb = begin; nb < end; ++nb) {
+      const uint8_t* q = qp + nb * KB * qbytes;
+      const at::BFloat16* sz = sp + nb * KB * 64;
+      for (int64_t kb = 0; kb < std::min(kAhead, KB); ++kb) dequant_block(q + kb * qbytes, sz + kb * 64, ring + kb % kRing * kBlock);
+      for (int r = 0; r < r0 + r1; ++r) _m_prefetchw(yp + r * N + nb * 32);
+      _tile_zero(0);
+      _tile_zero(1);
+      if (r1) {
+        _tile_zero(2);
+        _tile_zero(3);
+      }
+      for (int64_t kb = 0; kb < KB; ++kb) {
+        const int64_t next = kb + kAhead;
+        if (next < KB) {
+          const char* ahead = reinterpret_cast<const char*>(q + (next + kPrefetch) * qbytes);
+          for (int64_t i = 0; i < qbytes; i += 64) _mm_prefetch(ahead + i, _MM_HINT_T0);
+          _mm_prefetch(reinterpret_cast<const char*>(sz + (next + kPrefetch) * 64), _MM_HINT_T0);
+          _mm_prefetch(reinterpret_cast<const char*>(sz + (next + kPrefetch) * 64) + 64, _MM_HINT_T0);
+          dequant_block(q + next * qbytes, sz + next * 64, ring + next % kRing * kBlock);
+        }
+        const at::BFloat16* b = ring + kb % kRing * kBlock;
+        _tile_loadd(6, b, 64);
+        _tile_loadd(7, b + kTile, 64);
+        _tile_loadd(4, xp + kb * 32, stride);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 4, 7);
+        if (r1) {
+          _tile_loadd(5, xp + 16 * ldx + kb * 32, stride);
+          _tile_dpbf16ps(2, 5, 6);
+          _tile_dpbf16ps(3, 5, 7);
+        }
+      }
+      _tile_stored(0, acc, 128);
+      _tile_stored(1, acc + 16, 128);
+      if (r1) {
+        _tile_stored(2, acc + 512, 128);
+        _tile_stored(3, acc + 528, 128);
+      }
+      for (int r = 0; r < r0 + r1; ++r) {
+        _mm512_storeu_si512(yp + r * N + nb * 32, to_bf16(_mm512_load_ps(acc + r * 32), _mm512_load_ps(acc + r * 32 + 16)));
+      }
+    }
+    _tile_release();
+  });
+  return y;
+}
 #endif
 
 }  // namespace
@@ -257,6 +324,7 @@ torch::Tensor amx_linear_int4(torch::Tensor x, torch::Tensor qtiles, torch::Tens
   const auto* qp = qtiles.data_ptr<uint8_t>();
   const auto* sp = sz.data_ptr<at::BFloat16>();
   constexpr int64_t qbytes = kBlock / 2;  // two nibbles a byte
+  if (x.size(0) <= 32) return small_int4(x, qp, sp, NB, KB);
   return product(x, NB, KB, [&](int64_t nb, at::BFloat16* buffer) {
     const uint8_t* q = qp + nb * KB * qbytes;
     const at::BFloat16* s = sp + nb * KB * 64;
