@@ -17,8 +17,11 @@
 //
 // `amx_linear_int4` reads int4 weights instead (a quarter of the bytes, and no bf16 copy of the
 // model kept): each 32-column panel is dequantised into bf16 tiles in a per-thread buffer (in
-// L1/L2), then multiplied as above. The dequantisation costs about what the bytes save: at 32 rows it
-// ran level with the bf16 tiles. Packing: `pack_int4_tiles` (tiles.py).
+// L1/L2), then multiplied as above; a panel then serves every 32-row block of x. Up to 32 rows (decode
+// steps) there is one block of rows, so each weight block is instead dequantised just ahead of its
+// products into a small ring in L1 and the vector units overlap the tiles: the 120 products of
+// SmolLM2 at 32 rows went from 14-19 ms to 8.4-9.2 ms (interleaved runs). Packing: `pack_int4_tiles`
+// (tiles.py).
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -64,9 +67,11 @@ void configure(int rows0, int rows1) {
   _tile_loadconfig(&cfg);
 }
 
-template <bool Two>
-inline void block(const at::BFloat16* x, int64_t ldx, const at::BFloat16* w, const char* ahead, int64_t ahead_step,
-                  int64_t kblocks, float* acc) {
+// acc (32 x 32 fp32) = one block of x's rows (16, or 32 when Two) times a column block's K/32
+// weight blocks. `weights(kb)` gives where block kb's two tiles are, and may first do work for the
+// blocks ahead (prefetching, dequantising), which overlaps the products already issued.
+template <bool Two, typename Weights>
+inline void block(const at::BFloat16* x, int64_t ldx, int64_t kblocks, float* acc, Weights weights) {
   _tile_zero(0);
   _tile_zero(1);
   if (Two) {
@@ -75,9 +80,7 @@ inline void block(const at::BFloat16* x, int64_t ldx, const at::BFloat16* w, con
   }
   const int64_t stride = ldx * static_cast<int64_t>(sizeof(at::BFloat16));
   for (int64_t kb = 0; kb < kblocks; ++kb) {
-    // Read the weight's bytes some blocks ahead (past its end this fetches nothing useful, and never faults).
-    for (int64_t i = 0; i < ahead_step; i += 64) _mm_prefetch(ahead + kb * ahead_step + i, _MM_HINT_T0);
-    const at::BFloat16* b = w + kb * kBlock;
+    const at::BFloat16* b = weights(kb);
     _tile_loadd(6, b, 64);
     _tile_loadd(7, b + kTile, 64);
     _tile_loadd(4, x + kb * 32, stride);
@@ -97,10 +100,31 @@ inline void block(const at::BFloat16* x, int64_t ldx, const at::BFloat16* w, con
   }
 }
 
+template <typename Weights>
+inline void any_block(int rows, const at::BFloat16* x, int64_t ldx, int64_t kblocks, float* acc, Weights weights) {
+  if (rows > 16) {
+    block<true>(x, ldx, kblocks, acc, weights);
+  } else {
+    block<false>(x, ldx, kblocks, acc, weights);
+  }
+}
+
 // 32 fp32 values to bf16, rounding to nearest even (as ATen's conversion).
 inline __m512i to_bf16(__m512 lo, __m512 hi) {
   const __m512bh v = _mm512_cvtne2ps_pbh(hi, lo);
   return reinterpret_cast<const __m512i&>(v);
+}
+
+// Own the lines of an output block's rows before its products end, so their stores do not wait on memory.
+inline void own_rows(at::BFloat16* y, int64_t ldy, int rows) {
+  for (int r = 0; r < rows; ++r) _m_prefetchw(y + r * ldy);
+}
+
+// The accumulators' rows, rounded to bf16, into y (32 columns from y, rows ldy apart).
+inline void write_rows(const float* acc, at::BFloat16* y, int64_t ldy, int rows) {
+  for (int r = 0; r < rows; ++r) {
+    _mm512_storeu_si512(y + r * ldy, to_bf16(_mm512_load_ps(acc + r * 32), _mm512_load_ps(acc + r * 32 + 16)));
+  }
 }
 
 inline __m512 bf16_to_float(const at::BFloat16* p) {
@@ -130,6 +154,16 @@ inline void dequant_block(const uint8_t* q, const at::BFloat16* sz, at::BFloat16
       _mm512_store_si512(out + (h * 16 + r) * 32, to_bf16(w0, w1));
     }
   }
+}
+
+constexpr int64_t kQBytes = kBlock / 2;  // an int4 block: two nibbles a byte
+
+// Bring int4 block kb's nibbles and its scales and zeros towards L1 (past the end: nothing useful, no fault).
+inline void fetch_int4(const uint8_t* q, const at::BFloat16* sz, int64_t kb) {
+  const char* ahead = reinterpret_cast<const char*>(q + kb * kQBytes);
+  for (int64_t i = 0; i < kQBytes; i += 64) _mm_prefetch(ahead + i, _MM_HINT_T0);
+  _mm_prefetch(reinterpret_cast<const char*>(sz + kb * 64), _MM_HINT_T0);
+  _mm_prefetch(reinterpret_cast<const char*>(sz + kb * 64) + 64, _MM_HINT_T0);
 }
 
 struct PanelRef {
@@ -183,17 +217,14 @@ torch::Tensor product(const torch::Tensor& x, int64_t NB, int64_t KB, Panel pane
           const bool from_memory = m0 == 0 && p.ahead != nullptr;
           const char* ahead = from_memory ? p.ahead : reinterpret_cast<const char*>(p.w + kBlock);
           const int64_t step = from_memory ? p.ahead_step : kBlock * 2;
-          // Own the output lines before the products end, so their stores do not wait on memory.
-          for (int r = 0; r < rows; ++r) _m_prefetchw(yp + (m0 + r) * N + nb * 32);
-          if (r1) {
-            block<true>(xp + m0 * ldx, ldx, p.w, ahead, step, KB, acc);
-          } else {
-            block<false>(xp + m0 * ldx, ldx, p.w, ahead, step, KB, acc);
-          }
-          for (int r = 0; r < rows; ++r) {
-            _mm512_storeu_si512(yp + (m0 + r) * N + nb * 32,
-                                to_bf16(_mm512_load_ps(acc + r * 32), _mm512_load_ps(acc + r * 32 + 16)));
-          }
+          at::BFloat16* out = yp + m0 * N + nb * 32;
+          own_rows(out, N, rows);
+          any_block(rows, xp + m0 * ldx, ldx, KB, acc, [&](int64_t kb) {
+            // Read bytes some blocks ahead (past the end this fetches nothing useful, and never faults).
+            for (int64_t i = 0; i < step; i += 64) _mm_prefetch(ahead + kb * step + i, _MM_HINT_T0);
+            return p.w + kb * kBlock;
+          });
+          write_rows(acc, out, N, rows);
         }
       }
     }
@@ -209,60 +240,34 @@ torch::Tensor product(const torch::Tensor& x, int64_t NB, int64_t KB, Panel pane
 // Same values, same order of sums as `product`: the same bits.
 torch::Tensor small_int4(const torch::Tensor& x, const uint8_t* qp, const at::BFloat16* sp, int64_t NB, int64_t KB) {
   constexpr int64_t kAhead = 2, kRing = 4;  // blocks dequantised ahead; ring slots
-  constexpr int64_t qbytes = kBlock / 2;
   const int64_t M = x.size(0), N = NB * 32;
   auto y = torch::empty({M, N}, x.options().memory_format(at::MemoryFormat::Contiguous));
   if (M == 0) return y;
   const auto* xp = x.data_ptr<at::BFloat16>();
   auto* yp = y.data_ptr<at::BFloat16>();
   const int64_t ldx = x.stride(0);
-  const int r0 = static_cast<int>(std::min<int64_t>(M, 16)), r1 = static_cast<int>(M) - r0;
-  const int64_t stride = ldx * static_cast<int64_t>(sizeof(at::BFloat16));
+  const int rows = static_cast<int>(M);
   at::parallel_for(0, NB, 1, [&](int64_t begin, int64_t end) {
     alignas(64) float acc[32 * 32];
     alignas(64) at::BFloat16 ring[kRing * kBlock];
-    configure(r0, r1);
+    configure(std::min(rows, 16), std::max(rows - 16, 0));
     for (int64_t nb = begin; nb < end; ++nb) {
-      const uint8_t* q = qp + nb * KB * qbytes;
+      const uint8_t* q = qp + nb * KB * kQBytes;
       const at::BFloat16* sz = sp + nb * KB * 64;
-      for (int64_t kb = 0; kb < std::min(kAhead, KB); ++kb) dequant_block(q + kb * qbytes, sz + kb * 64, ring + kb % kRing * kBlock);
-      for (int r = 0; r < r0 + r1; ++r) _m_prefetchw(yp + r * N + nb * 32);
-      _tile_zero(0);
-      _tile_zero(1);
-      if (r1) {
-        _tile_zero(2);
-        _tile_zero(3);
+      for (int64_t kb = 0; kb < std::min(kAhead, KB); ++kb) {
+        dequant_block(q + kb * kQBytes, sz + kb * 64, ring + kb % kRing * kBlock);
       }
-      for (int64_t kb = 0; kb < KB; ++kb) {
+      at::BFloat16* out = yp + nb * 32;
+      own_rows(out, N, rows);
+      any_block(rows, xp, ldx, KB, acc, [&](int64_t kb) {
         const int64_t next = kb + kAhead;
         if (next < KB) {
-          const char* ahead = reinterpret_cast<const char*>(q + (next + kPrefetch) * qbytes);
-          for (int64_t i = 0; i < qbytes; i += 64) _mm_prefetch(ahead + i, _MM_HINT_T0);
-          _mm_prefetch(reinterpret_cast<const char*>(sz + (next + kPrefetch) * 64), _MM_HINT_T0);
-          _mm_prefetch(reinterpret_cast<const char*>(sz + (next + kPrefetch) * 64) + 64, _MM_HINT_T0);
-          dequant_block(q + next * qbytes, sz + next * 64, ring + next % kRing * kBlock);
+          fetch_int4(q, sz, next + kPrefetch);
+          dequant_block(q + next * kQBytes, sz + next * 64, ring + next % kRing * kBlock);
         }
-        const at::BFloat16* b = ring + kb % kRing * kBlock;
-        _tile_loadd(6, b, 64);
-        _tile_loadd(7, b + kTile, 64);
-        _tile_loadd(4, xp + kb * 32, stride);
-        _tile_dpbf16ps(0, 4, 6);
-        _tile_dpbf16ps(1, 4, 7);
-        if (r1) {
-          _tile_loadd(5, xp + 16 * ldx + kb * 32, stride);
-          _tile_dpbf16ps(2, 5, 6);
-          _tile_dpbf16ps(3, 5, 7);
-        }
-      }
-      _tile_stored(0, acc, 128);
-      _tile_stored(1, acc + 16, 128);
-      if (r1) {
-        _tile_stored(2, acc + 512, 128);
-        _tile_stored(3, acc + 528, 128);
-      }
-      for (int r = 0; r < r0 + r1; ++r) {
-        _mm512_storeu_si512(yp + r * N + nb * 32, to_bf16(_mm512_load_ps(acc + r * 32), _mm512_load_ps(acc + r * 32 + 16)));
-      }
+        return ring + kb % kRing * kBlock;
+      });
+      write_rows(acc, out, N, rows);
     }
     _tile_release();
   });
@@ -323,17 +328,13 @@ torch::Tensor amx_linear_int4(torch::Tensor x, torch::Tensor qtiles, torch::Tens
 #ifdef SOUVERAIN_AMX
   const auto* qp = qtiles.data_ptr<uint8_t>();
   const auto* sp = sz.data_ptr<at::BFloat16>();
-  constexpr int64_t qbytes = kBlock / 2;  // two nibbles a byte
   if (x.size(0) <= 32) return small_int4(x, qp, sp, NB, KB);
   return product(x, NB, KB, [&](int64_t nb, at::BFloat16* buffer) {
-    const uint8_t* q = qp + nb * KB * qbytes;
+    const uint8_t* q = qp + nb * KB * kQBytes;
     const at::BFloat16* s = sp + nb * KB * 64;
     for (int64_t kb = 0; kb < KB; ++kb) {
-      const char* ahead = reinterpret_cast<const char*>(q + (kb + kPrefetch) * qbytes);
-      for (int64_t i = 0; i < qbytes; i += 64) _mm_prefetch(ahead + i, _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(s + (kb + kPrefetch) * 64), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(s + (kb + kPrefetch) * 64) + 64, _MM_HINT_T0);
-      dequant_block(q + kb * qbytes, s + kb * 64, buffer + kb * kBlock);
+      fetch_int4(q, s, kb + kPrefetch);
+      dequant_block(q + kb * kQBytes, s + kb * 64, buffer + kb * kBlock);
     }
     return PanelRef{buffer, nullptr, 0};  // the panel is in L1/L2 now: nothing more to fetch from memory
   });
