@@ -233,12 +233,14 @@ torch::Tensor product(const torch::Tensor& x, int64_t NB, int64_t KB, Panel pane
   return y;
 }
 
-// y = x @ w.T for an int4 weight and at most 32 rows of x: one pass over the weight, so each block
-// is dequantised just before its products, a few blocks ahead into a small ring that stays in L1.
-// The vector units dequantise while the tiles multiply, instead of one after the other as when a
-// whole panel is dequantised first (the path for more rows, where a panel serves many row blocks).
-// Same values, same order of sums as `product`: the same bits.
-torch::Tensor small_int4(const torch::Tensor& x, const uint8_t* qp, const at::BFloat16* sp, int64_t NB, int64_t KB) {
+// y = x @ w.T for a quantised weight and at most 32 rows of x: one pass over the weight, so each
+// block is dequantised just before its products, a few blocks ahead into a small ring that stays in
+// L1, and the vector units dequantise while the tiles multiply (with more rows, `product`
+// dequantises whole panels first, since each then serves many row blocks). `dequant(nb, kb, out)`
+// writes block (nb, kb)'s two bf16 tiles, and fetches the bytes of the blocks ahead. Same values,
+// same order of sums as `product`: the same bits.
+template <typename Dequant>
+torch::Tensor small(const torch::Tensor& x, int64_t NB, int64_t KB, Dequant dequant) {
   constexpr int64_t kAhead = 2, kRing = 4;  // blocks dequantised ahead; ring slots
   const int64_t M = x.size(0), N = NB * 32;
   auto y = torch::empty({M, N}, x.options().memory_format(at::MemoryFormat::Contiguous));
@@ -252,19 +254,12 @@ torch::Tensor small_int4(const torch::Tensor& x, const uint8_t* qp, const at::BF
     alignas(64) at::BFloat16 ring[kRing * kBlock];
     configure(std::min(rows, 16), std::max(rows - 16, 0));
     for (int64_t nb = begin; nb < end; ++nb) {
-      const uint8_t* q = qp + nb * KB * kQBytes;
-      const at::BFloat16* sz = sp + nb * KB * 64;
-      for (int64_t kb = 0; kb < std::min(kAhead, KB); ++kb) {
-        dequant_block(q + kb * kQBytes, sz + kb * 64, ring + kb % kRing * kBlock);
-      }
+      for (int64_t kb = 0; kb < std::min(kAhead, KB); ++kb) dequant(nb, kb, ring + kb % kRing * kBlock);
       at::BFloat16* out = yp + nb * 32;
       own_rows(out, N, rows);
       any_block(rows, xp, ldx, KB, acc, [&](int64_t kb) {
         const int64_t next = kb + kAhead;
-        if (next < KB) {
-          fetch_int4(q, sz, next + kPrefetch);
-          dequant_block(q + next * kQBytes, sz + next * 64, ring + next % kRing * kBlock);
-        }
+        if (next < KB) dequant(nb, next, ring + next % kRing * kBlock);
         return ring + kb % kRing * kBlock;
       });
       write_rows(acc, out, N, rows);
@@ -328,14 +323,15 @@ torch::Tensor amx_linear_int4(torch::Tensor x, torch::Tensor qtiles, torch::Tens
 #ifdef SOUVERAIN_AMX
   const auto* qp = qtiles.data_ptr<uint8_t>();
   const auto* sp = sz.data_ptr<at::BFloat16>();
-  if (x.size(0) <= 32) return small_int4(x, qp, sp, NB, KB);
-  return product(x, NB, KB, [&](int64_t nb, at::BFloat16* buffer) {
+  auto dequant = [=](int64_t nb, int64_t kb, at::BFloat16* out) {
     const uint8_t* q = qp + nb * KB * kQBytes;
     const at::BFloat16* s = sp + nb * KB * 64;
-    for (int64_t kb = 0; kb < KB; ++kb) {
-      fetch_int4(q, s, kb + kPrefetch);
-      dequant_block(q + kb * kQBytes, s + kb * 64, buffer + kb * kBlock);
-    }
+    fetch_int4(q, s, kb + kPrefetch);
+    dequant_block(q + kb * kQBytes, s + kb * 64, out);
+  };
+  if (x.size(0) <= 32) return small(x, NB, KB, dequant);
+  return product(x, NB, KB, [&](int64_t nb, at::BFloat16* buffer) {
+    for (int64_t kb = 0; kb < KB; ++kb) dequant(nb, kb, buffer + kb * kBlock);
     return PanelRef{buffer, nullptr, 0};  // the panel is in L1/L2 now: nothing more to fetch from memory
   });
 #else
