@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from souverain.model.layers import FeedForward, TransformerBlock
-from souverain.model.quant import QuantLinear
+from souverain.model.quant import GROUP, QuantLinear
 from souverain.model.transformer import Transformer
 
 
@@ -55,5 +55,6 @@ def _linear(fast: ModuleType, m: nn.Module | None) -> Any | None:
     if isinstance(m, QuantLinear):
         bias = None if m.bias is None else m.bias.detach()
         return fast.Linear(qweight=m.qweight, scales=m.scales, dense_t=m.dense_t, tiles=m.tiles, nibbles=m.nibbles,
-                           nibble_scales=m.nibble_scales, bias=bias, bits=m.bits, dense_rows=m.dense_rows)
+                           nibble_scales=m.nibble_scales, bias=bias, bits=m.bits, dense_rows=m.dense_rows,
+                           group=GROUP)
     return None

@@ -16,14 +16,12 @@
 namespace souverain {
 namespace {
 
-constexpr int64_t kGroup = 32;  // QuantLinear's int4 group size
-
 // A projection in whichever forms its module holds, applied as the module's forward applies it:
 // nn.Linear (`weight`), or QuantLinear (int4/int8 kernels up to `dense_rows` rows, else its dense
 // copy or its AMX tiles).
 struct Linear {
   std::optional<at::Tensor> weight, qweight, scales, dense_t, tiles, nibbles, nibble_scales, bias;
-  int64_t bits = 0, dense_rows = 0;
+  int64_t bits = 0, dense_rows = 0, group = 0;  // group: values per int4 scale
 
   at::Tensor operator()(const at::Tensor& x) const {
     if (weight) return at::linear(x, *weight, bias);
@@ -37,7 +35,7 @@ struct Linear {
         y = amx_linear(x, *tiles);
       }
     } else if (bits == 4) {
-      y = at::_weight_int4pack_mm_for_cpu(x, *qweight, kGroup, *scales);
+      y = at::_weight_int4pack_mm_for_cpu(x, *qweight, group, *scales);
     } else {
       y = at::_weight_int8pack_mm(x, *qweight, *scales);
     }
@@ -117,17 +115,18 @@ void bind_decoder(pybind11::module& m) {
                        std::optional<at::Tensor> scales, std::optional<at::Tensor> dense_t,
                        std::optional<at::Tensor> tiles, std::optional<at::Tensor> nibbles,
                        std::optional<at::Tensor> nibble_scales, std::optional<at::Tensor> bias, int64_t bits,
-                       int64_t dense_rows) {
+                       int64_t dense_rows, int64_t group) {
              TORCH_CHECK(weight || (qweight && scales && (dense_t || tiles || (nibbles && nibble_scales)) &&
-                                    (bits == 4 || bits == 8)),
-                         "Linear: give weight (nn.Linear), or qweight, scales, bits 4 or 8 and dense_t, tiles "
-                         "or nibbles with nibble_scales (QuantLinear)");
-             return Linear{weight, qweight, scales, dense_t, tiles, nibbles, nibble_scales, bias, bits, dense_rows};
+                                    (bits == 8 || (bits == 4 && group > 0))),
+                         "Linear: give weight (nn.Linear), or qweight, scales, bits 4 (with group) or 8 and "
+                         "dense_t, tiles or nibbles with nibble_scales (QuantLinear)");
+             return Linear{weight, qweight, scales, dense_t, tiles, nibbles, nibble_scales, bias, bits, dense_rows,
+                           group};
            }),
            py::kw_only(), py::arg("weight") = py::none(), py::arg("qweight") = py::none(),
            py::arg("scales") = py::none(), py::arg("dense_t") = py::none(), py::arg("tiles") = py::none(),
            py::arg("nibbles") = py::none(), py::arg("nibble_scales") = py::none(), py::arg("bias") = py::none(),
-           py::arg("bits") = 0, py::arg("dense_rows") = 0)
+           py::arg("bits") = 0, py::arg("dense_rows") = 0, py::arg("group") = 0)
       .def("__call__", &Linear::operator(), py::arg("x"));
   py::class_<Layer>(m, "Layer", "one decoder layer's weights")
       .def(py::init([](at::Tensor attention_norm, at::Tensor ffn_norm, std::vector<Linear> qkv, Linear wo,
