@@ -20,8 +20,8 @@
 // L1/L2), then multiplied as above; a panel then serves every 32-row block of x. Up to 32 rows (decode
 // steps) there is one block of rows, so each weight block is instead dequantised just ahead of its
 // products into a small ring in L1 and the vector units overlap the tiles: the 120 products of
-// SmolLM2 at 32 rows went from 14-19 ms to 8.4-9.2 ms (interleaved runs). Packing: `pack_int4_tiles`
-// (tiles.py).
+// SmolLM2 at 32 rows took 8.4-9.2 ms against 14-18 ms the panel way (two of three interleaved rounds;
+// in the third both took ~18-19 ms). Packing: `pack_int4_tiles` (tiles.py).
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
