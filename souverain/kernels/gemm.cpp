@@ -127,6 +127,28 @@ inline void write_rows(const float* acc, at::BFloat16* y, int64_t ldy, int rows)
   }
 }
 
+// One 32 x 32 block of y = x @ w.T (rows of x and y from the given pointers): own its output lines,
+// multiply (`any_block`), round the accumulators into y.
+template <typename Weights>
+inline void output_block(int rows, const at::BFloat16* x, int64_t ldx, int64_t kblocks, at::BFloat16* y, int64_t ldy,
+                         float* acc, Weights weights) {
+  own_rows(y, ldy, rows);
+  any_block(rows, x, ldx, kblocks, acc, weights);
+  write_rows(acc, y, ldy, rows);
+}
+
+// A product's operands: x's rows (bf16, contiguous within each row) and y [M, N] to fill.
+struct Operands {
+  Operands(const torch::Tensor& xt, int64_t NB)
+      : M(xt.size(0)), N(NB * 32), ldx(xt.stride(0)),
+        y(torch::empty({M, N}, xt.options().memory_format(at::MemoryFormat::Contiguous))),
+        x(xt.data_ptr<at::BFloat16>()), out(y.data_ptr<at::BFloat16>()) {}
+  int64_t M, N, ldx;
+  torch::Tensor y;
+  const at::BFloat16* x;
+  at::BFloat16* out;
+};
+
 inline __m512 bf16_to_float(const at::BFloat16* p) {
   const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
@@ -180,12 +202,9 @@ struct PanelRef {
 // the group's width rather than one 64-byte piece per row down a tall output.
 template <typename Panel>
 torch::Tensor product(const torch::Tensor& x, int64_t NB, int64_t KB, Panel panel) {
-  const int64_t M = x.size(0), N = NB * 32;
-  auto y = torch::empty({M, N}, x.options().memory_format(at::MemoryFormat::Contiguous));
-  if (M == 0) return y;
-  const auto* xp = x.data_ptr<at::BFloat16>();
-  auto* yp = y.data_ptr<at::BFloat16>();
-  const int64_t ldx = x.stride(0);
+  const Operands o(x, NB);
+  if (o.M == 0) return o.y;
+  const int64_t M = o.M, N = o.N, ldx = o.ldx;
   const int64_t panel_values = KB * kBlock;
   const int64_t group = std::max<int64_t>(1, kGroupBytes / (panel_values * 2));
   at::parallel_for(0, NB, 1, [&](int64_t begin, int64_t end) {
@@ -217,20 +236,17 @@ torch::Tensor product(const torch::Tensor& x, int64_t NB, int64_t KB, Panel pane
           const bool from_memory = m0 == 0 && p.ahead != nullptr;
           const char* ahead = from_memory ? p.ahead : reinterpret_cast<const char*>(p.w + kBlock);
           const int64_t step = from_memory ? p.ahead_step : kBlock * 2;
-          at::BFloat16* out = yp + m0 * N + nb * 32;
-          own_rows(out, N, rows);
-          any_block(rows, xp + m0 * ldx, ldx, KB, acc, [&](int64_t kb) {
+          output_block(rows, o.x + m0 * ldx, ldx, KB, o.out + m0 * N + nb * 32, N, acc, [&](int64_t kb) {
             // Read bytes some blocks ahead (past the end this fetches nothing useful, and never faults).
             for (int64_t i = 0; i < step; i += 64) _mm_prefetch(ahead + kb * step + i, _MM_HINT_T0);
             return p.w + kb * kBlock;
           });
-          write_rows(acc, out, N, rows);
         }
       }
     }
     _tile_release();
   });
-  return y;
+  return o.y;
 }
 
 // y = x @ w.T for a quantised weight and at most 32 rows of x: one pass over the weight, so each
@@ -242,12 +258,9 @@ torch::Tensor product(const torch::Tensor& x, int64_t NB, int64_t KB, Panel pane
 template <typename Dequant>
 torch::Tensor small(const torch::Tensor& x, int64_t NB, int64_t KB, Dequant dequant) {
   constexpr int64_t kAhead = 2, kRing = 4;  // blocks dequantised ahead; ring slots
-  const int64_t M = x.size(0), N = NB * 32;
-  auto y = torch::empty({M, N}, x.options().memory_format(at::MemoryFormat::Contiguous));
-  if (M == 0) return y;
-  const auto* xp = x.data_ptr<at::BFloat16>();
-  auto* yp = y.data_ptr<at::BFloat16>();
-  const int64_t ldx = x.stride(0);
+  const Operands o(x, NB);
+  if (o.M == 0) return o.y;
+  const int64_t M = o.M, N = o.N, ldx = o.ldx;
   const int rows = static_cast<int>(M);
   at::parallel_for(0, NB, 1, [&](int64_t begin, int64_t end) {
     alignas(64) float acc[32 * 32];
@@ -255,18 +268,15 @@ torch::Tensor small(const torch::Tensor& x, int64_t NB, int64_t KB, Dequant dequ
     configure(std::min(rows, 16), std::max(rows - 16, 0));
     for (int64_t nb = begin; nb < end; ++nb) {
       for (int64_t kb = 0; kb < std::min(kAhead, KB); ++kb) dequant(nb, kb, ring + kb % kRing * kBlock);
-      at::BFloat16* out = yp + nb * 32;
-      own_rows(out, N, rows);
-      any_block(rows, xp, ldx, KB, acc, [&](int64_t kb) {
+      output_block(rows, o.x, ldx, KB, o.out + nb * 32, N, acc, [&](int64_t kb) {
         const int64_t next = kb + kAhead;
         if (next < KB) dequant(nb, next, ring + next % kRing * kBlock);
         return ring + kb % kRing * kBlock;
       });
-      write_rows(acc, out, N, rows);
     }
     _tile_release();
   });
-  return y;
+  return o.y;
 }
 #endif
 
