@@ -1,6 +1,6 @@
 """Our C++ CPU kernels (cpu.cpp), compiled once per machine with the system's C++ compiler.
 
-`load()` builds them on first call (about a minute on 2 cores; `scripts/setup.sh` does it ahead
+`load()` builds them on first call (about 80 s on 2 cores; `scripts/setup.sh` does it ahead
 with `python -m souverain.kernels`) into the user cache, keyed by the source, the torch version and
 the CPU's instruction sets, then imports the result. Without a compiler, or with
 SOUVERAIN_KERNELS=0, `load()` returns None and every op falls back to the plain PyTorch code beside
