@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import gc
 import logging
 import time
 from dataclasses import dataclass, field
@@ -104,6 +105,11 @@ class LLMEngine:
         self._state: dict[int, _SeqState] = {}
         self._unseeded = torch.Generator().manual_seed(0x5EED)
         self._token_texts: list[str] | None = None  # each token's text, for JSON mode
+        # The imports, the model and the tokenizer leave ~330k long-lived objects (SmolLM2); a full
+        # collection walks them all (~0.2 s here), stalling every stream mid-generation. Collect once
+        # now and keep them out of later collections (vLLM does the same after start-up).
+        gc.collect()
+        gc.freeze()
 
     # -- intake ---------------------------------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -164,7 +170,8 @@ class LLMEngine:
             log.exception("batched forward failed; retrying sequences one by one")
             return self._run_isolated(batch)
         seqs = [i.seq for i in sampling]
-        sampled = self.runner.sample(logits, seqs, [self._uniform(s) for s in seqs])
+        # Greedy rows draw nothing: their generators stay where they are.
+        sampled = self.runner.sample(logits, seqs, [self._uniform(s) if s.params.temperature else 0.0 for s in seqs])
         for row, seq in enumerate(seqs):
             state = self._state[seq.seq_id]
             if state.json is not None:

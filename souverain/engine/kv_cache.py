@@ -8,7 +8,7 @@ The metadata is built once per step and shared by every layer.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import ModuleType
 
 import torch
@@ -51,7 +51,10 @@ class AttentionGroup:
     out_rows: torch.Tensor  # [V] flat rows of the real (unpadded) queries...
     out_picks: torch.Tensor  # [V] ...and where they sit in the group's flattened [G*T] output
     identity: bool = False  # one query per sequence, rows 0..N-1 in order: no gather/scatter
-    local: bool = False  # chunks starting their sequences: causal over their own rows, no cached keys
+    # Chunks starting their sequences: causal over their own rows, no cached keys. Each chunk is one
+    # run of the step's rows, (first row, rows) in `spans`; the tensors above are left empty.
+    local: bool = False
+    spans: list[tuple[int, int]] = field(default_factory=list)
     # Decode groups (one query per sequence) also carry what the C++ kernel reads the paged cache
     # with, no gathered copy: int32 block tables [G, W] and key position ranges [lo, hi) [G].
     tables: torch.Tensor | None = None
@@ -93,11 +96,13 @@ class PagedStep:
                 out.index_copy_(0, g.out_rows, o)
                 continue
             if g.local:
-                # Right-padded rows repeat a sequence's last token: later than every real query, so
-                # the causal mask already hides them.
-                o = attend(flat_q[g.q_rows], k[0][g.q_rows], v[0][g.q_rows], None)
-            else:
-                o = attend(flat_q[g.q_rows], self._keys(kc, g), self._values(vc, g), g.mask)  # [G, T, H, hd]
+                # Each sequence's rows are one run of the step's rows: causal attention over that
+                # slice, no padded copy gathered or scattered.
+                for row, n in g.spans:
+                    rows = slice(row, row + n)
+                    out[rows] = attend(flat_q[None, rows], k[:, rows], v[:, rows], None)[0]
+                continue
+            o = attend(flat_q[g.q_rows], self._keys(kc, g), self._values(vc, g), g.mask)  # [G, T, H, hd]
             out.index_copy_(0, g.out_rows, o.flatten(0, 1).index_select(0, g.out_picks))
         return out[None]
 
@@ -126,6 +131,11 @@ def build_group(starts: list[int], counts: list[int], row_offsets: list[int], bl
     """Attention metadata for sequences computing positions [start, start + count) this step.
     `local`: every start is 0 and the chunk fits the window, so the queries attend only among
     themselves (causal) and no cached keys are described."""
+    if local:
+        assert not any(starts) and (window is None or max(counts) <= window)
+        nothing = torch.empty(0, dtype=torch.long, device=device)
+        return AttentionGroup(nothing, nothing, 0, torch.empty(0, dtype=torch.bool, device=device), nothing, nothing,
+                              local=True, spans=list(zip(row_offsets, counts, strict=True)))
     t = max(counts)
     start = torch.tensor(starts, device=device)
     count = torch.tensor(counts, device=device)
@@ -134,12 +144,6 @@ def build_group(starts: list[int], counts: list[int], row_offsets: list[int], bl
     # Padding queries repeat the last real one, so no row of the mask is empty.
     q_off = torch.minimum(ar_t[None], (count - 1)[:, None])
     q_rows = torch.tensor(row_offsets, device=device)[:, None] + q_off
-    if local:
-        assert not any(starts) and (window is None or t <= window)
-        picks = q_valid.flatten().nonzero().squeeze(-1)
-        nothing = torch.empty(0, dtype=torch.long, device=device)
-        return AttentionGroup(q_rows, nothing, 0, torch.empty(0, dtype=torch.bool, device=device),
-                              q_rows.flatten()[picks], picks, local=True)
     q_pos = start[:, None] + q_off
     end = start + count
     # Keys: whole blocks, from the first one the window reaches to the one holding `end - 1`.
@@ -148,8 +152,8 @@ def build_group(starts: list[int], counts: list[int], row_offsets: list[int], bl
     n_blocks = int(((end - 1) // block_size - first_block).max()) + 1
     ar_b = torch.arange(n_blocks, device=device)
     block_idx = first_block[:, None] + ar_b[None]  # [G, B]
-    width = max(len(b) for b in block_tables)
-    table = torch.tensor([[max(b, 0) for b in bt] + [0] * (width - len(bt)) for bt in block_tables], device=device)
+    table = block_table_tensor(block_tables, device)
+    width = table.shape[1]
     k_blocks = table.gather(1, block_idx.clamp(max=width - 1)).flatten()
     k_pos = (first_block * block_size)[:, None] + torch.arange(n_blocks * block_size, device=device)[None]
     k_pos = torch.where((k_pos >= k_start[:, None]) & (k_pos < end[:, None]), k_pos, torch.full_like(k_pos, -1))
@@ -160,3 +164,21 @@ def build_group(starts: list[int], counts: list[int], row_offsets: list[int], bl
     if t == 1:
         group.tables, group.key_lo, group.key_hi = table.to(torch.int32), k_start.to(torch.int32), end.to(torch.int32)
     return group
+
+
+def block_table_tensor(block_tables: list[list[int]], device: torch.device, dtype: torch.dtype = torch.long
+                       ) -> torch.Tensor:
+    """[G, W] block tables, right-padded with block 0; blocks released by a sliding window (-1) read as 0."""
+    width = max(len(b) for b in block_tables)
+    return torch.tensor([[max(b, 0) for b in bt] + [0] * (width - len(bt)) for bt in block_tables], dtype=dtype,
+                        device=device)
+
+
+def decode_tables(positions: list[int], block_tables: list[list[int]], window: int | None, device: torch.device
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What the C++ decode attention reads for sequences each decoding the token at `positions`: int32
+    block tables [G, W] and key ranges [lo, hi) [G] -- a decode group's `tables`, `key_lo`, `key_hi`
+    without the rest of its metadata (masks, gathered blocks), which only the PyTorch path reads."""
+    lo = [max(0, p - window + 1) if window else 0 for p in positions]
+    return (block_table_tensor(block_tables, device, torch.int32), torch.tensor(lo, dtype=torch.int32, device=device),
+            torch.tensor([p + 1 for p in positions], dtype=torch.int32, device=device))

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from souverain.engine.kv_cache import AttentionGroup, PagedKVCache, PagedStep, build_group
+from souverain.engine.kv_cache import AttentionGroup, PagedKVCache, PagedStep, build_group, decode_tables
 from souverain.engine.request import Sequence
 from souverain.engine.sampling import SamplingTensors, apply_penalties, logprobs_of, sample
 from souverain.engine.scheduler import ScheduledSeq
@@ -54,19 +54,18 @@ class ModelRunner:
             if item.sample:
                 out_rows.append(len(tokens) - 1)
         dev = self.device
-        groups = self._groups(items, offsets)
         lora = self._lora(items, adapter)
         slot_t = torch.tensor(slots, dtype=torch.long, device=dev)
-        g = groups[0]
-        if self.decoder is not None and lora is None and len(groups) == 1 and g.identity and g.tables is not None \
-                and len(out_rows) == len(items):
-            # One token per sequence, each sampled: the layers in one C++ call.
+        if self.decoder is not None and lora is None and len(tokens) == len(out_rows) == len(items):
+            # One token per sequence, each sampled: the layers in one C++ call, which reads only the
+            # block tables and key ranges of the step's attention metadata.
+            tables, lo, hi = decode_tables(positions, [i.seq.block_table for i in items], self.window, dev)
             h = self.model.tok_embeddings(torch.tensor(tokens, device=dev))
             cos, sin = self.model.rope_tables(torch.tensor(positions, device=dev), h.dtype)
-            h = self.decoder.forward(h, cos, sin, self.cache.k, self.cache.v, slot_t, g.tables, g.key_lo, g.key_hi,
+            h = self.decoder.forward(h, cos, sin, self.cache.k, self.cache.v, slot_t, tables, lo, hi,
                                      self.cache.block_size)
             return self.model.head(h).float()
-        step = PagedStep(self.cache, slot_t, groups)
+        step = PagedStep(self.cache, slot_t, self._groups(items, offsets))
         logits = self.model(torch.tensor([tokens], device=dev), torch.tensor([positions], device=dev), step,
                             output_rows=torch.tensor(out_rows, dtype=torch.long, device=dev), lora=lora)
         return logits.float()
