@@ -176,7 +176,7 @@ class LLMEngine:
             state = self._state[seq.seq_id]
             if state.json is not None:
                 left = min(seq.params.max_tokens - len(seq.output_ids), self.max_model_len - len(seq.token_ids))
-                chosen = self._json_token(state.json, logits[row], sampled.tokens[row], left)
+                chosen = self._json_token(state.json, logits[row].float(), sampled.tokens[row], left)
                 if chosen != sampled.tokens[row] and sampled.logprobs[row] is not None:
                     chosen_lp = float(torch.log_softmax(logits[row].float(), -1)[chosen])
                     sampled.logprobs[row] = (chosen_lp, sampled.logprobs[row][1])  # type: ignore[index]

@@ -36,8 +36,9 @@ class ModelRunner:
     @torch.inference_mode()
     def forward(self, items: list[ScheduledSeq], adapter: Callable[[str], LoraWeights] | None = None
                 ) -> torch.Tensor:
-        """Logits [R, V] (float32) for the items that sample, in their order. Items whose request names an
-        adapter get its LoRA update, in the same forward as the others (`adapter` looks them up)."""
+        """Logits [R, V] for the items that sample, in their order, in the model's dtype (`sample` converts
+        them as it needs). Items whose request names an adapter get its LoRA update, in the same forward
+        as the others (`adapter` looks them up)."""
         tokens: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
@@ -64,11 +65,11 @@ class ModelRunner:
             cos, sin = self.model.rope_tables(torch.tensor(positions, device=dev), h.dtype)
             h = self.decoder.forward(h, cos, sin, self.cache.k, self.cache.v, slot_t, tables, lo, hi,
                                      self.cache.block_size)
-            return self.model.head(h).float()
+            return self.model.head(h)
         step = PagedStep(self.cache, slot_t, self._groups(items, offsets))
         logits = self.model(torch.tensor([tokens], device=dev), torch.tensor([positions], device=dev), step,
                             output_rows=torch.tensor(out_rows, dtype=torch.long, device=dev), lora=lora)
-        return logits.float()
+        return logits
 
     def _lora(self, items: list[ScheduledSeq], adapter: Callable[[str], LoraWeights] | None) -> LoraBatch | None:
         names = [i.seq.request.adapter for i in items]
@@ -104,10 +105,14 @@ class ModelRunner:
     def sample(self, logits: torch.Tensor, seqs: list[Sequence], uniforms: list[float]) -> Sampled:
         """Sample one token per row of `logits` for `seqs` (same order)."""
         tensors = self._sampling_tensors(seqs, uniforms)
+        want = [s.params.logprobs for s in seqs]
+        greedy_only = all(s.params.temperature == 0 for s in seqs) and tensors.banned is None and \
+            tensors.presence is None and tensors.repetition is None
+        if not greedy_only or any(w is not None for w in want):
+            logits = logits.float()  # penalties, probabilities and log-probabilities in fp32
         raw = logits
         logits = apply_penalties(logits, tensors)
         tokens = sample(logits, tensors)
-        want = [s.params.logprobs for s in seqs]
         logprobs: list[tuple[float, list[tuple[int, float]]] | None] = [None] * len(seqs)
         if any(w is not None for w in want):
             k = max(w or 0 for w in want)

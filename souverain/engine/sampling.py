@@ -42,12 +42,13 @@ def apply_penalties(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
 
 
 def sample(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
-    """logits [R, V] (float32, penalties applied) -> token ids [R]. Temperature 0 rows are greedy."""
+    """logits [R, V] (penalties applied) -> token ids [R]. Temperature 0 rows are greedy. Logits may stay
+    in bf16 where every row is greedy (argmax is exact in any dtype); sampling them wants float32."""
     greedy = t.temperature == 0
     if bool(greedy.all()):
         fast = kernels.usable(logits)
-        return fast.argmax_rows(logits.contiguous()) if fast is not None and logits.dtype == torch.float32 else (
-            logits.argmax(-1))
+        return fast.argmax_rows(logits.contiguous()) if fast is not None and logits.dtype in (
+            torch.float32, torch.bfloat16) else logits.argmax(-1)
     temp = torch.where(greedy, torch.ones_like(t.temperature), t.temperature)
     probs = torch.softmax(logits / temp[:, None], dim=-1)
     if bool(((t.top_k > 0) | (t.top_p < 1) | (t.min_p > 0)).any()):

@@ -454,22 +454,17 @@ void store_kv(torch::Tensor k, torch::Tensor v, torch::Tensor k_cache, torch::Te
 
 // ---------------------------------------------------------------------------------------------
 // Greedy sampling: the index of each row's maximum, the first one on ties, NaN above all (as argmax).
-torch::Tensor argmax_rows(torch::Tensor x) {
-  check_cpu(x, "x");
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.size(1) > 0, "x: float32 [R, V]");
-  const int64_t rows = x.size(0), n = x.size(1);
-  auto out = torch::empty({rows}, x.options().dtype(at::kLong));
-  const float* xp = x.data_ptr<float>();
-  int64_t* op = out.data_ptr<int64_t>();
+template <typename T>
+void argmax_impl(const T* xp, int64_t* op, int64_t rows, int64_t n) {
   at::parallel_for(0, rows, std::max<int64_t>(1, kInlineWork / n), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      const float* row = xp + r * n;
+      const T* row = xp + r * n;
       // Vector pass for the maximum, then the first index holding it.
       fVec mx(-INFINITY);
       bool nan = false;
       int64_t i = 0;
       for (; i + W <= n; i += W) {
-        const fVec v = fVec::loadu(row + i);
+        const fVec v = loadv(row + i);
         nan = nan || v.isnan().zero_mask() != (1 << W) - 1;
         mx = at::vec::maximum(mx, v);
       }
@@ -478,12 +473,14 @@ torch::Tensor argmax_rows(torch::Tensor x) {
       mx.store(lanes);
       for (int64_t l = 0; l < W; ++l) best = std::max(best, lanes[l]);
       for (int64_t j = i; j < n; ++j) {
-        nan = nan || std::isnan(row[j]);
-        best = std::max(best, row[j]);
+        const float x = to_float(row[j]);
+        nan = nan || std::isnan(x);
+        best = std::max(best, x);
       }
       int64_t at = 0;
       for (int64_t j = 0; j < n; ++j) {
-        if (nan ? std::isnan(row[j]) : row[j] == best) {
+        const float x = to_float(row[j]);
+        if (nan ? std::isnan(x) : x == best) {
           at = j;
           break;
         }
@@ -491,6 +488,19 @@ torch::Tensor argmax_rows(torch::Tensor x) {
       op[r] = at;
     }
   });
+}
+
+torch::Tensor argmax_rows(torch::Tensor x) {
+  check_cpu(x, "x");
+  TORCH_CHECK(x.dim() == 2 && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16) && x.size(1) > 0,
+              "x: float32 or bfloat16 [R, V]");
+  const int64_t rows = x.size(0), n = x.size(1);
+  auto out = torch::empty({rows}, x.options().dtype(at::kLong));
+  if (x.scalar_type() == at::kBFloat16) {
+    argmax_impl<BFloat16>(x.data_ptr<BFloat16>(), out.data_ptr<int64_t>(), rows, n);
+  } else {
+    argmax_impl<float>(x.data_ptr<float>(), out.data_ptr<int64_t>(), rows, n);
+  }
   return out;
 }
 
@@ -503,7 +513,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode_attention", &paged_decode_attention, "decode attention over a paged KV cache");
   m.def("rms_norm", &rms_norm, "RMSNorm");
   m.def("store_kv", &store_kv, "write keys and values into the paged cache");
-  m.def("argmax_rows", &argmax_rows, "argmax of each row of a float32 matrix");
+  m.def("argmax_rows", &argmax_rows, "argmax of each row of a float32 or bfloat16 matrix");
   m.def("silu_mul", &silu_mul, "silu(a) * b");
   m.def("swiglu", &swiglu, "silu(gate) * up from a fused [gate | up] tensor");
   m.def("rope", &rope, "rotary embedding, rotate-half layout");
