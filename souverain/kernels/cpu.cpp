@@ -287,7 +287,9 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {
 // start every `stride` values (a fused [gate | up] projection has a = gu, b = gu + n, stride 2n).
 template <typename T>
 void silu_mul_rows(const T* ap, const T* bp, T* op, int64_t rows, int64_t n, int64_t stride) {
-  at::parallel_for(0, rows * n, kInlineWork, [&](int64_t begin, int64_t end) {
+  // An exp and a division per value, so the threads split it from fewer values than the other
+  // kernels: a 32-row decode step of SmolLM2 (49k values) took 53 us on one thread, 30-46 on two.
+  at::parallel_for(0, rows * n, kInlineWork / 8, [&](int64_t begin, int64_t end) {
     float buf[2 * W];
     const fVec one(1.f);
     int64_t i = begin;
