@@ -162,7 +162,7 @@ def build_group(starts: list[int], counts: list[int], row_offsets: list[int], bl
     identity = t == 1 and row_offsets == list(range(len(row_offsets)))
     group = AttentionGroup(q_rows, k_blocks, n_blocks * block_size, mask, q_rows.flatten()[picks], picks, identity)
     if t == 1:
-        group.tables, group.key_lo, group.key_hi = table.to(torch.int32), k_start.to(torch.int32), end.to(torch.int32)
+        group.tables, group.key_lo, group.key_hi = decode_tables(starts, block_tables, window, device)
     return group
 
 

@@ -47,8 +47,7 @@ def sample(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
     greedy = t.temperature == 0
     if bool(greedy.all()):
         fast = kernels.usable(logits)
-        return fast.argmax_rows(logits.contiguous()) if fast is not None and logits.dtype in (
-            torch.float32, torch.bfloat16) else logits.argmax(-1)
+        return fast.argmax_rows(logits.contiguous()) if fast is not None else logits.argmax(-1)
     temp = torch.where(greedy, torch.ones_like(t.temperature), t.temperature)
     probs = torch.softmax(logits / temp[:, None], dim=-1)
     if bool(((t.top_k > 0) | (t.top_p < 1) | (t.min_p > 0)).any()):
