@@ -15,6 +15,13 @@
 // Products are summed in fp32 and rounded to bf16 once, as oneDNN does; only the order of the
 // sums differs.
 //
+// With 32 rows of x and 32 columns of the weight per block, each tile product needs one tile
+// (1 KB) loaded: faster than L2 delivers, so the block of x's rows (36 KB at K = 576) must stay in
+// L1 while the weight's panels pass. Weight tiles read from L2 are therefore loaded with the
+// non-temporal hint and not prefetched into L1: the 120 int4 products of SmolLM2 took 97 ms
+// against 119 at 1,024 rows, 27 against 33 at 256, 11.4 against 12.7 at 64 (one process, the two
+// forms interleaved, minima of 12 runs; same bits).
+//
 // `amx_linear_int4` reads int4 weights instead (a quarter of the bytes, and no bf16 copy of the
 // model kept): each 32-column panel is dequantised into bf16 tiles in a per-thread buffer (in
 // L1/L2), then multiplied as above; a panel then serves every 32-row block of x. Up to 32 rows (decode
@@ -69,8 +76,10 @@ void configure(int rows0, int rows1) {
 
 // acc (32 x 32 fp32) = one block of x's rows (16, or 32 when Two) times a column block's K/32
 // weight blocks. `weights(kb)` gives where block kb's two tiles are, and may first do work for the
-// blocks ahead (prefetching, dequantising), which overlaps the products already issued.
-template <bool Two, typename Weights>
+// blocks ahead (prefetching, dequantising), which overlaps the products already issued. Stream: load
+// the weight's tiles with the non-temporal hint (TILELOADDT1), for weights read from L2 that should
+// not push x's rows out of L1.
+template <bool Two, bool Stream, typename Weights>
 inline void block(const at::BFloat16* x, int64_t ldx, int64_t kblocks, float* acc, Weights weights) {
   _tile_zero(0);
   _tile_zero(1);
@@ -81,8 +90,13 @@ inline void block(const at::BFloat16* x, int64_t ldx, int64_t kblocks, float* ac
   const int64_t stride = ldx * static_cast<int64_t>(sizeof(at::BFloat16));
   for (int64_t kb = 0; kb < kblocks; ++kb) {
     const at::BFloat16* b = weights(kb);
-    _tile_loadd(6, b, 64);
-    _tile_loadd(7, b + kTile, 64);
+    if (Stream) {
+      _tile_stream_loadd(6, b, 64);
+      _tile_stream_loadd(7, b + kTile, 64);
+    } else {
+      _tile_loadd(6, b, 64);
+      _tile_loadd(7, b + kTile, 64);
+    }
     _tile_loadd(4, x + kb * 32, stride);
     _tile_dpbf16ps(0, 4, 6);
     _tile_dpbf16ps(1, 4, 7);
@@ -100,12 +114,12 @@ inline void block(const at::BFloat16* x, int64_t ldx, int64_t kblocks, float* ac
   }
 }
 
-template <typename Weights>
+template <bool Stream, typename Weights>
 inline void any_block(int rows, const at::BFloat16* x, int64_t ldx, int64_t kblocks, float* acc, Weights weights) {
   if (rows > 16) {
-    block<true>(x, ldx, kblocks, acc, weights);
+    block<true, Stream>(x, ldx, kblocks, acc, weights);
   } else {
-    block<false>(x, ldx, kblocks, acc, weights);
+    block<false, Stream>(x, ldx, kblocks, acc, weights);
   }
 }
 
@@ -129,11 +143,11 @@ inline void write_rows(const float* acc, at::BFloat16* y, int64_t ldy, int rows)
 
 // One 32 x 32 block of y = x @ w.T (rows of x and y from the given pointers): own its output lines,
 // multiply (`any_block`), round the accumulators into y.
-template <typename Weights>
+template <bool Stream, typename Weights>
 inline void output_block(int rows, const at::BFloat16* x, int64_t ldx, int64_t kblocks, at::BFloat16* y, int64_t ldy,
                          float* acc, Weights weights) {
   own_rows(y, ldy, rows);
-  any_block(rows, x, ldx, kblocks, acc, weights);
+  any_block<Stream>(rows, x, ldx, kblocks, acc, weights);
   write_rows(acc, y, ldy, rows);
 }
 
@@ -230,15 +244,16 @@ torch::Tensor product(const torch::Tensor& x, int64_t NB, int64_t KB, Panel pane
         }
         for (int64_t nb = g0; nb < g1; ++nb) {
           const PanelRef& p = panels[nb - g0];
-          // The first pass over a panel in memory fetches the next panel from memory; other passes
-          // bring this panel's next block (in L2 now) into L1: tile loads are not renamed, so one
-          // that misses L1 stalls the products behind it.
+          // The first pass over a panel in memory fetches its next blocks from memory. Other passes
+          // find the panel in L2 and leave it there: the weight's tiles are loaded with the streaming
+          // hint and not prefetched into L1, where they would evict the block of x's rows that every
+          // panel of the group reads again.
           const bool from_memory = m0 == 0 && p.ahead != nullptr;
-          const char* ahead = from_memory ? p.ahead : reinterpret_cast<const char*>(p.w + kBlock);
-          const int64_t step = from_memory ? p.ahead_step : kBlock * 2;
-          output_block(rows, o.x + m0 * ldx, ldx, KB, o.out + m0 * N + nb * 32, N, acc, [&](int64_t kb) {
+          output_block<true>(rows, o.x + m0 * ldx, ldx, KB, o.out + m0 * N + nb * 32, N, acc, [&](int64_t kb) {
             // Read bytes some blocks ahead (past the end this fetches nothing useful, and never faults).
-            for (int64_t i = 0; i < step; i += 64) _mm_prefetch(ahead + kb * step + i, _MM_HINT_T0);
+            if (from_memory) {
+              for (int64_t i = 0; i < p.ahead_step; i += 64) _mm_prefetch(p.ahead + kb * p.ahead_step + i, _MM_HINT_T0);
+            }
             return p.w + kb * kBlock;
           });
         }
@@ -268,7 +283,7 @@ torch::Tensor small(const torch::Tensor& x, int64_t NB, int64_t KB, Dequant dequ
     configure(std::min(rows, 16), std::max(rows - 16, 0));
     for (int64_t nb = begin; nb < end; ++nb) {
       for (int64_t kb = 0; kb < std::min(kAhead, KB); ++kb) dequant(nb, kb, ring + kb % kRing * kBlock);
-      output_block(rows, o.x, ldx, KB, o.out + nb * 32, N, acc, [&](int64_t kb) {
+      output_block<false>(rows, o.x, ldx, KB, o.out + nb * 32, N, acc, [&](int64_t kb) {
         const int64_t next = kb + kAhead;
         if (next < KB) dequant(nb, next, ring + next % kRing * kBlock);
         return ring + kb % kRing * kBlock;
