@@ -97,7 +97,12 @@ class PagedStep:
                 continue
             if g.local:
                 # Each sequence's rows are one run of the step's rows: causal attention over that
-                # slice, no padded copy gathered or scattered.
+                # slice, no padded copy gathered or scattered; all of them in one AMX call where it runs.
+                fresh = kernels.amx() if fast is not None and flat_q.dtype == torch.bfloat16 else None
+                if fresh is not None and fresh.prefill_supported(q.shape[2], k.shape[2], q.shape[3]):
+                    fresh.prefill_attention(kernels.rows_contiguous(flat_q), kernels.rows_contiguous(k[0]),
+                                            kernels.rows_contiguous(v[0]), out, g.spans, q.shape[-1] ** -0.5)
+                    continue
                 for row, n in g.spans:
                     rows = slice(row, row + n)
                     out[rows] = attend(flat_q[None, rows], k[:, rows], v[:, rows], None)[0]

@@ -6,10 +6,11 @@ the CPU's instruction sets, then imports the result. Without a compiler, or with
 SOUVERAIN_KERNELS=0, `load()` returns None and every op falls back to the plain PyTorch code beside
 its call: same results, slower. Nothing is built at import time.
 
-cpu.cpp holds the element-wise and attention kernels, gemm.cpp the AMX matrix product (compiled
-only where the CPU has AMX; `amx_available()` says whether it runs here), decoder.cpp a decode
-step's layers in one call (`Decoder`, built by souverain/engine/fused.py); kernels.h declares what
-they share.
+cpu.cpp holds the element-wise and attention kernels, gemm.cpp the AMX matrix product and
+prefill.cpp the AMX causal attention of prefill chunks (both compiled only where the CPU has AMX;
+`amx_available()` says whether it runs here), decoder.cpp a decode step's layers in one call
+(`Decoder`, built by souverain/engine/fused.py); kernels.h declares what they share, amx.h what the
+AMX kernels share.
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ log = logging.getLogger(__name__)
 
 _lock = threading.Lock()
 _state: dict[str, ModuleType | None] = {}
-SOURCES = [Path(__file__).with_name(name) for name in ("cpu.cpp", "gemm.cpp", "decoder.cpp")]
-HEADERS = [Path(__file__).with_name("kernels.h")]
+SOURCES = [Path(__file__).with_name(name) for name in ("cpu.cpp", "gemm.cpp", "prefill.cpp", "decoder.cpp")]
+HEADERS = [Path(__file__).with_name(name) for name in ("kernels.h", "amx.h")]
 
 
 def enabled() -> bool:

@@ -510,6 +510,7 @@ torch::Tensor argmax_rows(torch::Tensor x) {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using namespace souverain;
+  namespace py = pybind11;
   m.def("vector_width", [] { return W; }, "floats per SIMD vector: row lengths must be multiples of it");
   m.def("decode_supported", &decode_supported, "whether paged_decode_attention takes these shapes");
   m.def("paged_decode_attention", &paged_decode_attention, "decode attention over a paged KV cache");
@@ -522,5 +523,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("amx_available", &amx_available, "whether amx_linear runs here (an AMX CPU, and the OS grants the tiles)");
   m.def("amx_linear", &amx_linear, "x [M, K] bf16 times a weight packed by pack_tiles, as x @ w.T");
   m.def("amx_linear_int4", &amx_linear_int4, "x [M, K] bf16 times an int4 weight packed by pack_int4_tiles");
+  m.def("prefill_supported", &prefill_supported, "whether prefill_attention runs here for these shapes (AMX)");
+  m.def("prefill_attention", &prefill_attention, "causal attention of chunks starting their sequences, into out",
+        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("spans"), py::arg("scale"),
+        py::call_guard<py::gil_scoped_release>());
   bind_decoder(m);
 }

@@ -33,15 +33,14 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include "amx.h"
 #include "kernels.h"
 
 #include <algorithm>
 #include <cstdint>
 #include <vector>
 
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
-#define SOUVERAIN_AMX 1
-#include <immintrin.h>
+#ifdef SOUVERAIN_AMX
 #include <sys/syscall.h>
 #include <unistd.h>
 #endif
@@ -49,30 +48,12 @@
 namespace {
 
 #ifdef SOUVERAIN_AMX
-constexpr int64_t kTile = 16 * 32;       // bf16 values in one tile
-constexpr int64_t kBlock = 2 * kTile;    // one (n, k) block of the packed weight
+using souverain::amx::configure;
+using souverain::amx::kBlock;
+using souverain::amx::kTile;
+using souverain::amx::to_bf16;
 constexpr int64_t kPrefetch = 4;         // blocks read ahead
 constexpr int64_t kGroupBytes = 512 << 10;  // bf16 weights a group of column blocks spans (in L2)
-
-struct TileConfig {
-  uint8_t palette = 1;
-  uint8_t start_row = 0;
-  uint8_t reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
-
-// Tiles 0-3: accumulators (rows 0-15 x cols 0-15, x 16-31, rows 16-31 x 0-15, x 16-31);
-// 4, 5: x rows 0-15 and 16-31; 6, 7: the weight's two column halves.
-void configure(int rows0, int rows1) {
-  TileConfig cfg;
-  const int rows[8] = {rows0, rows0, rows1, rows1, rows0, rows1, 16, 16};
-  for (int t = 0; t < 8; ++t) {
-    cfg.rows[t] = static_cast<uint8_t>(rows[t]);
-    cfg.colsb[t] = rows[t] ? 64 : 0;
-  }
-  _tile_loadconfig(&cfg);
-}
 
 // acc (32 x 32 fp32) = one block of x's rows (16, or 32 when Two) times a column block's K/32
 // weight blocks. `weights(kb)` gives where block kb's two tiles are, and may first do work for the
@@ -121,12 +102,6 @@ inline void any_block(int rows, const at::BFloat16* x, int64_t ldx, int64_t kblo
   } else {
     block<false, Stream>(x, ldx, kblocks, acc, weights);
   }
-}
-
-// 32 fp32 values to bf16, rounding to nearest even (as ATen's conversion).
-inline __m512i to_bf16(__m512 lo, __m512 hi) {
-  const __m512bh v = _mm512_cvtne2ps_pbh(hi, lo);
-  return reinterpret_cast<const __m512i&>(v);
 }
 
 // Own the lines of an output block's rows before its products end, so their stores do not wait on memory.

@@ -22,6 +22,11 @@ bool amx_available();
 torch::Tensor amx_linear(torch::Tensor x, torch::Tensor packed);
 torch::Tensor amx_linear_int4(torch::Tensor x, torch::Tensor qtiles, torch::Tensor sz);
 
+// prefill.cpp
+bool prefill_supported(int64_t n_heads, int64_t n_kv_heads, int64_t head_dim);
+void prefill_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor out,
+                       std::vector<std::pair<int64_t, int64_t>> spans, double scale);
+
 // decoder.cpp
 void bind_decoder(pybind11::module& m);
 
