@@ -41,6 +41,16 @@ struct Linear {
     }
     return bias ? at::add(y, bias->to(y.scalar_type())) : y;
   }
+
+  // silu(gate) * up of a fused [gate | up] projection: in the AMX product itself where that runs
+  // (the [gate | up] output never written), else swiglu of the output; the same bits either way.
+  at::Tensor glu(const at::Tensor& x) const {
+    if (!weight && !bias && !dense_t && x.size(0) > dense_rows) {  // halves of whole 32-column blocks
+      if (nibbles && nibbles->size(0) % 2 == 0) return amx_linear_int4(x, *nibbles, *nibble_scales, true);
+      if (tiles && tiles->size(0) % 2 == 0) return amx_linear(x, *tiles, true);
+    }
+    return swiglu((*this)(x));
+  }
 };
 
 struct Layer {
@@ -93,8 +103,7 @@ class Decoder {
       const at::Tensor o = paged_decode_attention(q, kc, vc, tables, lo, hi, block_size, scale);
       h = at::add(h, l.wo(o.view({n, q_width})));
       const at::Tensor f = rms_norm(h, l.ffn_norm, eps_);
-      const at::Tensor g = l.gate_up.size() == 1 ? swiglu(l.gate_up[0](f))
-                                                 : silu_mul(l.gate_up[0](f), l.gate_up[1](f));
+      const at::Tensor g = l.gate_up.size() == 1 ? l.gate_up[0].glu(f) : silu_mul(l.gate_up[0](f), l.gate_up[1](f));
       h = at::add(h, l.down(g));
     }
     return h;

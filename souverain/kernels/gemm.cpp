@@ -29,9 +29,16 @@
 // products into a small ring in L1 and the vector units overlap the tiles: the 120 products of
 // SmolLM2 at 32 rows took 8.4-9.2 ms against 14-18 ms the panel way (two of three interleaved rounds;
 // in the third both took ~18-19 ms). Packing: `pack_int4_tiles` (tiles.py).
+//
+// `glu`: for a fused [gate | up] weight (FeedForward.w13) both products return silu(gate) * up:
+// each output block multiplies a gate panel and the matching up panel, then applies `swiglu`'s
+// arithmetic (cpu.cpp; same roundings, same vector exp: the same bits) before writing, so the
+// [gate | up] output is never written and read back. SmolLM2's 30 w13 products with their swiglu:
+// 73.0 -> 68.4 ms at 1,024 rows, 7.56 -> 7.28 at 32 (one process alternating, minima of 25).
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
 
 #include "amx.h"
 #include "kernels.h"
@@ -116,14 +123,28 @@ inline void write_rows(const float* acc, at::BFloat16* y, int64_t ldy, int rows)
   }
 }
 
-// One 32 x 32 block of y = x @ w.T (rows of x and y from the given pointers): own its output lines,
-// multiply (`any_block`), round the accumulators into y.
-template <bool Stream, typename Weights>
-inline void output_block(int rows, const at::BFloat16* x, int64_t ldx, int64_t kblocks, at::BFloat16* y, int64_t ldy,
-                         float* acc, Weights weights) {
-  own_rows(y, ldy, rows);
-  any_block<Stream>(rows, x, ldx, kblocks, acc, weights);
-  write_rows(acc, y, ldy, rows);
+// 16 fp32 values rounded to bf16 and back (nearest even, as ATen's conversion).
+inline __m512 round_bf16(__m512 v) {
+  const __m256bh b = _mm512_cvtneps_pbh(v);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(reinterpret_cast<const __m256i&>(b)), 16));
+}
+
+// silu(gate) * up from the accumulators of a gate block and its up block, into y: rounded as the
+// separate ops round them (the product's bf16 output, then `swiglu` in cpu.cpp: silu rounded to bf16,
+// the product rounded to bf16), with the same vector exp and division, so the same bits.
+inline void write_glu(const float* gate, const float* up, at::BFloat16* y, int64_t ldy, int rows) {
+  using fVec = at::vec::Vectorized<float>;
+  const fVec one(1.f);
+  for (int r = 0; r < rows; ++r) {
+    __m512 out[2];
+    for (int h = 0; h < 2; ++h) {
+      const fVec g(round_bf16(_mm512_load_ps(gate + r * 32 + h * 16)));
+      const fVec u(round_bf16(_mm512_load_ps(up + r * 32 + h * 16)));
+      const fVec sig(round_bf16(g / (one + g.neg().exp())));
+      out[h] = sig * u;
+    }
+    _mm512_storeu_si512(y + r * ldy, to_bf16(out[0], out[1]));
+  }
 }
 
 // A product's operands: x's rows (bf16, contiguous within each row) and y [M, N] to fill.
@@ -190,25 +211,31 @@ struct PanelRef {
 // 32-row block of x passes over a group before the next, so each output row is written in runs of
 // the group's width rather than one 64-byte piece per row down a tall output.
 template <typename Panel>
-torch::Tensor product(const torch::Tensor& x, int64_t NB, int64_t KB, Panel panel) {
-  const Operands o(x, NB);
+torch::Tensor product(const torch::Tensor& x, int64_t NB, int64_t KB, Panel panel, bool glu) {
+  const int64_t outs = glu ? NB / 2 : NB, parts = glu ? 2 : 1;  // output column blocks; weight panels each
+  const Operands o(x, outs);
   if (o.M == 0) return o.y;
   const int64_t M = o.M, N = o.N, ldx = o.ldx;
   const int64_t panel_values = KB * kBlock;
-  const int64_t group = std::max<int64_t>(1, kGroupBytes / (panel_values * 2));
-  at::parallel_for(0, NB, 1, [&](int64_t begin, int64_t end) {
+  const int64_t group = std::max<int64_t>(1, kGroupBytes / (panel_values * 2 * parts));
+  at::parallel_for(0, outs, 1, [&](int64_t begin, int64_t end) {
     alignas(64) float acc[32 * 32];
+    alignas(64) float up[32 * 32];
     // Room for a group's dequantised panels, kept by each pool thread across calls.
     thread_local std::vector<uint16_t> space;
     thread_local std::vector<PanelRef> panels;
-    const size_t need = static_cast<size_t>(std::min(group, end - begin) * panel_values + 32);
+    const size_t need = static_cast<size_t>(std::min(group, end - begin) * parts * panel_values + 32);
     if (space.size() < need) space.resize(need);
     auto* buffer = reinterpret_cast<at::BFloat16*>((reinterpret_cast<uintptr_t>(space.data()) + 63) & ~uintptr_t(63));
     int cur0 = -1, cur1 = -1;
     for (int64_t g0 = begin; g0 < end; g0 += group) {
       const int64_t g1 = std::min(end, g0 + group);
       panels.clear();
-      for (int64_t nb = g0; nb < g1; ++nb) panels.push_back(panel(nb, buffer + (nb - g0) * panel_values));
+      for (int64_t nb = g0; nb < g1; ++nb) {
+        for (int64_t part = 0; part < parts; ++part) {
+          panels.push_back(panel(nb + part * outs, buffer + ((nb - g0) * parts + part) * panel_values));
+        }
+      }
       for (int64_t m0 = 0; m0 < M; m0 += 32) {
         const int rows = static_cast<int>(std::min<int64_t>(32, M - m0));
         const int r0 = std::min(rows, 16), r1 = rows - r0;
@@ -217,20 +244,30 @@ torch::Tensor product(const torch::Tensor& x, int64_t NB, int64_t KB, Panel pane
           cur0 = r0;
           cur1 = r1;
         }
-        for (int64_t nb = g0; nb < g1; ++nb) {
-          const PanelRef& p = panels[nb - g0];
-          // The first pass over a panel in memory fetches its next blocks from memory. Other passes
-          // find the panel in L2 and leave it there: the weight's tiles are loaded with the streaming
-          // hint and not prefetched into L1, where they would evict the block of x's rows that every
-          // panel of the group reads again.
+        // The first pass over a panel in memory fetches its next blocks from memory. Other passes
+        // find the panel in L2 and leave it there: the weight's tiles are loaded with the streaming
+        // hint and not prefetched into L1, where they would evict the block of x's rows that every
+        // panel of the group reads again.
+        auto multiply = [&](const PanelRef& p, float* into) {
           const bool from_memory = m0 == 0 && p.ahead != nullptr;
-          output_block<true>(rows, o.x + m0 * ldx, ldx, KB, o.out + m0 * N + nb * 32, N, acc, [&](int64_t kb) {
+          any_block<true>(rows, o.x + m0 * ldx, ldx, KB, into, [&](int64_t kb) {
             // Read bytes some blocks ahead (past the end this fetches nothing useful, and never faults).
             if (from_memory) {
               for (int64_t i = 0; i < p.ahead_step; i += 64) _mm_prefetch(p.ahead + kb * p.ahead_step + i, _MM_HINT_T0);
             }
             return p.w + kb * kBlock;
           });
+        };
+        for (int64_t nb = g0; nb < g1; ++nb) {
+          at::BFloat16* y = o.out + m0 * N + nb * 32;
+          own_rows(y, N, rows);
+          multiply(panels[(nb - g0) * parts], acc);
+          if (glu) {
+            multiply(panels[(nb - g0) * parts + 1], up);
+            write_glu(acc, up, y, N, rows);
+          } else {
+            write_rows(acc, y, N, rows);
+          }
         }
       }
     }
@@ -246,23 +283,36 @@ torch::Tensor product(const torch::Tensor& x, int64_t NB, int64_t KB, Panel pane
 // writes block (nb, kb)'s two bf16 tiles, and fetches the bytes of the blocks ahead. Same values,
 // same order of sums as `product`: the same bits.
 template <typename Dequant>
-torch::Tensor small(const torch::Tensor& x, int64_t NB, int64_t KB, Dequant dequant) {
+torch::Tensor small(const torch::Tensor& x, int64_t NB, int64_t KB, Dequant dequant, bool glu) {
   constexpr int64_t kAhead = 2, kRing = 4;  // blocks dequantised ahead; ring slots
-  const Operands o(x, NB);
+  const int64_t outs = glu ? NB / 2 : NB;
+  const Operands o(x, outs);
   if (o.M == 0) return o.y;
   const int64_t M = o.M, N = o.N, ldx = o.ldx;
   const int rows = static_cast<int>(M);
-  at::parallel_for(0, NB, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, outs, 1, [&](int64_t begin, int64_t end) {
     alignas(64) float acc[32 * 32];
+    alignas(64) float up[32 * 32];
     alignas(64) at::BFloat16 ring[kRing * kBlock];
     configure(std::min(rows, 16), std::max(rows - 16, 0));
-    for (int64_t nb = begin; nb < end; ++nb) {
+    auto multiply = [&](int64_t nb, float* into) {
       for (int64_t kb = 0; kb < std::min(kAhead, KB); ++kb) dequant(nb, kb, ring + kb % kRing * kBlock);
-      output_block<false>(rows, o.x, ldx, KB, o.out + nb * 32, N, acc, [&](int64_t kb) {
+      any_block<false>(rows, o.x, ldx, KB, into, [&](int64_t kb) {
         const int64_t next = kb + kAhead;
         if (next < KB) dequant(nb, next, ring + next % kRing * kBlock);
         return ring + kb % kRing * kBlock;
       });
+    };
+    for (int64_t nb = begin; nb < end; ++nb) {
+      at::BFloat16* y = o.out + nb * 32;
+      own_rows(y, N, rows);
+      multiply(nb, acc);
+      if (glu) {
+        multiply(nb + outs, up);
+        write_glu(acc, up, y, N, rows);
+      } else {
+        write_rows(acc, y, N, rows);
+      }
     }
     _tile_release();
   });
@@ -294,24 +344,29 @@ static void check_x(const torch::Tensor& x, int64_t K) {
   TORCH_CHECK(x.size(1) == K, "amx_linear: x has ", x.size(1), " columns, the weight ", K);
 }
 
-torch::Tensor amx_linear(torch::Tensor x, torch::Tensor packed) {
+static void check_glu(bool glu, int64_t NB) {
+  TORCH_CHECK(!glu || NB % 2 == 0, "amx_linear: glu needs the [gate | up] halves in whole 32-column blocks");
+}
+
+torch::Tensor amx_linear(torch::Tensor x, torch::Tensor packed, bool glu) {
   TORCH_CHECK(packed.device().is_cpu() && packed.dim() == 5 && packed.scalar_type() == at::kBFloat16 &&
                   packed.is_contiguous() && packed.size(2) == 2 && packed.size(3) == 16 && packed.size(4) == 32,
               "amx_linear: the weight must be packed bfloat16 [N/32, K/32, 2, 16, 32]");
   const int64_t NB = packed.size(0), KB = packed.size(1);
   check_x(x, KB * 32);
+  check_glu(glu, NB);
 #ifdef SOUVERAIN_AMX
   const auto* wp = packed.data_ptr<at::BFloat16>();
   return product(x, NB, KB, [&](int64_t nb, at::BFloat16*) {
     const at::BFloat16* w = wp + nb * KB * kBlock;
     return PanelRef{w, reinterpret_cast<const char*>(w + kPrefetch * kBlock), kBlock * 2};
-  });
+  }, glu);
 #else
   return x;
 #endif
 }
 
-torch::Tensor amx_linear_int4(torch::Tensor x, torch::Tensor qtiles, torch::Tensor sz) {
+torch::Tensor amx_linear_int4(torch::Tensor x, torch::Tensor qtiles, torch::Tensor sz, bool glu) {
   TORCH_CHECK(qtiles.device().is_cpu() && qtiles.dim() == 5 && qtiles.scalar_type() == at::kByte &&
                   qtiles.is_contiguous() && qtiles.size(2) == 2 && qtiles.size(3) == 16 && qtiles.size(4) == 16,
               "amx_linear_int4: the weight must be packed uint8 [N/32, K/32, 2, 16, 16]");
@@ -320,6 +375,7 @@ torch::Tensor amx_linear_int4(torch::Tensor x, torch::Tensor qtiles, torch::Tens
                   sz.sizes() == at::IntArrayRef({NB, KB, 2, 32}),
               "amx_linear_int4: scales and zeros must be bfloat16 [N/32, K/32, 2, 32]");
   check_x(x, KB * 32);
+  check_glu(glu, NB);
 #ifdef SOUVERAIN_AMX
   const auto* qp = qtiles.data_ptr<uint8_t>();
   const auto* sp = sz.data_ptr<at::BFloat16>();
@@ -329,11 +385,11 @@ torch::Tensor amx_linear_int4(torch::Tensor x, torch::Tensor qtiles, torch::Tens
     fetch_int4(q, s, kb + kPrefetch);
     dequant_block(q + kb * kQBytes, s + kb * 64, out);
   };
-  if (x.size(0) <= 32) return small(x, NB, KB, dequant);
+  if (x.size(0) <= 32) return small(x, NB, KB, dequant, glu);
   return product(x, NB, KB, [&](int64_t nb, at::BFloat16* buffer) {
     for (int64_t kb = 0; kb < KB; ++kb) dequant(nb, kb, buffer + kb * kBlock);
     return PanelRef{buffer, nullptr, 0};  // the panel is in L1/L2 now: nothing more to fetch from memory
-  });
+  }, glu);
 #else
   return x;
 #endif

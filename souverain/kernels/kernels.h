@@ -19,8 +19,9 @@ torch::Tensor argmax_rows(torch::Tensor x);
 
 // gemm.cpp
 bool amx_available();
-torch::Tensor amx_linear(torch::Tensor x, torch::Tensor packed);
-torch::Tensor amx_linear_int4(torch::Tensor x, torch::Tensor qtiles, torch::Tensor sz);
+// glu: the weight is a fused [gate | up] projection; return silu(gate) * up (the halves' columns).
+torch::Tensor amx_linear(torch::Tensor x, torch::Tensor packed, bool glu = false);
+torch::Tensor amx_linear_int4(torch::Tensor x, torch::Tensor qtiles, torch::Tensor sz, bool glu = false);
 
 // prefill.cpp
 bool prefill_supported(int64_t n_heads, int64_t n_kv_heads, int64_t head_dim);

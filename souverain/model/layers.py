@@ -116,7 +116,7 @@ class FeedForward(nn.Module):
                 gate, up = lora.apply(self.layer, "w1", x, gate), lora.apply(self.layer, "w3", x, up)
             h = silu_mul(gate, up)
         elif lora is None:
-            h = swiglu(self.w13(x))
+            h = gated(self.w13, x)
         else:
             gate, up = self.w13(x).chunk(2, dim=-1)
             h = silu_mul(lora.apply(self.layer, "w1", x, gate), lora.apply(self.layer, "w3", x, up))
@@ -130,6 +130,13 @@ def silu_mul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if fast is not None and a.shape == b.shape:
         return fast.silu_mul(a.contiguous(), b.contiguous())
     return F.silu(a) * b
+
+
+def gated(proj: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """swiglu(proj(x)) for a fused [gate | up] projection; by the projection itself where it has a
+    one-pass form (QuantLinear.swiglu, on AMX)."""
+    fused = getattr(proj, "swiglu", None)
+    return fused(x) if callable(fused) else swiglu(proj(x))
 
 
 def swiglu(gu: torch.Tensor) -> torch.Tensor:

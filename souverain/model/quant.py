@@ -24,7 +24,7 @@ from torch import nn
 
 from souverain import kernels
 from souverain.kernels import tiles as amx_tiles
-from souverain.model.layers import Attention, FeedForward
+from souverain.model.layers import Attention, FeedForward, swiglu
 from souverain.model.transformer import Transformer
 
 GROUP = 32
@@ -102,6 +102,25 @@ class QuantLinear(nn.Module):
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
+
+    def swiglu(self, x: torch.Tensor) -> torch.Tensor:
+        """silu(gate) * up of this fused [gate | up] projection (`FeedForward.w13`): on AMX tiles, in the
+        product itself (the [gate | up] output is never written); else `swiglu(self(x))`. The same bits."""
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        # Read once: another engine may be packing this model now (tiles first, then the copy dropped).
+        dense, nibbles, scales, tiles = self.dense_t, self.nibbles, self.nibble_scales, self.tiles
+        fits = self.bias is None and dense is None and x2.dtype == torch.bfloat16 and self.out_features % 64 == 0 \
+            and x2.shape[0] > self.dense_rows and x2.device.type == "cpu" \
+            and not (torch.is_grad_enabled() and x2.requires_grad)
+        fast = kernels.amx() if fits else None
+        if fast is None:
+            return swiglu(self(x))
+        if nibbles is not None and scales is not None:
+            y = fast.amx_linear_int4(x2.contiguous(), nibbles, scales, True)
+        else:
+            y = fast.amx_linear(x2.contiguous(), tiles, True)
+        return y.to(x.dtype).reshape(*shape[:-1], self.out_features // 2)
 
     def pack_for_amx(self) -> bool:
         """Swap the bf16 copy for AMX tiles when the kernels' AMX product runs here and the shape

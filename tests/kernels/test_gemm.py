@@ -8,6 +8,7 @@ from torch import nn
 
 from souverain import kernels
 from souverain.kernels import tiles
+from souverain.model.layers import swiglu
 from souverain.model.quant import QuantLinear, _int4_codes
 
 fast = kernels.load()
@@ -55,6 +56,42 @@ def test_amx_linear_int4_is_the_dequantised_product(n: int, k: int) -> None:
         got = fast.amx_linear_int4(x, nibbles, scales)
         within_rounding(got, x.float() @ w.float().t())
         assert torch.equal(fast.amx_linear_int4(x[:1], nibbles, scales), got[:1])
+
+
+@pytest.mark.parametrize("form", ["int4", "bf16"])
+@torch.inference_mode()
+def test_glu_is_swiglu_of_the_product(form: str) -> None:
+    """glu=True: silu(gate) * up of a fused [gate | up] weight, to the bit what swiglu makes of the
+    product's output (each half 96 columns: three blocks, so a thread may take an odd number)."""
+    torch.manual_seed(3)
+    w = torch.randn(192, 64)
+    if form == "int4":
+        nibbles, scales = tiles.pack_int4_tiles(*_int4_codes(w))
+        def product(x: torch.Tensor, glu: bool = False) -> torch.Tensor:
+            return fast.amx_linear_int4(x, nibbles, scales, glu)
+    else:
+        packed = tiles.pack_tiles(w)
+        def product(x: torch.Tensor, glu: bool = False) -> torch.Tensor:
+            return fast.amx_linear(x, packed, glu)
+    for m in [*ROWS, 200]:  # up to 32 rows the one-pass kernel, beyond it the panel one
+        x = (3 * torch.randn(m, 64)).to(torch.bfloat16)
+        got = product(x, True)
+        assert got.shape == (m, 96)
+        assert torch.equal(got, fast.swiglu(product(x)))
+    with pytest.raises(RuntimeError, match="whole 32-column blocks"):
+        fast.amx_linear_int4(x, *tiles.pack_int4_tiles(*_int4_codes(w[:96])), True)
+
+
+@torch.inference_mode()
+def test_quant_linear_swiglu_is_swiglu_of_its_output() -> None:
+    torch.manual_seed(4)
+    q = QuantLinear(nn.Linear(64, 256, bias=False).to(torch.bfloat16), 4, dense_rows=4)
+    x = torch.randn(3, 40, 64).to(torch.bfloat16)
+    before = q.swiglu(x)  # the bf16 copy, then swiglu
+    assert torch.equal(before, swiglu(q(x)))
+    assert q.pack_for_amx()
+    assert torch.equal(q.swiglu(x), swiglu(q(x)))  # in the product
+    assert q.swiglu(x).shape == (3, 40, 128)
 
 
 def test_amx_refuses_bad_input() -> None:
