@@ -1,5 +1,6 @@
 // What the AMX kernels share (gemm.cpp, prefill.cpp): whether this build has AMX, the tile
-// configuration and the fp32 -> bf16 rounding. SOUVERAIN_AMX is defined where the compiler targets
+// configuration, the step of a 32 x 32 output block (four accumulator tiles) and the fp32 -> bf16
+// rounding. SOUVERAIN_AMX is defined where the compiler targets
 // AMX (-march=native on an AMX CPU); `amx_available()` (gemm.cpp) says whether the OS grants it.
 #pragma once
 

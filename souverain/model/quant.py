@@ -120,7 +120,7 @@ class QuantLinear(nn.Module):
             y = fast.amx_linear_int4(x2.contiguous(), nibbles, scales, True)
         else:
             y = fast.amx_linear(x2.contiguous(), tiles, True)
-        return y.to(x.dtype).reshape(*shape[:-1], self.out_features // 2)
+        return y.reshape(*shape[:-1], self.out_features // 2)
 
     def pack_for_amx(self) -> bool:
         """Swap the bf16 copy for AMX tiles when the kernels' AMX product runs here and the shape
