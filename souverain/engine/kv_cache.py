@@ -55,8 +55,12 @@ class AttentionGroup:
     # run of the step's rows, (first row, rows) in `spans`; the tensors above are left empty.
     local: bool = False
     spans: list[tuple[int, int]] = field(default_factory=list)
+    # Chunks continuing their sequences (no sliding window) also carry what the C++ kernel reads: their
+    # `spans`, the keys cached before each (`starts`) and int32 block `tables`.
+    starts: list[int] = field(default_factory=list)
     # Decode groups (one query per sequence) also carry what the C++ kernel reads the paged cache
-    # with, no gathered copy: int32 block tables [G, W] and key position ranges [lo, hi) [G].
+    # with, no gathered copy: int32 block tables [G, W] and key position ranges [lo, hi) [G] (only
+    # decode groups have these); continuing chunks carry the tables too.
     tables: torch.Tensor | None = None
     key_lo: torch.Tensor | None = None
     key_hi: torch.Tensor | None = None
@@ -86,22 +90,32 @@ class PagedStep:
             vc.index_copy_(0, self.slots, v[0])
         if len(self.groups) == 1 and self.groups[0].identity:  # all decodes: the common case
             g = self.groups[0]
-            if fast is not None and g.tables is not None:
+            if fast is not None and g.key_lo is not None:
                 return self._paged(fast, flat_q.contiguous(), kc, vc, g)[None]
             return attend(flat_q[:, None], self._keys(kc, g), self._values(vc, g), g.mask).transpose(0, 1)
         out = torch.empty_like(flat_q)
+        # The AMX prefill attention (C++), where it runs for this model and cache.
+        amx = kernels.amx() if fast is not None and flat_q.dtype == torch.bfloat16 else None
+        if amx is not None and not amx.prefill_supported(q.shape[2], k.shape[2], q.shape[3]):
+            amx = None
+        scale = q.shape[-1] ** -0.5
         for g in self.groups:
-            if fast is not None and g.tables is not None:
+            if g.starts:
+                if amx is not None:  # every key, this step's too (stored above), read from the cache
+                    amx.prefill_attention_cached(kernels.rows_contiguous(flat_q), kc, vc, out,
+                                                 [(row, a, n) for (row, n), a in zip(g.spans, g.starts, strict=True)],
+                                                 g.tables, self.cache.block_size, scale)
+                    continue
+            elif fast is not None and g.key_lo is not None:
                 o = self._paged(fast, flat_q.index_select(0, g.out_rows), kc, vc, g)  # [G, H, hd]
                 out.index_copy_(0, g.out_rows, o)
                 continue
             if g.local:
                 # Each sequence's rows are one run of the step's rows: causal attention over that
                 # slice, no padded copy gathered or scattered; all of them in one AMX call where it runs.
-                fresh = kernels.amx() if fast is not None and flat_q.dtype == torch.bfloat16 else None
-                if fresh is not None and fresh.prefill_supported(q.shape[2], k.shape[2], q.shape[3]):
-                    fresh.prefill_attention(kernels.rows_contiguous(flat_q), kernels.rows_contiguous(k[0]),
-                                            kernels.rows_contiguous(v[0]), out, g.spans, q.shape[-1] ** -0.5)
+                if amx is not None:
+                    amx.prefill_attention(kernels.rows_contiguous(flat_q), kernels.rows_contiguous(k[0]),
+                                          kernels.rows_contiguous(v[0]), out, g.spans, scale)
                     continue
                 for row, n in g.spans:
                     rows = slice(row, row + n)
@@ -168,6 +182,9 @@ def build_group(starts: list[int], counts: list[int], row_offsets: list[int], bl
     group = AttentionGroup(q_rows, k_blocks, n_blocks * block_size, mask, q_rows.flatten()[picks], picks, identity)
     if t == 1:
         group.tables, group.key_lo, group.key_hi = decode_tables(starts, block_tables, window, device)
+    elif window is None:
+        group.spans, group.starts = list(zip(row_offsets, counts, strict=True)), list(starts)
+        group.tables = block_table_tensor(block_tables, device, torch.int32)
     return group
 
 

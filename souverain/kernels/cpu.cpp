@@ -530,5 +530,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("prefill_attention", &prefill_attention, "causal attention of chunks starting their sequences, into out",
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("spans"), py::arg("scale"),
         py::call_guard<py::gil_scoped_release>());
+  m.def("prefill_attention_cached", &prefill_attention_cached,
+        "causal attention of chunks continuing their sequences, every key read from one layer's paged cache "
+        "(this step's keys stored first); spans are (row, cached keys, rows)", py::arg("q"), py::arg("k_cache"),
+        py::arg("v_cache"), py::arg("out"), py::arg("spans"), py::arg("tables"), py::arg("block_size"),
+        py::arg("scale"), py::call_guard<py::gil_scoped_release>());
   bind_decoder(m);
 }

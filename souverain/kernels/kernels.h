@@ -27,6 +27,9 @@ torch::Tensor amx_linear_int4(torch::Tensor x, torch::Tensor qtiles, torch::Tens
 bool prefill_supported(int64_t n_heads, int64_t n_kv_heads, int64_t head_dim);
 void prefill_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor out,
                        std::vector<std::pair<int64_t, int64_t>> spans, double scale);
+void prefill_attention_cached(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor out,
+                              std::vector<std::tuple<int64_t, int64_t, int64_t>> spans, torch::Tensor tables,
+                              int64_t block_size, double scale);
 
 // decoder.cpp
 void bind_decoder(pybind11::module& m);

@@ -1,4 +1,7 @@
-// Causal attention of prefill chunks that start their sequences, on AMX tiles (bf16).
+// Causal attention of prefill chunks on AMX tiles (bf16): chunks that start their sequences
+// (`prefill_attention`: keys and values from this step's rows) and chunks that continue them after
+// cached keys (`prefill_attention_cached`: every key read from the paged cache, this step's stored
+// first), e.g. a prompt split over steps or a conversation's next turn after a prefix-cache hit.
 //
 // PyTorch's CPU flash attention spends most of its time outside the arithmetic at these sizes: for
 // SmolLM2's shapes (9 query heads over 3 kv heads, head size 64) one 200-token sequence took ~0.4 ms
@@ -17,7 +20,9 @@
 // before), one process alternating the two, 60 rounds, SmolLM2's shapes: five 200-row sequences and
 // one of 24: 1.05-1.17 ms against 2.4-2.7 (0.43x); one of 1,000 rows: 2.36-2.47 ms against 4.0-4.2
 // (0.58x). Chunks of 128 keys instead of 256: 0.60-0.77x; 32 keys (even with two blocks' steps
-// interleaved): 0.75-0.95x.
+// interleaved): 0.75-0.95x. From the cache, against the engine's masked SDPA over gathered keys
+// (40 rounds): 176 queries after 24 cached keys 224 us against 631; 200 after 1,000: 1.63 ms against
+// 2.53; 1,000 after none: 3.6 ms against 9.5.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -32,6 +37,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -69,35 +75,67 @@ void pack_keys(const bf16* rows, int64_t ld, int64_t n, int64_t hd, bf16* out) {
   }
 }
 
-// rows [n, hd] -> [hd/32, ceil(n/32), 2, 16, 32]: as a weight [hd, keys] (V^T). Lane 2c + j of tile row
-// r in block (db, kb, h) is rows[kb*32 + 2r + j][db*32 + h*16 + c]: two key rows interleaved.
-void pack_values(const bf16* rows, int64_t ld, int64_t n, int64_t hd, bf16* out) {
-  const int64_t blocks = (n + 31) / 32, dblocks = hd / 32;
+// Two rows of 16 values interleaved into one tile row (lane 2c + j: row j's value c), zeros for a null row.
+inline __m512i interleave_rows(const bf16* a, const bf16* b, __mmask16 valid = 0xFFFF) {
   alignas(64) static const int16_t order[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
                                                 8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
-  const __m512i interleave = _mm512_load_si512(order);
+  const __m256i va = a ? _mm256_maskz_loadu_epi16(valid, a) : _mm256_setzero_si256();
+  const __m256i vb = b ? _mm256_maskz_loadu_epi16(valid, b) : _mm256_setzero_si256();
+  return _mm512_permutex2var_epi16(_mm512_castsi256_si512(va), _mm512_load_si512(order), _mm512_castsi256_si512(vb));
+}
+
+// Keys [n, hd] from the paged cache's transposed layout (souverain/engine/kv_cache.py: each block
+// [Hkv, hd, bs] per layer) into pack_keys' layout: 16 keys of a tile lie in one cache block
+// (bs a multiple of 16), each dimension's 16 values contiguous, so a tile row is two dimensions' rows
+// interleaved. kc points at kv head g of the layer; `block_stride` values from one cache block to the next.
+void pack_keys_cached(const bf16* kc, int64_t block_stride, const int32_t* table, int64_t bs, int64_t n, int64_t hd,
+                      bf16* out) {
+  const int64_t blocks = (n + 31) / 32, steps = hd / 32;
+  for (int64_t kb = 0; kb < blocks; ++kb) {
+    for (int64_t h = 0; h < 2; ++h) {
+      const int64_t first = kb * 32 + h * 16, valid = std::clamp<int64_t>(n - first, 0, 16);
+      const __mmask16 present = static_cast<__mmask16>((1u << valid) - 1);
+      const bf16* tile_keys = valid ? kc + table[first / bs] * block_stride + first % bs : nullptr;
+      for (int64_t ks = 0; ks < steps; ++ks) {
+        bf16* tile = out + ((kb * steps + ks) * 2 + h) * kTile;
+        for (int64_t r = 0; r < 16; ++r) {
+          const int64_t d = ks * 32 + 2 * r;
+          const __m512i row = valid ? interleave_rows(tile_keys + d * bs, tile_keys + (d + 1) * bs, present)
+                                    : _mm512_setzero_si512();
+          _mm512_storeu_si512(tile + r * 32, row);
+        }
+      }
+    }
+  }
+}
+
+// Values [n, hd] -> [hd/32, ceil(n/32), 2, 16, 32]: as a weight [hd, keys] (V^T). Lane 2c + j of tile
+// row r in block (db, kb, h) is value row kb*32 + 2r + j, column db*32 + h*16 + c: two rows
+// interleaved. `row(key)` is where a value row starts.
+template <typename Row>
+void pack_values(Row row, int64_t n, int64_t hd, bf16* out) {
+  const int64_t blocks = (n + 31) / 32;
   for (int64_t kb = 0; kb < blocks; ++kb) {
     for (int64_t r = 0; r < 16; ++r) {
       const int64_t key = kb * 32 + 2 * r;
-      const bf16* a = key < n ? rows + key * ld : nullptr;
-      const bf16* b = key + 1 < n ? rows + (key + 1) * ld : nullptr;
+      const bf16* a = key < n ? row(key) : nullptr;
+      const bf16* b = key + 1 < n ? row(key + 1) : nullptr;
       for (int64_t d = 0; d < hd; d += 16) {
-        const __m256i va = a ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + d)) : _mm256_setzero_si256();
-        const __m256i vb = b ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + d)) : _mm256_setzero_si256();
-        const __m512i row = _mm512_permutex2var_epi16(_mm512_castsi256_si512(va), interleave, _mm512_castsi256_si512(vb));
         bf16* tile = out + (((d / 32) * blocks + kb) * 2 + (d / 16) % 2) * kTile;
-        _mm512_storeu_si512(tile + r * 32, row);
+        _mm512_storeu_si512(tile + r * 32, interleave_rows(a ? a + d : nullptr, b ? b + d : nullptr));
       }
     }
   }
 }
 
 struct Span {
-  int64_t row, count, blocks;  // first row in the step, rows, 32-row blocks
-  int64_t packed;              // where its packed keys (and values) start, in values
+  int64_t row, count;    // first row in the step, rows (queries)
+  int64_t start;         // keys before the first query (cached); the keys are [0, start + count)
+  int64_t keys, blocks;  // start + count, and its 32-key blocks
+  int64_t packed;        // where its packed keys (and values) start, in values
 };
 
-// One query head's 32 queries [q0, q0 + 32) of a span against its keys [0, q0 + 32): the online
+// One query head's 32 queries [q0, q0 + 32) of a span against its keys [0, start + q0 + 32): the online
 // softmax over chunks of up to kChunk blocks of 32 keys. Scores leave the tiles, and probabilities
 // enter them, a chunk at a time: each hand-over between tiles and vector units waits for the other
 // side's stores to drain, and the row maxima, sums and rescaling cost the same for 32 keys as for
@@ -164,7 +202,7 @@ class QueryBlock {
     alignas(64) float old_max[32], chunk_sum[32];
     for (int64_t i = 0; i < 32; ++i) {
       // Keys up to the query's own position, and within the span (queries past it see all of its keys).
-      const int64_t limit = std::min(q0_ + i + 1, s_.count) - c0 * 32;  // >= 1: the chunk's first key is there
+      const int64_t limit = std::min(s_.start + q0_ + i + 1, s_.keys) - c0 * 32;  // >= 1: the chunk's first key
       const float* row = scores_ + i * kWidth;
       __m512 sv[2 * kChunk];
       __mmask16 mv[2 * kChunk];
@@ -259,6 +297,74 @@ bool prefill_supported(int64_t n_heads, int64_t n_kv_heads, int64_t head_dim) {
 #endif
 }
 
+namespace {
+
+#ifdef SOUVERAIN_AMX
+// The attention of every span's queries, once `pack(span, kv head, keys out, values out)` has packed
+// each span's keys and values for each kv head.
+template <typename Pack>
+void attend_spans(const torch::Tensor& q, const torch::Tensor& out, int64_t kv_heads, std::vector<Span>& ss,
+                  double scale, Pack pack) {
+  const int64_t heads = q.size(1), hd = q.size(2);
+  int64_t packed = 0;
+  for (Span& s : ss) {
+    s.packed = packed;
+    packed += s.blocks * 32 * kv_heads * hd;
+  }
+  // The packed copies, kept by the calling thread from call to call (a fresh allocation this size
+  // is fresh pages from the OS each time, ~0.1 ms of page faults).
+  thread_local std::vector<bf16> key_space, value_space;
+  if (static_cast<int64_t>(key_space.size()) < packed) {
+    key_space.resize(packed);
+    value_space.resize(packed);
+  }
+  bf16* const keys = key_space.data();
+  bf16* const values = value_space.data();
+  at::parallel_for(0, static_cast<int64_t>(ss.size()) * kv_heads, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t j = begin; j < end; ++j) {
+      const Span& s = ss[j / kv_heads];
+      const int64_t g = j % kv_heads, off = s.packed + g * s.blocks * 32 * hd;
+      pack(s, g, keys + off, values + off);
+    }
+  });
+  // Units (span, head, block of 32 queries); a block reads the keys up to its last query. Within each
+  // head the blocks alternate from both ends (0, last, 1, last - 1, ...), so that the contiguous
+  // ranges the threads take hold about the same work.
+  std::vector<std::array<int64_t, 3>> units;
+  for (int64_t si = 0; si < static_cast<int64_t>(ss.size()); ++si) {
+    for (int64_t h = 0; h < heads; ++h) {
+      for (int64_t lo = 0, hi = (ss[si].count + 31) / 32 - 1; lo <= hi; ++lo, --hi) {
+        units.push_back({si, h, lo});
+        if (hi != lo) units.push_back({si, h, hi});
+      }
+    }
+  }
+  const int64_t group = heads / kv_heads;
+  const float sc = static_cast<float>(scale);
+  const auto* qp = q.data_ptr<bf16>();
+  auto* op = out.data_ptr<bf16>();
+  at::parallel_for(0, static_cast<int64_t>(units.size()), 1, [&](int64_t begin, int64_t end) {
+    souverain::amx::configure(16, 16);
+    for (int64_t u = begin; u < end; ++u) {
+      const auto [si, h, qb] = units[u];
+      const Span& s = ss[si];
+      const int64_t off = s.packed + (h / group) * s.blocks * 32 * hd;
+      QueryBlock block(qp + s.row * q.stride(0) + h * hd, q.stride(0), keys + off, values + off, s, qb, hd, sc);
+      block.run((s.start + std::min(qb * 32 + 31, s.count - 1)) / 32);
+      block.write(op + s.row * out.stride(0) + h * hd, out.stride(0));
+    }
+    _tile_release();
+  });
+}
+#endif
+
+void check_span(int64_t row, int64_t count, int64_t n) {
+  TORCH_CHECK(row >= 0 && count > 0 && row + count <= n, "prefill_attention: span (", row, ", ", count,
+              ") outside the ", n, " rows");
+}
+
+}  // namespace
+
 void prefill_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor out,
                        std::vector<std::pair<int64_t, int64_t>> spans, double scale) {
   const int64_t n = q.size(0), heads = q.size(1), hd = q.size(2), kv_heads = k.size(1);
@@ -271,62 +377,62 @@ void prefill_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch:
   TORCH_CHECK(v.size(1) == kv_heads && out.size(1) == heads, "prefill_attention: head counts differ");
 #ifdef SOUVERAIN_AMX
   std::vector<Span> ss;
-  int64_t packed = 0;
   for (const auto& [row, count] : spans) {
-    TORCH_CHECK(row >= 0 && count > 0 && row + count <= n, "prefill_attention: span (", row, ", ", count,
-                ") outside the ", n, " rows");
-    const int64_t blocks = (count + 31) / 32;
-    ss.push_back({row, count, blocks, packed});
-    packed += blocks * 32 * kv_heads * hd;
+    check_span(row, count, n);
+    ss.push_back({row, count, 0, count, (count + 31) / 32, 0});
   }
-  // The packed copies, kept by the calling thread from call to call (a fresh allocation this size
-  // is fresh pages from the OS each time, ~0.1 ms of page faults).
-  thread_local std::vector<bf16> key_space, value_space;
-  if (static_cast<int64_t>(key_space.size()) < packed) {
-    key_space.resize(packed);
-    value_space.resize(packed);
-  }
-  bf16* const keys = key_space.data();
-  bf16* const values = value_space.data();
-  const int64_t jobs = static_cast<int64_t>(ss.size()) * kv_heads;
-  const auto* qp = q.data_ptr<bf16>();
   const auto* kp = k.data_ptr<bf16>();
   const auto* vp = v.data_ptr<bf16>();
-  auto* op = out.data_ptr<bf16>();
-  at::parallel_for(0, jobs, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t j = begin; j < end; ++j) {
-      const Span& s = ss[j / kv_heads];
-      const int64_t g = j % kv_heads, off = s.packed + g * s.blocks * 32 * hd;
-      pack_keys(kp + s.row * k.stride(0) + g * hd, k.stride(0), s.count, hd, keys + off);
-      pack_values(vp + s.row * v.stride(0) + g * hd, v.stride(0), s.count, hd, values + off);
-    }
+  const int64_t ldk = k.stride(0), ldv = v.stride(0);
+  attend_spans(q, out, kv_heads, ss, scale, [&](const Span& s, int64_t g, bf16* keys, bf16* values) {
+    pack_keys(kp + s.row * ldk + g * hd, ldk, s.count, hd, keys);
+    pack_values([&](int64_t key) { return vp + (s.row + key) * ldv + g * hd; }, s.count, hd, values);
   });
-  // Units (span, head, block of 32 queries); block qb reads qb + 1 blocks of keys. Within each head
-  // the blocks alternate from both ends (0, last, 1, last - 1, ...), so that the contiguous ranges
-  // the threads take hold about the same work.
-  std::vector<std::array<int64_t, 3>> units;
-  for (int64_t si = 0; si < static_cast<int64_t>(ss.size()); ++si) {
-    for (int64_t h = 0; h < heads; ++h) {
-      for (int64_t lo = 0, hi = ss[si].blocks - 1; lo <= hi; ++lo, --hi) {
-        units.push_back({si, h, lo});
-        if (hi != lo) units.push_back({si, h, hi});
-      }
+#endif
+}
+
+void prefill_attention_cached(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor out,
+                              std::vector<std::tuple<int64_t, int64_t, int64_t>> spans, torch::Tensor tables,
+                              int64_t block_size, double scale) {
+  const int64_t n = q.size(0), heads = q.size(1), hd = q.size(2), kv_heads = v_cache.dim() == 3 ? v_cache.size(1) : 0;
+  TORCH_CHECK(prefill_supported(heads, kv_heads, hd), "prefill_attention: not supported here for ", heads,
+              " heads, ", kv_heads, " kv heads, head size ", hd);
+  check_rows(q, "q", n, hd);
+  check_rows(out, "out", n, hd);
+  TORCH_CHECK(out.size(1) == heads, "prefill_attention: head counts differ");
+  TORCH_CHECK(block_size > 0 && block_size % 16 == 0, "prefill_attention: block_size must be a multiple of 16");
+  TORCH_CHECK(k_cache.scalar_type() == at::kBFloat16 && v_cache.scalar_type() == at::kBFloat16 &&
+                  k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.dim() == 4 &&
+                  k_cache.size(1) == kv_heads && k_cache.size(2) == hd && k_cache.size(3) == block_size &&
+                  v_cache.size(0) == k_cache.size(0) * block_size && v_cache.size(2) == hd,
+              "prefill_attention: the caches must be one layer's, bfloat16: k [blocks, kv heads, head_dim, "
+              "block_size], v [slots, kv heads, head_dim]");
+  TORCH_CHECK(tables.scalar_type() == at::kInt && tables.dim() == 2 && tables.is_contiguous() &&
+                  tables.size(0) == static_cast<int64_t>(spans.size()),
+              "prefill_attention: tables must be int32 [spans, blocks]");
+#ifdef SOUVERAIN_AMX
+  const int64_t width = tables.size(1), cache_blocks = k_cache.size(0);
+  const int32_t* tp = tables.data_ptr<int32_t>();
+  std::vector<Span> ss;
+  for (const auto& [row, start, count] : spans) {
+    check_span(row, count, n);
+    const int64_t keys = start + count;
+    TORCH_CHECK(start >= 0 && keys <= width * block_size, "prefill_attention: span at row ", row, " reaches key ",
+                keys, ", past its block table");
+    const int32_t* table = tp + static_cast<int64_t>(ss.size()) * width;
+    for (int64_t b = 0; b < (keys + block_size - 1) / block_size; ++b) {
+      TORCH_CHECK(table[b] >= 0 && table[b] < cache_blocks, "prefill_attention: block ", table[b], " not in the cache");
     }
+    ss.push_back({row, count, start, keys, (keys + 31) / 32, 0});
   }
-  const int64_t group = heads / kv_heads;
-  const float sc = static_cast<float>(scale);
-  at::parallel_for(0, static_cast<int64_t>(units.size()), 1, [&](int64_t begin, int64_t end) {
-    souverain::amx::configure(16, 16);
-    for (int64_t u = begin; u < end; ++u) {
-      const auto [si, h, qb] = units[u];
-      const Span& s = ss[si];
-      const int64_t off = s.packed + (h / group) * s.blocks * 32 * hd;
-      QueryBlock block(qp + s.row * q.stride(0) + h * hd, q.stride(0), keys + off, values + off, s, qb,
-                       hd, sc);
-      block.run(qb);
-      block.write(op + s.row * out.stride(0) + h * hd, out.stride(0));
-    }
-    _tile_release();
+  const auto* kc = k_cache.data_ptr<bf16>();
+  const auto* vc = v_cache.data_ptr<bf16>();
+  const int64_t bs = block_size, block_stride = kv_heads * hd * bs;
+  attend_spans(q, out, kv_heads, ss, scale, [&](const Span& s, int64_t g, bf16* keys, bf16* values) {
+    const int32_t* table = tp + (&s - ss.data()) * width;
+    pack_keys_cached(kc + g * hd * bs, block_stride, table, bs, s.keys, hd, keys);
+    pack_values([&](int64_t key) { return vc + ((table[key / bs] * bs + key % bs) * kv_heads + g) * hd; }, s.keys, hd,
+                values);
   });
 #endif
 }

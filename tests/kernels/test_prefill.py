@@ -75,6 +75,57 @@ def test_rows_may_lie_apart() -> None:
     assert ((out.float() - want).abs() <= want.abs() / 64 + 2e-2).all()
 
 
+def paged(keys: torch.Tensor, values: torch.Tensor, bs: int, blocks: int, seed: int
+          ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """keys/values [S, Hkv, hd] written into a random cache of `blocks` blocks (k transposed, as the
+    engine's), at blocks in shuffled order; the rest of the cache random. Returns k, v and the table."""
+    s, hkv, hd = keys.shape
+    gen = torch.Generator().manual_seed(seed)
+    kc = torch.randn(blocks, hkv, hd, bs, generator=gen).to(torch.bfloat16)
+    vc = torch.randn(blocks * bs, hkv, hd, generator=gen).to(torch.bfloat16)
+    table = torch.randperm(blocks, generator=gen)[: (s + bs - 1) // bs].tolist()
+    for p in range(s):
+        b, o = table[p // bs], p % bs
+        kc[b, :, :, o] = keys[p]
+        vc[b * bs + o] = values[p]
+    return kc, vc, table
+
+
+@pytest.mark.parametrize("heads,kv_heads,hd,bs", [(9, 3, 64, 16), (4, 4, 32, 32), (8, 2, 128, 16)])
+@torch.inference_mode()
+def test_cached_prefill_attention_reads_the_paged_cache(heads: int, kv_heads: int, hd: int, bs: int) -> None:
+    """Chunks continuing their sequences: (row, cached keys, rows), every key from the cache."""
+    assert fast is not None
+    chunks = [(0, 24, 1), (1, 5, 40), (41, 300, 100), (141, 31, 33)]
+    n = 174
+    q = qkv(n, heads, kv_heads, hd, seed=5)[0]
+    out = torch.full_like(q, 7.0)
+    tables, caches, want = [], [], torch.zeros(q.shape)
+    for i, (row, start, count) in enumerate(chunks):
+        keys, values = qkv(start + count, kv_heads, kv_heads, hd, seed=10 + i)[1:]
+        kc, vc, table = paged(keys, values, bs, 64, seed=i)
+        caches.append((kc, vc))
+        tables.append(table)
+        allowed = torch.arange(start + count)[None] <= start + torch.arange(count)[:, None]
+        a, b, c = (t.float().transpose(0, 1)[None] for t in (q[row : row + count], keys, values))
+        want[row : row + count] = F.scaled_dot_product_attention(a, b, c, attn_mask=allowed,
+                                                                  enable_gqa=True)[0].transpose(0, 1)
+    for i, (row, start, count) in enumerate(chunks):  # one cache per chunk here: one call each
+        kc, vc = caches[i]
+        fast.prefill_attention_cached(q, kc, vc, out, [(row, start, count)],
+                                      torch.tensor([tables[i]], dtype=torch.int32), bs, hd**-0.5)
+    err = (out.float() - want).abs()
+    assert (err <= want.abs() / 64 + 2e-2).all(), err.max().item()
+    # Several chunks in one call, over one cache, give the same bits as each alone.
+    kc, vc = caches[2]
+    width = len(tables[2])
+    both = torch.empty_like(q)
+    spans = [(41, 300, 100), (0, 10, 41)]
+    fast.prefill_attention_cached(q, kc, vc, both, spans, torch.tensor([tables[2], tables[2][:4] + [0] * (width - 4)],
+                                                                       dtype=torch.int32), bs, hd**-0.5)
+    assert torch.equal(both[41:141], out[41:141])
+
+
 def test_bad_input_is_refused() -> None:
     assert fast is not None
     q, k, v = qkv(10, 4, 2, 32)
@@ -84,11 +135,19 @@ def test_bad_input_is_refused() -> None:
     with pytest.raises(RuntimeError, match="bfloat16"):
         fast.prefill_attention(q.float(), k, v, out, [(0, 10)], 1.0)
     assert not fast.prefill_supported(4, 3, 32) and not fast.prefill_supported(4, 2, 48)
+    kc, vc, table = paged(k, v, 16, 4, seed=0)
+    with pytest.raises(RuntimeError, match="past its block table"):
+        fast.prefill_attention_cached(q, kc, vc, out, [(0, 10, 10)], torch.tensor([table], dtype=torch.int32), 16, 1.0)
+    with pytest.raises(RuntimeError, match="not in the cache"):
+        fast.prefill_attention_cached(q, kc, vc, out, [(0, 0, 10)], torch.tensor([[9]], dtype=torch.int32), 16, 1.0)
+    with pytest.raises(RuntimeError, match="multiple of 16"):
+        fast.prefill_attention_cached(q, kc, vc, out, [(0, 0, 10)], torch.tensor([table], dtype=torch.int32), 8, 1.0)
 
 
 def test_engine_prefill_matches_the_plain_forward_and_is_batch_invariant() -> None:
     """A bf16 model whose shapes the kernel takes: the first token after each prompt is the plain
-    (no cache) forward's argmax, and greedy outputs batched with others equal each request alone."""
+    (no cache) forward's argmax, and greedy outputs batched with others, or with the prompts split
+    over steps, equal each request alone."""
     torch.manual_seed(0)
     model = Transformer(ModelArgs(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=256, vocab_size=258,
                                   max_seq_len=512, head_dim=32))
@@ -106,18 +165,28 @@ def test_engine_prefill_matches_the_plain_forward_and_is_batch_invariant() -> No
     prompts = [[(11 * i + 3 * j) % 250 for j in range(3 + 37 * i)] for i in range(5)]  # 3 to 151 tokens
     params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
 
-    def run(batch: list[int]) -> dict[int, list[int]]:
-        engine = make_engine(model, blocks=512, block_size=16, max_batched_tokens=512)
+    def run(batch: list[int], budget: int = 512) -> dict[int, list[int]]:
+        engine = make_engine(model, blocks=512, block_size=16, max_batched_tokens=budget)
         out = run_all(engine, {0: [Request(f"r{i}", prompts[i], params) for i in batch]})
         return {i: tokens_of(out[(f"r{i}", 0)]) for i in batch}
 
-    kernels._state["cpu"] = type("Counted", (), {"__getattr__": lambda self, n: counted if n == "prefill_attention"
-                                                 else getattr(fast, n)})()
+    def counted_cached(*args: object) -> None:
+        cached.append(args[4])
+        real_cached(*args)
+
+    cached: list[object] = []
+    real_cached = fast.prefill_attention_cached  # type: ignore[union-attr]
+    names = {"prefill_attention": counted, "prefill_attention_cached": counted_cached}
+    kernels._state["cpu"] = type("Counted", (), {"__getattr__": lambda self, n: names.get(n) or getattr(fast, n)})()
     try:
         together = run(list(range(5)))
+        chunked = run(list(range(5)), budget=64)  # prompts split over steps: chunks continuing from the cache
     finally:
         kernels._state["cpu"] = fast
     assert any(len(spans) == 5 for spans in calls)  # all five prompts' first chunks in one call
+    assert cached  # the chunked run read cached keys through the kernel
+    # Each query's keys are taken in the same blocks whatever the chunking: the same tokens, to the bit.
+    assert chunked == together
     for i in range(5):
         assert run([i])[i] == together[i]
         with torch.inference_mode():
