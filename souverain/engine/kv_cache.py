@@ -59,8 +59,8 @@ class AttentionGroup:
     # `spans`, the keys cached before each (`starts`) and int32 block `tables`.
     starts: list[int] = field(default_factory=list)
     # Decode groups (one query per sequence) also carry what the C++ kernel reads the paged cache
-    # with, no gathered copy: int32 block tables [G, W] and key position ranges [lo, hi) [G] (only
-    # decode groups have these); continuing chunks carry the tables too.
+    # with, no gathered copy: int32 block tables [G, W] and key position ranges [lo, hi) [G]. Only
+    # decode groups have key ranges; continuing chunks have tables too.
     tables: torch.Tensor | None = None
     key_lo: torch.Tensor | None = None
     key_hi: torch.Tensor | None = None
