@@ -6,8 +6,10 @@ import dataclasses
 import gc
 import logging
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import count
+from typing import Any
 
 import torch
 
@@ -15,7 +17,7 @@ from souverain import kernels
 from souverain.engine.adapters import AdapterCache
 from souverain.engine.blocks import BlockManager
 from souverain.engine.fused import build_decoder
-from souverain.engine.json_mode import JsonPrefix
+from souverain.engine.grammar import MaskComputer
 from souverain.engine.kv_cache import PagedKVCache
 from souverain.engine.request import (
     Delta,
@@ -59,7 +61,8 @@ class _SeqState:
     first_time: float | None = None
     pending_logprobs: list[TokenLogprob] = field(default_factory=list)
     stop_string_hit: bool = False
-    json: JsonPrefix | None = None
+    matcher: Any = None  # llguidance.LLMatcher when the request carries a grammar
+    grammar_error: str | None = None
 
 
 class LLMEngine:
@@ -104,7 +107,8 @@ class LLMEngine:
         self._ids = count()
         self._state: dict[int, _SeqState] = {}
         self._unseeded = torch.Generator().manual_seed(0x5EED)
-        self._token_texts: list[str] | None = None  # each token's text, for JSON mode
+        self._masks: MaskComputer | None = None  # built on the first constrained step
+        self._mask_thread: ThreadPoolExecutor | None = None
         # The imports, the model and the tokenizer leave ~330k long-lived objects (SmolLM2); a full
         # collection walks them all (~0.2 s here), stalling every stream mid-generation. Collect once
         # now and keep them out of later collections (vLLM does the same after start-up).
@@ -140,8 +144,9 @@ class LLMEngine:
         if p.seed is not None:
             # Any integer seed (OpenAI allows negative ones), folded into the generator's range.
             gen = torch.Generator().manual_seed((p.seed * 1_000_003 + seq.index) % (1 << 63))
+        grammar = seq.request.grammar
         return _SeqState(IncrementalDecoder(self.tokenizer, prompt_ids=seq.token_ids), StopMatcher(p.stop),
-                         gen, last_time=seq.request.arrival, json=JsonPrefix() if p.json_object else None)
+                         gen, last_time=seq.request.arrival, matcher=grammar.matcher() if grammar else None)
 
     def _adapter(self, name: str) -> LoraWeights:
         assert self.adapters is not None
@@ -164,23 +169,24 @@ class LLMEngine:
 
     def _run(self, batch: Batch) -> list[Delta]:
         sampling = [i for i in batch.items if i.sample]
+        seqs = [i.seq for i in sampling]
+        constrained = [(row, st.matcher) for row, s in enumerate(seqs)
+                       if (st := self._state[s.seq_id]).matcher is not None]
+        masks = self._start_masks([m for _, m in constrained])  # computed while the forward runs
         try:
             logits = self.runner.forward(batch.items, self._adapter)
         except Exception:
             log.exception("batched forward failed; retrying sequences one by one")
+            if masks is not None:
+                masks.result()
             return self._run_isolated(batch)
-        seqs = [i.seq for i in sampling]
+        mask = self._finish_masks(masks, [row for row, _ in constrained], seqs)
         # Greedy rows draw nothing: their generators stay where they are.
-        sampled = self.runner.sample(logits, seqs, [self._uniform(s) if s.params.temperature else 0.0 for s in seqs])
-        for row, seq in enumerate(seqs):
-            state = self._state[seq.seq_id]
-            if state.json is not None:
-                left = min(seq.params.max_tokens - len(seq.output_ids), self.max_model_len - len(seq.token_ids))
-                chosen = self._json_token(state.json, logits[row].float(), sampled.tokens[row], left)
-                if chosen != sampled.tokens[row] and sampled.logprobs[row] is not None:
-                    chosen_lp = float(torch.log_softmax(logits[row].float(), -1)[chosen])
-                    sampled.logprobs[row] = (chosen_lp, sampled.logprobs[row][1])  # type: ignore[index]
-                sampled.tokens[row] = chosen
+        sampled = self.runner.sample(logits, seqs, [self._uniform(s) if s.params.temperature else 0.0 for s in seqs],
+                                     mask)
+        for row, matcher in constrained:
+            if not matcher.consume_token(sampled.tokens[row]):
+                self._state[seqs[row].seq_id].grammar_error = matcher.get_error() or "grammar rejected the token"
         for item in batch.items:
             self.stats.prompt_tokens += max(0, min(item.start + item.num_tokens, item.seq.prompt_len) - item.start)
         tokens = {s.seq_id: t for s, t in zip(seqs, sampled.tokens, strict=True)}
@@ -197,6 +203,28 @@ class LLMEngine:
                 deltas.append(delta)
         return deltas
 
+    def _start_masks(self, matchers: list[Any]) -> Future[torch.Tensor] | None:
+        if not matchers:
+            return None
+        if self._masks is None or self._mask_thread is None:
+            self._masks = MaskComputer(self.model.args.vocab_size)
+            self._mask_thread = ThreadPoolExecutor(1, thread_name_prefix="souverain-masks")
+        return self._mask_thread.submit(self._masks.compute, matchers)
+
+    def _finish_masks(self, masks: Future[torch.Tensor] | None, rows: list[int], seqs: list[Sequence]
+                      ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(rows, allowed [C, V]) for the constrained rows. A row whose grammar allows nothing (its
+        matcher failed) may only end: EOS is allowed there and the sequence ends with an error."""
+        if masks is None or self._masks is None:
+            return None
+        allowed = self._masks.allowed(masks.result())
+        dead = (~allowed.any(-1)).nonzero().flatten().tolist()
+        for c in dead:
+            state = self._state[seqs[rows[c]].seq_id]
+            state.grammar_error = state.grammar_error or "constrained decoding reached a state with no allowed token"
+            allowed[c, sorted(self.tokenizer.eos_ids)] = True
+        return torch.tensor(rows, dtype=torch.long), allowed
+
     def _run_isolated(self, batch: Batch) -> list[Delta]:
         deltas: list[Delta] = []
         for item in batch.items:
@@ -208,32 +236,6 @@ class LLMEngine:
                 deltas.append(self._final(item.seq, error=str(e) or type(e).__name__))
         # Nothing advanced: the healthy sequences run again next step (their KV writes repeat).
         return deltas
-
-    def _json_token(self, recogniser: JsonPrefix, logits: torch.Tensor, token: int, left: int) -> int:
-        """The sampled token if it keeps the output a JSON-object prefix that can still be closed
-        within the tokens left, else the likeliest token that does; EOS once the object is closed,
-        and only then."""
-        eos = sorted(self.tokenizer.eos_ids)
-        if recogniser.done:
-            return eos[0] if eos else token
-        texts = self._texts()
-        for candidate in [token, *logits.argsort(descending=True).tolist()]:
-            text = texts[candidate]
-            if not text or candidate in self.tokenizer.eos_ids or self.tokenizer.is_special(candidate):
-                continue
-            trial = recogniser.copy()
-            # A piece of a multi-byte character decodes to U+FFFD: fine inside a string only.
-            # Closing text needs at most one token per character after this one.
-            if trial.feed_text(text.replace("\ufffd", "x")) and (trial.done or len(trial.closing()) < left):
-                recogniser.__dict__.update(trial.__dict__)
-                return candidate
-        raise RuntimeError("no token can continue the JSON output")
-
-    def _texts(self) -> list[str]:
-        if self._token_texts is None:
-            self._token_texts = [self.tokenizer.decode([i], skip_special=False)
-                                 for i in range(self.model.args.vocab_size)]
-        return self._token_texts
 
     def _uniform(self, seq: Sequence) -> float:
         gen = self._state[seq.seq_id].generator or self._unseeded
@@ -256,9 +258,16 @@ class LLMEngine:
             # EOS and stop_token_ids end the text without adding theirs.
             text = "" if seq.finish_reason is FinishReason.STOP else state.decoder.push(token)
             return self._final(seq, text=state.stops.feed(text)[0], token_ids=[token])
+        if state.grammar_error is not None:
+            self.scheduler.finish(seq, FinishReason.ERROR)
+            return self._final(seq, token_ids=[token], error=state.grammar_error)
         out, hit = state.stops.feed(state.decoder.push(token))
         if hit:
             state.stop_string_hit = True
+            self.scheduler.finish(seq, FinishReason.STOP)
+            return self._final(seq, text=out, token_ids=[token])
+        if state.matcher is not None and state.matcher.is_stopped():
+            # The grammar is complete and allows nothing more: end now rather than spend a step on EOS.
             self.scheduler.finish(seq, FinishReason.STOP)
             return self._final(seq, text=out, token_ids=[token])
         return self._delta(seq, state, out, [token])

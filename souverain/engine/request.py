@@ -5,6 +5,10 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the grammar module needs torch and llguidance; requests and the scheduler do not
+    from souverain.engine.grammar import Grammar
 
 
 class FinishReason(enum.StrEnum):
@@ -39,7 +43,6 @@ class SamplingParams:
     seed: int | None = None
     n: int = 1
     logprobs: int | None = None  # None = none; k = the chosen token's and the top-k alternatives
-    json_object: bool = False  # constrain the output to one JSON object
 
     def __post_init__(self) -> None:
         checks = [
@@ -75,6 +78,7 @@ class Request:
     # Prefix-cache isolation: only requests with the same salt share cached blocks.
     cache_salt: str = ""
     adapter: str | None = None  # a LoRA adapter's name; None = the base model
+    grammar: Grammar | None = None  # constrained decoding: every sample's output follows this grammar
     arrival: float = field(default_factory=time.monotonic)
 
     def __post_init__(self) -> None:

@@ -10,7 +10,7 @@ import torch
 
 from souverain.engine.kv_cache import AttentionGroup, PagedKVCache, PagedStep, build_group, decode_tables
 from souverain.engine.request import Sequence
-from souverain.engine.sampling import SamplingTensors, apply_penalties, logprobs_of, sample
+from souverain.engine.sampling import SamplingTensors, apply_mask, apply_penalties, logprobs_of, sample
 from souverain.engine.scheduler import ScheduledSeq
 from souverain.model.lora import LoraBatch, LoraWeights
 from souverain.model.transformer import Transformer
@@ -102,9 +102,16 @@ class ModelRunner:
         return groups
 
     @torch.inference_mode()
-    def sample(self, logits: torch.Tensor, seqs: list[Sequence], uniforms: list[float]) -> Sampled:
-        """Sample one token per row of `logits` for `seqs` (same order)."""
+    def sample(self, logits: torch.Tensor, seqs: list[Sequence], uniforms: list[float],
+               mask: tuple[torch.Tensor, torch.Tensor] | None = None) -> Sampled:
+        """Sample one token per row of `logits` for `seqs` (same order). `mask` = (rows, allowed [C, V]):
+        those rows may only take allowed tokens (constrained decoding)."""
         tensors = self._sampling_tensors(seqs, uniforms)
+        if mask is not None and tensors.banned is not None:
+            # min_tokens never overrules a grammar that allows nothing but the end.
+            rows, allowed = mask
+            keep = allowed & ~tensors.banned[rows]
+            tensors.banned[rows] &= keep.any(-1, keepdim=True)
         want = [s.params.logprobs for s in seqs]
         greedy_only = all(s.params.temperature == 0 for s in seqs) and tensors.banned is None and \
             tensors.presence is None and tensors.repetition is None
@@ -112,6 +119,8 @@ class ModelRunner:
             logits = logits.float()  # penalties, probabilities and log-probabilities in fp32
         raw = logits
         logits = apply_penalties(logits, tensors)
+        if mask is not None:
+            logits = apply_mask(logits, *mask)
         tokens = sample(logits, tensors)
         logprobs: list[tuple[float, list[tuple[int, float]]] | None] = [None] * len(seqs)
         if any(w is not None for w in want):

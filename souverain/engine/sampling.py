@@ -41,6 +41,13 @@ def apply_penalties(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
     return logits
 
 
+def apply_mask(logits: torch.Tensor, rows: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """Constrained decoding: rows[i] may only take the tokens allowed[i] [C, V] marks; other rows are untouched."""
+    full = torch.ones(logits.shape, dtype=torch.bool, device=logits.device)
+    full[rows.to(logits.device)] = allowed.to(logits.device)
+    return logits.masked_fill(~full, float("-inf"))
+
+
 def sample(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
     """logits [R, V] (penalties applied) -> token ids [R]. Temperature 0 rows are greedy. Logits may stay
     in bf16 where every row is greedy (argmax is exact in any dtype); sampling them wants float32."""

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from souverain.engine.grammar import Grammar
 from souverain.engine.request import Delta, EngineOverloaded, FinishReason, Request, SamplingParams, TokenLogprob
 from souverain.server.errors import APIError
 from souverain.server.platform import Caller, Platform
@@ -20,7 +21,7 @@ DEFAULT_TEMPERATURE = 0.7  # Mistral's API default
 
 
 def sampling_params(req: Sampling, model: LoadedModel, prompt_len: int, logprobs: int | None,
-                    json_object: bool = False, plan_context: int | None = None) -> SamplingParams:
+                    plan_context: int | None = None) -> SamplingParams:
     context = min(model.max_context, plan_context or model.max_context)
     room = context - prompt_len
     asked = req.max_tokens or req.max_completion_tokens
@@ -46,7 +47,6 @@ def sampling_params(req: Sampling, model: LoadedModel, prompt_len: int, logprobs
             seed=seed,
             n=req.n,
             logprobs=logprobs,
-            json_object=json_object,
         )
     except ValueError as e:
         field_name = str(e).split(" ", 1)[0]
@@ -92,12 +92,12 @@ class Meter:
 
 
 def start(platform: Platform, caller: Caller, model: LoadedModel, req: Sampling, ids: list[int],
-          logprobs: int | None, endpoint: str, json_object: bool = False) -> tuple[Request, Meter, dict[str, str]]:
+          logprobs: int | None, endpoint: str, grammar: Grammar | None = None
+          ) -> tuple[Request, Meter, dict[str, str]]:
     """Admit (plan, quota, rate limits), build the engine request and its meter; refuse before any byte is sent."""
     adm = platform.admit(caller, req.model, len(ids))
-    request = Request(new_id("cmpl"), ids, sampling_params(req, model, len(ids), logprobs, json_object,
-                                                           adm.max_context),
-                      priority=adm.priority, cache_salt=adm.cache_salt, adapter=model.adapter)
+    request = Request(new_id("cmpl"), ids, sampling_params(req, model, len(ids), logprobs, adm.max_context),
+                      priority=adm.priority, cache_salt=adm.cache_salt, adapter=model.adapter, grammar=grammar)
     check_capacity(model, request)
     return request, Meter(platform, caller, request.request_id, req.model, endpoint, len(ids)), adm.headers
 
@@ -155,9 +155,12 @@ def logprobs_json(tok: Tokenizer, items: list[TokenLogprob]) -> dict[str, Any]:
     def piece(i: int) -> str:
         return tok.decode([i], skip_special=False)
 
+    # OpenAI's fields, plus Mistral's token_id (the mistralai SDK drops entries without it).
     return {"content": [{
-        "token": piece(lp.token_id), "logprob": lp.logprob, "bytes": list(piece(lp.token_id).encode()),
-        "top_logprobs": [{"token": piece(t), "logprob": v, "bytes": list(piece(t).encode())} for t, v in lp.top],
+        "token": piece(lp.token_id), "token_id": lp.token_id, "logprob": lp.logprob,
+        "bytes": list(piece(lp.token_id).encode()),
+        "top_logprobs": [{"token": piece(t), "token_id": t, "logprob": v, "bytes": list(piece(t).encode())}
+                         for t, v in lp.top],
     } for lp in items]}
 
 

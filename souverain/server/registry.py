@@ -10,6 +10,7 @@ from typing import Any
 
 from souverain.embed import Embedder
 from souverain.engine.async_engine import AsyncEngine
+from souverain.engine.grammar import GrammarCompiler
 from souverain.tokenizer.base import Tokenizer
 
 
@@ -25,9 +26,18 @@ class LoadedModel:
     parent: str | None = None
     job: str | None = None
 
+    _grammars: GrammarCompiler | None = field(default=None, repr=False)
+
     @property
     def max_context(self) -> int:
         return self.engine.engine.max_model_len
+
+    @property
+    def grammars(self) -> GrammarCompiler:
+        """Compiles this model's grammars (JSON schemas, tool calls); built on first use."""
+        if self._grammars is None:
+            self._grammars = GrammarCompiler(self.tokenizer, self.engine.engine.model.args.vocab_size)
+        return self._grammars
 
 
 @dataclass

@@ -41,6 +41,32 @@ class MistralTokenizer:
     def is_special(self, token_id: int) -> bool:
         return token_id in self._special
 
+    def special_id(self, name: str) -> int | None:
+        """The id of a control token such as "[TOOL_CALLS]", or None when this version has none."""
+        try:
+            return int(self.raw.get_special_token(name))
+        except (MistralCommonException, ValueError, KeyError, AttributeError):
+            return None
+
+    def token_bytes(self) -> list[bytes]:
+        """Each id's bytes as the model emits them (what a grammar engine matches against); control
+        tokens as 0xFF + their name, the convention llguidance reads as "special"."""
+        model = getattr(self.raw, "_model", None)  # SentencePiece's processor (v1-v7); Tekken's is tiktoken's
+        if not hasattr(model, "is_control"):
+            model = None
+        out: list[bytes] = []
+        for i in range(self.vocab_size):
+            if i in self._special or (model is not None and (model.is_control(i) or model.is_unknown(i))):
+                name = model.id_to_piece(i) if model is not None else self.decode([i], skip_special=False)
+                out.append(b"\xff" + str(name).encode())
+            elif model is None:
+                out.append(bytes(self.raw.id_to_byte_piece(i, SpecialTokenPolicy.KEEP)))  # type: ignore[attr-defined]
+            elif model.is_byte(i):
+                out.append(bytes([int(model.id_to_piece(i)[3:5], 16)]))  # "<0x41>"
+            else:
+                out.append(model.id_to_piece(i).replace("\u2581", " ").encode())
+        return out
+
     def encode_fim(self, prompt: str, suffix: str) -> list[int]:
         """Mistral's FIM format ([SUFFIX]…[PREFIX]…) as mistral-common builds it."""
         from mistral_common.protocol.fim.request import FIMRequest

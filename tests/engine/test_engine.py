@@ -229,17 +229,44 @@ def test_counters() -> None:
     assert s.running == 0 and s.waiting == 0 and s.kv_blocks_used == 0
 
 
-@pytest.mark.parametrize("max_tokens", [6, 25, 80])
-def test_json_mode_output_parses(max_tokens: int) -> None:
+SCHEMA = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9},
+                                           "tag": {"enum": ["a", "b"]}},
+          "required": ["n", "tag"], "additionalProperties": False}
+
+
+def test_grammar_constrains_every_sample() -> None:
     import json
+
+    from souverain.engine.grammar import GrammarCompiler
 
     model = tiny_model("dense")  # random weights: left alone it writes noise
     engine = make_engine(model)
-    params = SamplingParams(temperature=1.0, max_tokens=max_tokens, json_object=True, seed=5)
-    out = run_all(engine, {0: [Request(f"j{i}", p, params) for i, p in enumerate(prompts(4))]})
-    for i in range(4):
-        text = text_of(out[(f"j{i}", 0)])
-        assert isinstance(json.loads(text), dict), text
+    grammar = GrammarCompiler(engine.tokenizer, model.args.vocab_size).json_schema(SCHEMA)
+    params = SamplingParams(temperature=1.0, max_tokens=200, seed=5, n=2)
+    free = SamplingParams(temperature=1.0, max_tokens=20, seed=5)
+    requests = [Request(f"j{i}", p, params, grammar=grammar) for i, p in enumerate(prompts(4))]
+    out = run_all(engine, {0: [*requests, Request("free", [1, 2, 3], free)], 2: [Request("late", [4], params,
+                                                                                         grammar=grammar)]})
+    for rid in [*(f"j{i}" for i in range(4)), "late"]:
+        for index in range(2):
+            deltas = out[(rid, index)]
+            value = json.loads(text_of(deltas))
+            assert set(value) == {"n", "tag"} and 0 <= value["n"] <= 9 and value["tag"] in "ab", value
+            # The grammar's end ends the answer: no EOS step, no trailing text.
+            assert deltas[-1].finish_reason is FinishReason.STOP and EOS not in tokens_of(deltas)
+    assert len(tokens_of(out[("free", 0)])) == 20  # an unconstrained neighbour is left alone
+
+
+def test_grammar_cut_by_max_tokens_says_length() -> None:
+    from souverain.engine.grammar import GrammarCompiler
+
+    model = tiny_model("dense")
+    engine = make_engine(model)
+    grammar = GrammarCompiler(engine.tokenizer, model.args.vocab_size).json_schema(SCHEMA)
+    out = run_all(engine, {0: [Request("cut", [1, 2], SamplingParams(temperature=0.0, max_tokens=4),
+                                       grammar=grammar)]})
+    deltas = out[("cut", 0)]
+    assert deltas[-1].finish_reason is FinishReason.LENGTH and text_of(deltas).startswith("{")
 
 
 def test_any_integer_seed_works_and_nothing_is_half_added() -> None:

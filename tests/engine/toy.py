@@ -31,6 +31,9 @@ class ByteTokenizer:
     def apply_chat_template(self, messages, *, add_generation_prompt=True, tools=None) -> list[int]:
         raise NotImplementedError
 
+    def token_bytes(self) -> list[bytes]:
+        return [bytes([i]) for i in range(256)] + [b"\xff<s>", b"\xff</s>"]
+
 
 BASE = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=128, vocab_size=258, max_seq_len=512)
 MODELS = {

@@ -17,29 +17,36 @@ class Message(BaseModel):
     tool_calls: list[dict[str, Any]] | None = None
     tool_call_id: str | None = None
 
-    def text(self) -> str:
-        """Content as text: string content, or the text parts of a list."""
-        if self.content is None:
-            return ""
-        if isinstance(self.content, str):
-            return self.content
-        return "".join(str(part.get("text", "")) for part in self.content if part.get("type") == "text")
 
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(BaseModel):
+    """OpenAI's and Mistral's `json_schema` (the same shape: name, schema, strict, description)."""
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+    name: str | None = None
+    description: str | None = None
+    json_schema: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
 class ResponseFormat(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     type: Literal["text", "json_object", "json_schema"] = "text"
+    json_schema: JsonSchemaFormat | None = None
 
 
 class Sampling(BaseModel):
     """Parameters shared by chat, FIM and text completions."""
 
-    model_config = ConfigDict(extra="ignore")
+    # Unknown parameters are kept so that the routes can refuse the ones they cannot honour by name
+    # (nothing silently ignored); `IGNORED` lists those accepted on purpose.
+    model_config = ConfigDict(extra="allow")
 
     model: str
     temperature: float | None = Field(None, ge=0.0, le=2.0)
@@ -77,6 +84,7 @@ class ChatCompletionRequest(Sampling):
     safe_prompt: bool = False
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
 
 
 class CompletionRequest(Sampling):
@@ -93,3 +101,16 @@ class FIMCompletionRequest(Sampling):
 
     prompt: str
     suffix: str | None = None
+
+
+# Accepted and ignored on purpose (README "API"): labels and hints that change nothing in the answer.
+IGNORED = frozenset({"user", "metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier"})
+
+
+def unsupported(req: BaseModel) -> str | None:
+    """The first parameter sent with a value this server cannot honour, or None."""
+    for name, value in (req.model_extra or {}).items():
+        if name in IGNORED or value is None or value is False or value in ({}, [], ""):
+            continue
+        return name
+    return None

@@ -1,63 +1,84 @@
-"""POST /v1/chat/completions (Mistral and OpenAI)."""
+"""POST /v1/chat/completions (Mistral and OpenAI) and POST /v1/fim/completions."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 
+from souverain.engine.grammar import Grammar
 from souverain.engine.request import Request
+from souverain.server import constraints
 from souverain.server.deps import CurrentCaller, Models, PlatformDep, find_model
 from souverain.server.errors import APIError, error_body
-from souverain.server.generation import Meter, api_finish, collect, logprobs_json, now, sse, start, stream_engine, usage
+from souverain.server.generation import (
+    Choice,
+    Meter,
+    api_finish,
+    collect,
+    logprobs_json,
+    now,
+    sse,
+    start,
+    stream_engine,
+    usage,
+)
 from souverain.server.platform import Caller, Platform
-from souverain.server.protocol.chat import ChatCompletionRequest, FIMCompletionRequest, Sampling
+from souverain.server.prompt import prompt_ids
+from souverain.server.protocol.chat import ChatCompletionRequest, FIMCompletionRequest, Sampling, unsupported
 from souverain.server.registry import LoadedModel
-from souverain.tokenizer.chat import ChatTemplateError
+from souverain.server.tool_stream import CallArguments, CallStart, Content, Event, ToolCallReader
+from souverain.server.tools import ToolFormat, call_id, choose, parse_tools, tool_format
 
 router = APIRouter()
 
-# Mistral's documented guardrail prompt for safe_prompt=true.
-SAFE_PROMPT = ("Always assist with care, respect, and truth. Respond with utmost utility yet securely. Avoid harmful, "
-               "unethical, prejudiced, or negative content. Ensure replies promote fairness and positivity.")
+
+@dataclass
+class ChatPlan:
+    """What a chat request asks beyond sampling: its grammar and how to read tool calls from the answer."""
+
+    grammar: Grammar | None
+    reader: ToolCallReader | None  # None: no tools were offered (or tool_choice is none)
+    fmt: ToolFormat
 
 
-def prompt_ids(model: LoadedModel, req: ChatCompletionRequest) -> list[int]:
-    messages: list[dict[str, Any]] = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-                                      for m in req.messages]
-    if req.safe_prompt:
-        if messages[0]["role"] == "system":
-            messages[0]["content"] = f"{SAFE_PROMPT}\n\n{messages[0]['content']}"
-        else:
-            messages.insert(0, {"role": "system", "content": SAFE_PROMPT})
-    prefix = None
-    if req.messages[-1].prefix:
-        if req.messages[-1].role != "assistant":
-            raise APIError(400, "only a final assistant message can have prefix: true", param="messages")
-        prefix = messages.pop()["content"]
-    tok = model.tokenizer
-    try:
-        ids = tok.apply_chat_template(messages, add_generation_prompt=True)
-    except ChatTemplateError as e:
-        raise APIError(400, str(e), param="messages") from None
-    if prefix:  # the answer continues the given start
-        ids += tok.encode(prefix, add_special=False, parse_special=False)
-    return ids
+def refuse_unsupported(req: Sampling) -> None:
+    """Nothing silently ignored: a parameter this server cannot honour is a 400 naming it."""
+    name = unsupported(req)
+    if name is not None:
+        raise APIError(400, f"parameter {name!r} is not supported by this server", param=name,
+                       code="unsupported_parameter")
+
+
+def _plan(model: LoadedModel, req: ChatCompletionRequest) -> tuple[list[int], ChatPlan]:
+    """Prompt ids and constraints. Template rendering, tokenising and grammar compiling block: the route
+    runs this in a worker thread."""
+    fmt = tool_format(model.tokenizer)
+    functions = parse_tools(req.tools)
+    mode, callable_ = choose(functions, req.tool_choice)
+    ids = prompt_ids(model.tokenizer, req, fmt, functions, mode)
+    schema = constraints.response_schema(req.response_format)
+    grammar = constraints.build(model.grammars, schema, fmt, callable_, mode, req.parallel_tool_calls is not False)
+    reader = ToolCallReader(fmt) if mode != "none" and functions else None
+    return ids, ChatPlan(grammar, reader, fmt)
 
 
 @router.post("/v1/chat/completions", response_model=None)
 async def chat_completions(req: ChatCompletionRequest, caller: CurrentCaller, models: Models, plat: PlatformDep
                            ) -> Any:
-    """Create a chat completion; `stream: true` sends server-sent events ending in `data: [DONE]`."""
+    """Create a chat completion; `stream: true` sends server-sent events ending in `data: [DONE]`. `tools` (with
+    `tool_choice` and `parallel_tool_calls`) lets the model call functions; `response_format` json_object or
+    json_schema constrains the answer to JSON. Both are enforced by grammar-constrained decoding."""
     model = find_model(models, req.model, caller, plat)
-    kind = req.response_format.type if req.response_format else "text"
-    if kind == "json_schema":
-        raise APIError(400, "response_format json_schema is not supported yet; json_object is",
-                       param="response_format")
-    return await respond(plat, caller, model, req, prompt_ids(model, req),
-                         (req.top_logprobs or 0) if req.logprobs else None, "chat", json_object=kind == "json_object")
+    refuse_unsupported(req)
+    ids, plan = await run_in_threadpool(_plan, model, req)
+    return await respond(plat, caller, model, req, ids, (req.top_logprobs or 0) if req.logprobs else None, "chat",
+                         plan)
 
 
 @router.post("/v1/fim/completions", response_model=None)
@@ -65,6 +86,7 @@ async def fim_completions(req: FIMCompletionRequest, caller: CurrentCaller, mode
                           ) -> Any:
     """Fill in the middle: the code between `prompt` and `suffix`, for models with FIM tokens."""
     model = find_model(models, req.model, caller, plat)
+    refuse_unsupported(req)
     if "fim" not in model.info.get("capabilities", []):
         raise APIError(400, f"model {req.model!r} has no fill-in-the-middle capability", param="model")
     try:
@@ -75,45 +97,92 @@ async def fim_completions(req: FIMCompletionRequest, caller: CurrentCaller, mode
 
 
 async def respond(plat: Platform, caller: Caller, model: LoadedModel, req: Sampling, ids: list[int],
-                  logprobs: int | None, endpoint: str, json_object: bool = False) -> Any:
+                  logprobs: int | None, endpoint: str, plan: ChatPlan | None = None) -> Any:
     """Run `ids` through the engine; answer as a chat completion, whole or streamed."""
-    request, meter, headers = start(plat, caller, model, req, ids, logprobs, endpoint, json_object)
+    request, meter, headers = start(plat, caller, model, req, ids, logprobs, endpoint, plan.grammar if plan else None)
     if req.stream:
-        return StreamingResponse(_stream(model, req, request, meter), media_type="text/event-stream", headers=headers)
+        return StreamingResponse(_stream(model, req, request, meter, plan), media_type="text/event-stream",
+                                 headers=headers)
     choices, prompt_tokens = await collect(model, request, meter)
     completion = sum(c.completion_tokens for c in choices)
     return JSONResponse({
         "id": request.request_id, "object": "chat.completion", "created": now(), "model": req.model,
-        "choices": [{"index": i, "message": {"role": "assistant", "content": "".join(c.text), "tool_calls": None},
-                     "finish_reason": c.finish_reason,
+        "choices": [{"index": i, **_message(request.request_id, i, c, plan),
                      "logprobs": logprobs_json(model.tokenizer, c.logprobs) if logprobs is not None else None}
                     for i, c in enumerate(choices)],
         "usage": usage(prompt_tokens, completion),
     }, headers=headers)
 
 
-async def _stream(model: LoadedModel, req: Sampling, request: Request, meter: Meter) -> AsyncIterator[str]:
+def _message(request_id: str, index: int, c: Choice, plan: ChatPlan | None) -> dict[str, Any]:
+    """The assistant message of one finished choice: its text, or the tool calls read from it."""
+    text = "".join(c.text)
+    if plan is None or plan.reader is None:
+        return {"message": {"role": "assistant", "content": text, "tool_calls": None}, "finish_reason": c.finish_reason}
+    reader = dataclasses.replace(plan.reader)
+    events = reader.feed(text, c.token_ids) + reader.finish()
+    content = "".join(e.text for e in events if isinstance(e, Content))
+    calls: list[dict[str, Any]] = []
+    for e in events:
+        if isinstance(e, CallStart):
+            calls.append({"id": call_id(plan.fmt, f"{request_id}:{index}", e.index), "type": "function",
+                          "function": {"name": e.name, "arguments": ""}})
+        elif isinstance(e, CallArguments):
+            calls[e.index]["function"]["arguments"] += e.text
+    finish = "tool_calls" if calls and c.finish_reason == "stop" else c.finish_reason
+    return {"message": {"role": "assistant", "content": content or (None if calls else ""),
+                        "tool_calls": calls or None}, "finish_reason": finish}
+
+
+def _tool_delta(fmt: ToolFormat, request_id: str, index: int, e: Event) -> dict[str, Any]:
+    """One reader event as a chunk's delta. A call opens with its index, id and name (arguments ""), then
+    its arguments follow in pieces. Pieces carry `name: ""`: Mistral's SDK requires a name in every tool
+    call it parses, and OpenAI's SDK concatenates names, where "" adds nothing."""
+    if isinstance(e, Content):
+        return {"content": e.text}
+    if isinstance(e, CallStart):
+        return {"tool_calls": [{"index": e.index, "id": call_id(fmt, f"{request_id}:{index}", e.index),
+                                "type": "function", "function": {"name": e.name, "arguments": ""}}]}
+    assert isinstance(e, CallArguments)
+    return {"tool_calls": [{"index": e.index, "function": {"name": "", "arguments": e.text}}]}
+
+
+async def _stream(model: LoadedModel, req: Sampling, request: Request, meter: Meter, plan: ChatPlan | None
+                  ) -> AsyncIterator[str]:
     base = {"id": request.request_id, "object": "chat.completion.chunk", "created": now(), "model": req.model}
     prompt_tokens = len(request.prompt_ids)
     completion = 0
     want_logprobs = request.params.logprobs is not None
+    n = request.params.n
+    readers = [dataclasses.replace(plan.reader) if plan and plan.reader else None for _ in range(n)]
+    called = [False] * n
     try:
-        for i in range(request.params.n):
+        for i in range(n):
             yield sse({**base, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
                                             "finish_reason": None, "logprobs": None}]})
         async for d in stream_engine(model, request):
             meter.add(d)
-            if not d.text and d.finish_reason is None and not d.logprobs:
-                continue
-            chunk: dict[str, Any] = {**base, "choices": [{
-                "index": d.index, "delta": {"content": d.text},
-                "finish_reason": api_finish(d.finish_reason) if d.finish_reason else None,
-                "logprobs": logprobs_json(model.tokenizer, d.logprobs) if want_logprobs and d.logprobs else None}]}
-            if d.finish_reason is not None:
-                completion += d.completion_tokens
-                # Mistral reports usage on the final chunk.
-                chunk["usage"] = usage(prompt_tokens, d.completion_tokens)
-            yield sse(chunk)
+            reader = readers[d.index]
+            if reader is None or plan is None:
+                deltas = [{"content": d.text}] if d.text else []
+            else:
+                events = reader.feed(d.text, d.token_ids) + (reader.finish() if d.finish_reason else [])
+                deltas = [_tool_delta(plan.fmt, request.request_id, d.index, e) for e in events]
+                called[d.index] |= any(isinstance(e, CallStart) for e in events)
+            lp = logprobs_json(model.tokenizer, d.logprobs) if want_logprobs and d.logprobs else None
+            if (d.finish_reason is not None or lp) and not deltas:
+                deltas = [{"content": ""}]
+            for k, delta in enumerate(deltas):
+                last = k == len(deltas) - 1
+                finish = api_finish(d.finish_reason) if last and d.finish_reason else None
+                if finish == "stop" and called[d.index]:
+                    finish = "tool_calls"
+                chunk: dict[str, Any] = {**base, "choices": [{"index": d.index, "delta": delta, "finish_reason": finish,
+                                                              "logprobs": lp if last else None}]}
+                if last and d.finish_reason is not None:
+                    completion += d.completion_tokens
+                    chunk["usage"] = usage(prompt_tokens, d.completion_tokens)  # Mistral: usage on the last chunk
+                yield sse(chunk)
         if req.stream_options and req.stream_options.include_usage:
             yield sse({**base, "choices": [], "usage": usage(prompt_tokens, completion)})
         await meter.close()  # committed before the stream ends

@@ -19,7 +19,7 @@ def model_card(m: LoadedModel) -> dict[str, Any]:
         "id": m.id, "object": "model", "created": m.created, "owned_by": "souverain",
         "max_context_length": m.max_context,
         "capabilities": {"completion_chat": "chat" in caps, "completion_fim": "fim" in caps,
-                         "function_calling": False, "fine_tuning": m.path is not None, "vision": False},
+                         "function_calling": "chat" in caps, "fine_tuning": m.path is not None, "vision": False},
         "type": "base", "architecture": m.info.get("architecture"), "quantization": m.info.get("quantization"),
         "status": {"running": stats.running, "waiting": stats.waiting, "kv_blocks_used": stats.kv_blocks_used,
                    "kv_blocks_total": stats.kv_blocks_total},
