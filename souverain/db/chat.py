@@ -6,6 +6,7 @@ import hashlib
 import secrets
 import uuid
 from datetime import datetime, timedelta
+from typing import Any
 
 from sqlalchemy import delete, or_, select
 from sqlalchemy.orm import Session
@@ -116,7 +117,7 @@ def add_message(s: Session, *, conv: Conversation, role: str, content: str, pare
 
 
 def update_message(s: Session, *, conv: Conversation, message_id: str, content: str | None = None,
-                   status: str | None = None) -> Message:
+                   status: str | None = None, tool_calls: list[dict[str, Any]] | None = None) -> Message:
     msg = s.get(Message, message_id)
     if msg is None or msg.conversation_id != conv.id:
         raise NotFound(f"no message {message_id!r} in this conversation")
@@ -126,5 +127,7 @@ def update_message(s: Session, *, conv: Conversation, message_id: str, content: 
         msg.content = content
     if status is not None:
         msg.status = status
+    if tool_calls is not None:
+        msg.tool_calls = tool_calls
     msg.updated_at = conv.updated_at = utcnow()
     return msg

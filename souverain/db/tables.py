@@ -176,6 +176,8 @@ class Message(Base):
     content: Mapped[str] = mapped_column(Text, default="")
     status: Mapped[str] = mapped_column(String(16), default="complete")  # complete|streaming|stopped|error
     model: Mapped[str] = mapped_column(String(256), default="")
+    # The calls an assistant answer made, as the API returned them ([{id, type, function: {name, arguments}}]).
+    tool_calls: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from itertools import count
 from typing import Any
 
+import numpy as np
 import torch
 
 from souverain import kernels
@@ -203,15 +204,15 @@ class LLMEngine:
                 deltas.append(delta)
         return deltas
 
-    def _start_masks(self, matchers: list[Any]) -> Future[torch.Tensor] | None:
+    def _start_masks(self, matchers: list[Any]) -> Future[np.ndarray] | None:
         if not matchers:
             return None
         if self._masks is None or self._mask_thread is None:
             self._masks = MaskComputer(self.model.args.vocab_size)
             self._mask_thread = ThreadPoolExecutor(1, thread_name_prefix="souverain-masks")
-        return self._mask_thread.submit(self._masks.compute, matchers)
+        return self._mask_thread.submit(self._masks.compute, matchers, self._masks.buffer(len(matchers)))
 
-    def _finish_masks(self, masks: Future[torch.Tensor] | None, rows: list[int], seqs: list[Sequence]
+    def _finish_masks(self, masks: Future[np.ndarray] | None, rows: list[int], seqs: list[Sequence]
                       ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(rows, allowed [C, V]) for the constrained rows. A row whose grammar allows nothing (its
         matcher failed) may only end: EOS is allowed there and the sequence ends with an error."""

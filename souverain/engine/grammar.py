@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import llguidance
-import llguidance.torch as llg_torch
+import numpy as np
 import torch
 
 from souverain.tokenizer.base import Tokenizer
@@ -155,25 +155,40 @@ def _json_options(whitespace: bool) -> dict[str, Any]:
 
 
 def _short(error: str) -> str:
-    return error.strip().splitlines()[0][:500] if error.strip() else "grammar error"
+    """llguidance's error on one line (its regex errors span several, with the pattern and a caret line)."""
+    lines = [line.strip() for line in error.strip().splitlines() if line.strip() and set(line.strip()) != {"^"}]
+    return " ".join(lines)[:500] or "grammar error"
 
 
 class MaskComputer:
     """Token masks for the constrained rows of a step, written by llguidance's thread pool into one
-    [R, ceil(V/32)] int32 bitmask; `allowed` unpacks it into a [R, V] boolean in one vectorised op."""
+    [R, ceil(V/32)] int32 bitmask; `allowed` unpacks it into a [R, V] boolean in one vectorised op.
+
+    `compute` may run in a worker thread while the forward runs: it makes no torch call (a torch op in a
+    second thread starts a second OpenMP team that competes with the forward's for the cores), and it
+    writes into a buffer the engine thread allocated."""
 
     def __init__(self, n_vocab: int, threads: int | None = None) -> None:
         self.vocab = n_vocab
+        self.words = (n_vocab + 31) // 32
         self._executor = llguidance.LLExecutor(threads)
-        self._bits = torch.arange(32, dtype=torch.int32)
+        self._buffer = np.zeros((0, self.words), dtype=np.int32)
 
-    def compute(self, matchers: Sequence[llguidance.LLMatcher]) -> torch.Tensor:
-        """Bitmask [len(matchers), W]: bit t of row r set when token t may follow row r's output."""
-        bitmask = llg_torch.allocate_token_bitmask(len(matchers), self.vocab)
-        llg_torch.fill_next_token_bitmask_par(self._executor, [(m, r) for r, m in enumerate(matchers)], bitmask)
-        return bitmask
+    def buffer(self, rows: int) -> np.ndarray:
+        """A [rows, W] bitmask to compute into (reused from step to step: no allocation per step)."""
+        if self._buffer.shape[0] < rows:
+            self._buffer = np.zeros((max(rows, 2 * self._buffer.shape[0]), self.words), dtype=np.int32)
+        return self._buffer[:rows]
 
-    def allowed(self, bitmask: torch.Tensor) -> torch.Tensor:
-        """[R, W] int32 -> [R, V] bool."""
-        bits = (bitmask[:, :, None] >> self._bits) & 1  # [R, W, 32]
-        return bits.reshape(bitmask.shape[0], -1)[:, : self.vocab].bool()
+    def compute(self, matchers: Sequence[llguidance.LLMatcher], out: np.ndarray) -> np.ndarray:
+        """Fill `out` [len(matchers), W]: bit t of row r set when token t may follow row r's output."""
+        assert out.shape == (len(matchers), self.words) and out.flags.c_contiguous
+        self._executor.unsafe_compute_mask_ptr([(m, r) for r, m in enumerate(matchers)], out.ctypes.data,
+                                               self.words * 4, len(matchers))
+        return out
+
+    def allowed(self, bitmask: np.ndarray) -> torch.Tensor:
+        """[R, W] int32 -> [R, V] bool. Bit t of the little-endian words is token t, so unpacking the bytes
+        least significant bit first gives the tokens in order (numpy's unpackbits: 5x faster than shifts)."""
+        bits = np.unpackbits(bitmask.view(np.uint8), axis=1, bitorder="little")  # [R, 32 W]
+        return torch.from_numpy(bits[:, : self.vocab]).view(torch.bool)

@@ -108,10 +108,11 @@ class ModelRunner:
         those rows may only take allowed tokens (constrained decoding)."""
         tensors = self._sampling_tensors(seqs, uniforms)
         if mask is not None and tensors.banned is not None:
-            # min_tokens never overrules a grammar that allows nothing but the end.
+            # min_tokens never overrules a grammar that allows nothing but the end (the banned stop ids).
             rows, allowed = mask
-            keep = allowed & ~tensors.banned[rows]
-            tensors.banned[rows] &= keep.any(-1, keepdim=True)
+            rest = allowed.clone()
+            rest[:, tensors.banned.any(0)] = False
+            tensors.banned[rows[~rest.any(-1)]] = False
         want = [s.params.logprobs for s in seqs]
         greedy_only = all(s.params.temperature == 0 for s in seqs) and tensors.banned is None and \
             tensors.presence is None and tensors.repetition is None
@@ -120,7 +121,9 @@ class ModelRunner:
         raw = logits
         logits = apply_penalties(logits, tensors)
         if mask is not None:
-            logits = apply_mask(logits, *mask)
+            # In place unless the raw logits are still needed (log-probabilities) and not copied yet.
+            keep_raw = logits is raw and any(w is not None for w in want)
+            logits = apply_mask(logits.clone() if keep_raw else logits, *mask)
         tokens = sample(logits, tensors)
         logprobs: list[tuple[float, list[tuple[int, float]]] | None] = [None] * len(seqs)
         if any(w is not None for w in want):

@@ -92,8 +92,9 @@ def _loads(args: str) -> Any:
 
 
 def prompt_ids(tok: Tokenizer, req: ChatCompletionRequest, fmt: ToolFormat, functions: list[Function],
-               tool_mode: str) -> list[int]:
-    """The prompt's token ids; the tools are shown to the model unless tool_choice is none."""
+               tool_mode: str) -> tuple[list[int], str]:
+    """The prompt's token ids, and the text of a final `prefix: true` assistant message ("" if none): the
+    answer continues it. The tools are shown to the model unless tool_choice is none."""
     messages = _history(req, fmt, req.model)
     shown = functions if tool_mode != "none" else []
     system = [SAFE_PROMPT] if req.safe_prompt else []
@@ -117,4 +118,4 @@ def prompt_ids(tok: Tokenizer, req: ChatCompletionRequest, fmt: ToolFormat, func
         raise APIError(400, str(e), param="messages") from None
     if prefix:  # the answer continues the given start
         ids += tok.encode(prefix, add_special=False, parse_special=False)
-    return ids
+    return ids, prefix or ""

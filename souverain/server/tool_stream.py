@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from souverain.server.tools import CLOSE, OPEN, ToolFormat
 
-_HEADER = re.compile(r'\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"arguments"\s*:\s*')
+_HEADER = re.compile(r'\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"(?:arguments|parameters)"\s*:\s*')
 
 
 @dataclass
@@ -102,6 +102,10 @@ class ToolCallReader:
             # The first token says it: [TOOL_CALLS] (a control token, never typed text) or anything else.
             if token_ids:
                 self.mode = "calls" if token_ids[0] == self.fmt.call_token else "text"
+        elif self.fmt.kind == "llama3":  # a call is the answer's JSON object itself
+            head = (self.buf + text).lstrip()
+            if head:
+                self.mode = "calls" if head.startswith("{") else "text"
         else:
             head = (self.buf + text).lstrip()
             if head.startswith(OPEN):
@@ -114,6 +118,10 @@ class ToolCallReader:
         events: list[Event] = []
         while self.buf:
             if self.args is not None:  # inside a call's arguments: stream them as they come
+                if not self.args.started:
+                    self.buf = self.buf.lstrip()
+                    if not self.buf:
+                        break
                 for i, ch in enumerate(self.buf):
                     if self.args.feed(ch):
                         events.append(CallArguments(self.calls - 1, self.buf[: i + 1]))

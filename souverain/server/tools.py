@@ -6,10 +6,13 @@ Three formats, chosen from the model's own files (never from its name):
   `[TOOL_CALLS] [{"name": ..., "arguments": {...}}, ...]`.
 - `hermes`: chat templates that take `tools` and write `<tool_call>` (Qwen 2/2.5/3, Hermes, SmolLM3...):
   the template renders tools, calls and results; the model answers `<tool_call>{...}</tool_call>` blocks.
+- `llama3`: chat templates that take `tools` and ask for `{"name": ..., "parameters": ...}` (Llama 3.1-3.3):
+  the template renders tools and results (`ipython`); the model answers one such JSON object.
 - `generic`: every other chat model (SmolLM2 among them). The tools go into the system message with the
   instruction below (documented in the README), and the answer uses the same `<tool_call>` blocks.
 
-In every format a call is the JSON object `{"name": ..., "arguments": {...}}` and its arguments are
+In every format a call is the JSON object `{"name": ..., "arguments": {...}}` (`parameters` for llama3) and its
+arguments are
 grammar-constrained to the function's `parameters` schema; with tool_choice `auto` the grammar allows
 plain text or calls, with `required`/`any` or a named function only calls, with `none` no grammar at all.
 """
@@ -27,6 +30,7 @@ from souverain.server.errors import APIError
 from souverain.tokenizer.base import Tokenizer
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
+MAX_TOOLS = 128  # OpenAI's limit too
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 GENERIC_INSTRUCTION = (
@@ -50,12 +54,16 @@ class Function:
 
 @dataclass(frozen=True)
 class ToolFormat:
-    kind: str  # mistral | hermes | generic
+    kind: str  # mistral | hermes | llama3 | generic
     call_token: int | None = None  # [TOOL_CALLS], for mistral
 
     @property
     def template_takes_tools(self) -> bool:
-        return self.kind in ("mistral", "hermes")
+        return self.kind in ("mistral", "hermes", "llama3")
+
+    @property
+    def args_key(self) -> str:
+        return "parameters" if self.kind == "llama3" else "arguments"
 
     @property
     def mistral_ids(self) -> bool:
@@ -72,11 +80,15 @@ def tool_format(tok: Tokenizer) -> ToolFormat:
     template = getattr(tok, "chat_template", None) or ""
     if "tools" in template and OPEN in template:
         return ToolFormat("hermes")
+    if "tools" in template and '"parameters": dictionary of argument name' in template:
+        return ToolFormat("llama3")
     return ToolFormat("generic")
 
 
 def parse_tools(tools: list[dict[str, Any]] | None) -> list[Function]:
     """OpenAI's and Mistral's `tools` (both `{"type": "function", "function": {...}}`), checked."""
+    if tools and len(tools) > MAX_TOOLS:
+        raise APIError(400, f"tools: at most {MAX_TOOLS} functions, got {len(tools)}", param="tools")
     out: list[Function] = []
     for i, tool in enumerate(tools or []):
         if tool.get("type", "function") != "function":
@@ -118,7 +130,8 @@ def call_grammar(fmt: ToolFormat, functions: list[Function], mode: str, parallel
     """The Lark grammar (llguidance's dialect) of an answer: calls only, or text (a JSON document when
     `answer_schema` is given) or calls."""
     calls = [f"call_{i}" for i in range(len(functions))]
-    rules = [f'{c}: "{{" WS "\\"name\\"" WS ":" WS {json.dumps(json.dumps(f.name))} WS "," WS "\\"arguments\\"" '
+    key = json.dumps(json.dumps(fmt.args_key))
+    rules = [f'{c}: "{{" WS "\\"name\\"" WS ":" WS {json.dumps(json.dumps(f.name))} WS "," WS {key} '
              f'WS ":" WS args_{i} WS "}}"\nargs_{i}: %json {json.dumps(_with_whitespace(f.parameters))}'
              for i, (c, f) in enumerate(zip(calls, functions, strict=True))]
     one = " | ".join(calls)
@@ -126,6 +139,9 @@ def call_grammar(fmt: ToolFormat, functions: list[Function], mode: str, parallel
         items = 'one ("," WS one)*' if parallel else "one"
         body = f'<[{fmt.call_token}]> WS "[" WS {items} WS "]"'
         text = "TEXT: /(?s:.+)/"  # plain text never holds the [TOOL_CALLS] control token
+    elif fmt.kind == "llama3":
+        body = "WS one"  # Llama 3's templates take one call per turn
+        text = "TEXT: /(?s:.+)/ & ~/(?s:[\\x20\\n\\t]*\\{.*)/"
     else:
         block = f'"{OPEN}" NL one NL "{CLOSE}"'
         body = f"{block} (NL {block})*" if parallel else block

@@ -53,9 +53,23 @@ class NewMessage(BaseModel):
     model: str = Field("", max_length=256)
 
 
+class FunctionCall(BaseModel):
+    name: str = Field(max_length=64)
+    arguments: str = Field("", max_length=100_000)
+
+
+class ToolCall(BaseModel):
+    """A call as the API streamed it to the app (shown as "called X with ..."; the app runs no tools)."""
+
+    id: str = Field("", max_length=64)
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class MessagePatch(BaseModel):
     content: str | None = Field(None, max_length=1_000_000)
     status: Literal["complete", "streaming", "stopped", "error"] | None = None
+    tool_calls: list[ToolCall] | None = Field(None, max_length=128)
 
 
 def signed_in(caller: CurrentCaller) -> Caller:
@@ -75,7 +89,7 @@ def conv_json(c: Conversation) -> dict[str, Any]:
 
 def msg_json(m: Message) -> dict[str, Any]:
     return {"id": m.id, "parent_id": m.parent_id, "role": m.role, "content": m.content, "status": m.status,
-            "model": m.model, "created_at": m.created_at.isoformat() + "Z"}
+            "model": m.model, "tool_calls": m.tool_calls, "created_at": m.created_at.isoformat() + "Z"}
 
 
 @router.post("/login")
@@ -185,7 +199,9 @@ def update_message(cid: str, mid: str, body: MessagePatch, caller: User, plat: P
     assert caller.user_id is not None
     with plat.database("the chat app").session() as s:
         c = chat.get_conversation(s, user_id=caller.user_id, conversation_id=cid)
-        return msg_json(chat.update_message(s, conv=c, message_id=mid, content=body.content, status=body.status))
+        calls = [t.model_dump() for t in body.tool_calls] if body.tool_calls is not None else None
+        return msg_json(chat.update_message(s, conv=c, message_id=mid, content=body.content, status=body.status,
+                                            tool_calls=calls))
 
 
 def _page() -> FileResponse:

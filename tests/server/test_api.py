@@ -132,7 +132,14 @@ def test_prefix_continues_the_assistant(server: str) -> None:
     messages = [*QUESTION, {"role": "assistant", "content": "The capital of France is", "prefix": True}]
     status, _, body = call(server, "/v1/chat/completions", {"model": "smollm2", "messages": messages,
                                                             "temperature": 0, "max_tokens": 8})
-    assert status == 200 and "Paris" in json.loads(body)["choices"][0]["message"]["content"]
+    content = json.loads(body)["choices"][0]["message"]["content"]
+    # As Mistral's API: the answer starts with the prefix (its docs read content[len(prefix):]).
+    assert status == 200 and content.startswith("The capital of France is") and "Paris" in content[24:]
+    status, _, body = call(server, "/v1/chat/completions", {"model": "smollm2", "messages": messages, "stream": True,
+                                                            "temperature": 0, "max_tokens": 8})
+    text = "".join(json.loads(line[6:])["choices"][0]["delta"].get("content") or "" for line in body.splitlines()
+                   if line.startswith("data: {"))
+    assert text == content
 
 
 def test_text_completions_and_seed(server: str) -> None:
@@ -147,6 +154,31 @@ def test_logprobs(server: str) -> None:
                                                             "max_tokens": 3, "logprobs": True, "top_logprobs": 2})
     content = json.loads(body)["choices"][0]["logprobs"]["content"]
     assert status == 200 and len(content) == 3 and len(content[0]["top_logprobs"]) == 2
+    assert isinstance(content[0]["token_id"], int) and content[0]["top_logprobs"][0]["token_id"] == content[0]["token_id"]
+    # The mistralai SDK keeps entries only when they carry token_id.
+    from mistralai.client import Mistral
+
+    r = Mistral(api_key=KEY, server_url=server).chat.complete(model="smollm2", messages=QUESTION, temperature=0,
+                                                              max_tokens=3, logprobs=True, top_logprobs=2)
+    assert len(r.choices[0].logprobs.content) == 3
+
+
+def test_legacy_completions_logprobs_and_usage(server: str) -> None:
+    from openai import OpenAI
+
+    client = OpenAI(api_key=KEY, base_url=f"{server}/v1")
+    r = client.completions.create(model="smollm2", prompt="The capital of France is", max_tokens=4, temperature=0,
+                                  logprobs=2)
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == 4
+    assert "".join(lp.tokens) == r.choices[0].text and lp.text_offset[0] == 0
+    assert all(len(top) >= 2 and all(v <= 0 for v in top.values()) for top in lp.top_logprobs)
+    chunks = list(client.completions.create(model="smollm2", prompt="The capital of France is", max_tokens=4,
+                                            temperature=0, stream=True, stream_options={"include_usage": True},
+                                            logprobs=1))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == r.choices[0].text
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 4
+    assert sum(len(c.choices[0].logprobs.tokens) for c in chunks if c.choices and c.choices[0].logprobs) == 4
 
 
 SENTENCES = [

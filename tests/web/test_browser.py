@@ -147,6 +147,37 @@ def test_stream_render_stop_regenerate_reload(page: Any, site: dict[str, Any]) -
     assert "1/2" in last_answer(page).locator(".actions").inner_text()
 
 
+def test_tool_calls_render_as_collapsible_blocks(page: Any, site: dict[str, Any]) -> None:
+    """An answer's tool calls show as "called X with ..." blocks, collapsed; the name is text, never HTML."""
+    sign_in(page, site)
+    send(page, "Call a tool please")
+    finish(page)
+    mid = last_answer(page).get_attribute("data-id")
+    status = page.evaluate("""async (mid) => {
+        const me = await (await fetch('/app/api/me')).json();
+        const convs = await (await fetch('/app/api/conversations')).json();
+        const cid = (convs.data || convs)[0].id;
+        const r = await fetch(`/app/api/conversations/${cid}/messages/${mid}`, {method: 'PATCH',
+            headers: {'Content-Type': 'application/json', 'x-csrf-token': me.csrf},
+            body: JSON.stringify({tool_calls: [
+                {id: 'call_1', type: 'function', function: {name: 'get_weather', arguments: '{"city": "Paris"}'}},
+                {id: 'call_2', type: 'function', function: {name: '<img src=x onerror=window.__pwned=3>',
+                                                            arguments: '{}'}}]})});
+        return r.status; }""", mid)
+    assert status == 200
+    page.reload()
+    page.wait_for_selector(".msg.assistant .calls")
+    calls = last_answer(page).locator(".calls details")
+    assert calls.count() == 2
+    assert calls.first.locator("summary").inner_text() == 'called get_weather with {"city": "Paris"}'
+    assert not calls.first.locator("pre").is_visible()  # collapsed until opened
+    calls.first.locator("summary").click()
+    assert calls.first.locator("pre").inner_text() == '{\n  "city": "Paris"\n}'
+    assert "<img" in calls.nth(1).locator("summary").inner_text() and page.locator("#messages img").count() == 0
+    assert page.evaluate("window.__pwned") is None
+    page.screenshot(path=str(SHOTS / "tool-call.png"))
+
+
 def test_edit_resend_keeps_the_old_branch(page: Any, site: dict[str, Any]) -> None:
     sign_in(page, site)
     send(page, "First question")

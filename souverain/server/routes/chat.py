@@ -45,6 +45,8 @@ class ChatPlan:
     grammar: Grammar | None
     reader: ToolCallReader | None  # None: no tools were offered (or tool_choice is none)
     fmt: ToolFormat
+    # Mistral's `prefix: true`: its API returns the prefix followed by what the model added to it.
+    prefix: str = ""
 
 
 def refuse_unsupported(req: Sampling) -> None:
@@ -61,11 +63,13 @@ def _plan(model: LoadedModel, req: ChatCompletionRequest) -> tuple[list[int], Ch
     fmt = tool_format(model.tokenizer)
     functions = parse_tools(req.tools)
     mode, callable_ = choose(functions, req.tool_choice)
-    ids = prompt_ids(model.tokenizer, req, fmt, functions, mode)
+    ids, prefix = prompt_ids(model.tokenizer, req, fmt, functions, mode)
     schema = constraints.response_schema(req.response_format)
+    if prefix and (schema is not None or (mode != "none" and functions)):
+        raise APIError(400, "prefix: true cannot be combined with response_format or tools", param="messages")
     grammar = constraints.build(model.grammars, schema, fmt, callable_, mode, req.parallel_tool_calls is not False)
     reader = ToolCallReader(fmt) if mode != "none" and functions else None
-    return ids, ChatPlan(grammar, reader, fmt)
+    return ids, ChatPlan(grammar, reader, fmt, prefix)
 
 
 @router.post("/v1/chat/completions", response_model=None)
@@ -116,7 +120,7 @@ async def respond(plat: Platform, caller: Caller, model: LoadedModel, req: Sampl
 
 def _message(request_id: str, index: int, c: Choice, plan: ChatPlan | None) -> dict[str, Any]:
     """The assistant message of one finished choice: its text, or the tool calls read from it."""
-    text = "".join(c.text)
+    text = (plan.prefix if plan else "") + "".join(c.text)
     if plan is None or plan.reader is None:
         return {"message": {"role": "assistant", "content": text, "tool_calls": None}, "finish_reason": c.finish_reason}
     reader = dataclasses.replace(plan.reader)
@@ -158,7 +162,8 @@ async def _stream(model: LoadedModel, req: Sampling, request: Request, meter: Me
     called = [False] * n
     try:
         for i in range(n):
-            yield sse({**base, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+            yield sse({**base, "choices": [{"index": i, "delta": {"role": "assistant", "content": plan.prefix if plan
+                                                                  else ""},
                                             "finish_reason": None, "logprobs": None}]})
         async for d in stream_engine(model, request):
             meter.add(d)

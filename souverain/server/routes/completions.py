@@ -7,13 +7,16 @@ from typing import Any
 
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 
-from souverain.engine.request import Request
+from souverain.engine.request import Request, TokenLogprob
 from souverain.server.deps import CurrentCaller, Models, PlatformDep, find_model
 from souverain.server.errors import APIError, error_body
 from souverain.server.generation import Meter, api_finish, collect, now, sse, start, stream_engine, usage
 from souverain.server.protocol.chat import CompletionRequest
 from souverain.server.registry import LoadedModel
+from souverain.server.routes.chat import refuse_unsupported
+from souverain.tokenizer.base import Tokenizer
 
 router = APIRouter()
 
@@ -29,8 +32,12 @@ async def completions(req: CompletionRequest, caller: CurrentCaller, models: Mod
     if req.suffix:
         raise APIError(400, "suffix needs a model with fill-in-the-middle support; use /v1/fim/completions",
                        param="suffix")
-    ids = model.tokenizer.encode(req.prompt)
-    request, meter, headers = start(plat, caller, model, req, ids, None, "completions")
+    refuse_unsupported(req)
+    if req.echo and req.logprobs is not None:
+        raise APIError(400, "echo with logprobs needs the prompt's log-probabilities, which this server does not "
+                            "compute", param="echo")
+    ids = await run_in_threadpool(model.tokenizer.encode, req.prompt)
+    request, meter, headers = start(plat, caller, model, req, ids, req.logprobs, "completions")
     if req.stream:
         return StreamingResponse(_stream(model, req, request, meter), media_type="text/event-stream", headers=headers)
     choices, prompt_tokens = await collect(model, request, meter)
@@ -38,21 +45,46 @@ async def completions(req: CompletionRequest, caller: CurrentCaller, models: Mod
     echo = req.prompt if req.echo else ""
     return JSONResponse({
         "id": request.request_id, "object": "text_completion", "created": now(), "model": req.model,
-        "choices": [{"index": i, "text": echo + "".join(c.text), "finish_reason": c.finish_reason, "logprobs": None}
+        "choices": [{"index": i, "text": echo + "".join(c.text), "finish_reason": c.finish_reason,
+                     "logprobs": legacy_logprobs(model.tokenizer, c.logprobs, len(echo))
+                     if req.logprobs is not None else None}
                     for i, c in enumerate(choices)],
         "usage": usage(prompt_tokens, completion),
     }, headers=headers)
 
 
+def legacy_logprobs(tok: Tokenizer, items: list[TokenLogprob], offset: int = 0) -> dict[str, Any]:
+    """OpenAI's legacy shape: parallel lists of tokens, their log-probabilities, the top alternatives (as
+    token -> logprob, the chosen one included) and each token's character offset in the text."""
+    def piece(i: int) -> str:
+        return tok.decode([i], skip_special=False)
+
+    tokens = [piece(lp.token_id) for lp in items]
+    offsets = []
+    for t in tokens:
+        offsets.append(offset)
+        offset += len(t)
+    return {"tokens": tokens, "token_logprobs": [lp.logprob for lp in items],
+            "top_logprobs": [{piece(lp.token_id): lp.logprob, **{piece(t): v for t, v in lp.top}} for lp in items],
+            "text_offset": offsets}
+
+
 async def _stream(model: LoadedModel, req: CompletionRequest, request: Request, meter: Meter) -> AsyncIterator[str]:
     base = {"id": request.request_id, "object": "text_completion", "created": now(), "model": req.model}
+    prompt_tokens, completion, offset = len(request.prompt_ids), 0, 0
     try:
         async for d in stream_engine(model, request):
             meter.add(d)
-            if d.text or d.finish_reason:
-                yield sse({**base, "choices": [{"index": d.index, "text": d.text, "logprobs": None,
+            if d.text or d.finish_reason or d.logprobs:
+                lp = legacy_logprobs(model.tokenizer, d.logprobs or [], offset) if req.logprobs is not None else None
+                offset += len(d.text)
+                yield sse({**base, "choices": [{"index": d.index, "text": d.text, "logprobs": lp,
                                                 "finish_reason": api_finish(d.finish_reason) if d.finish_reason
                                                 else None}]})
+            if d.finish_reason is not None:
+                completion += d.completion_tokens
+        if req.stream_options and req.stream_options.include_usage:
+            yield sse({**base, "choices": [], "usage": usage(prompt_tokens, completion)})
         await meter.close()
     except APIError as e:
         await meter.close("error")

@@ -96,7 +96,8 @@ function fillMessage(el, msg) {
   const body = el.querySelector(".body");
   el.classList.toggle("error", msg.status === "error");
   if (msg.role === "user") body.textContent = msg.content;
-  else renderMarkdown(body, msg.content || (msg.status === "streaming" ? "…" : ""));
+  else renderMarkdown(body, msg.content || (msg.status === "streaming" && !(msg.tool_calls || []).length ? "…" : ""));
+  renderToolCalls(el, msg);
   el.querySelector(".flag")?.remove();
   const live = state.streaming && state.streaming.id === msg.id;
   const flagText = { stopped: "stopped", error: "error", streaming: live ? "" : "interrupted" }[msg.status];
@@ -130,6 +131,42 @@ function fillMessage(el, msg) {
   const last = state.thread[state.thread.length - 1];
   if (msg.role === "assistant" && msg.id === last) add("Regenerate", regenerate, "Regenerate the answer");
   el.appendChild(actions);
+}
+
+// A tool call the model made: "called NAME with ARGS", collapsed; opened, the arguments pretty-printed.
+// Model output is untrusted: text only, never HTML. (The app runs no tools.)
+function renderToolCalls(el, msg) {
+  el.querySelector(".calls")?.remove();
+  const calls = (msg.tool_calls || []).filter(Boolean);
+  if (!calls.length) return;
+  const box = document.createElement("div");
+  box.className = "calls";
+  for (const call of calls) {
+    const fn = call.function || {};
+    const args = fn.arguments || "";
+    let pretty = args;
+    try { pretty = JSON.stringify(JSON.parse(args), null, 2); } catch (e) { /* still streaming, or not JSON */ }
+    const details = document.createElement("details");
+    details.className = "call";
+    const summary = document.createElement("summary");
+    const short = args.replace(/\s+/g, " ");
+    summary.textContent = `called ${fn.name || "?"} with ${short.length > 60 ? short.slice(0, 60) + "…" : short}`;
+    const pre = document.createElement("pre");
+    pre.textContent = pretty;
+    details.append(summary, pre);
+    box.appendChild(details);
+  }
+  el.querySelector(".body").after(box);
+}
+
+// Streamed tool-call deltas, assembled as the SDKs do: by index, names and arguments concatenated.
+function addToolCallDeltas(calls, deltas) {
+  for (const d of deltas || []) {
+    const call = calls[d.index] || (calls[d.index] = { id: "", type: "function", function: { name: "", arguments: "" } });
+    if (d.id) call.id = d.id;
+    call.function.name += (d.function && d.function.name) || "";
+    call.function.arguments += (d.function && d.function.arguments) || "";
+  }
 }
 
 function scrollToEnd() {
@@ -332,8 +369,8 @@ async function generate(user) {
   const model = $("model").value;
   const answer = await addMessage({ role: "assistant", content: "", parent_id: user.id, status: "streaming",
                                     model });
-  const s = state.streaming = { controller: new AbortController(), id: answer.id, text: "", stopped: false,
-                                lastSave: Date.now() };
+  const s = state.streaming = { controller: new AbortController(), id: answer.id, text: "", calls: [],
+                                stopped: false, lastSave: Date.now() };
   setStreaming(true);
   renderThread();
   const el = $("messages").querySelector(`[data-id="${answer.id}"]`);
@@ -342,6 +379,7 @@ async function generate(user) {
   const paint = () => {
     frame = 0;
     answer.content = s.text;
+    answer.tool_calls = s.calls;
     fillMessage(el, answer);
     const box = $("messages");
     if (box.scrollHeight - box.scrollTop - box.clientHeight < 300) scrollToEnd();
@@ -365,7 +403,10 @@ async function generate(user) {
           if (data === "[DONE]") continue;
           const chunk = JSON.parse(data);
           if (chunk.object === "error") throw new ApiError(500, chunk);
-          for (const c of chunk.choices || []) s.text += (c.delta && c.delta.content) || "";
+          for (const c of chunk.choices || []) {
+            s.text += (c.delta && c.delta.content) || "";
+            addToolCallDeltas(s.calls, c.delta && c.delta.tool_calls);
+          }
         }
       }
       if (!frame) frame = requestAnimationFrame(paint);
@@ -384,9 +425,11 @@ async function generate(user) {
     }
   }
   if (frame) cancelAnimationFrame(frame);
-  answer.content = s.text; answer.status = status;
+  answer.content = s.text; answer.status = status; answer.tool_calls = s.calls;
+  const calls = s.calls.filter(Boolean);
   await api(`/app/api/conversations/${state.conv.id}/messages/${answer.id}`,
-            { method: "PATCH", body: { content: s.text, status } }).catch((e) => notice(e.message));
+            { method: "PATCH", body: { content: s.text, status, ...(calls.length ? { tool_calls: calls } : {}) } })
+    .catch((e) => notice(e.message));
   state.streaming = null;
   renderThread();
   setStreaming(false);
