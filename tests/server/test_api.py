@@ -154,7 +154,8 @@ def test_logprobs(server: str) -> None:
                                                             "max_tokens": 3, "logprobs": True, "top_logprobs": 2})
     content = json.loads(body)["choices"][0]["logprobs"]["content"]
     assert status == 200 and len(content) == 3 and len(content[0]["top_logprobs"]) == 2
-    assert isinstance(content[0]["token_id"], int) and content[0]["top_logprobs"][0]["token_id"] == content[0]["token_id"]
+    first = content[0]
+    assert isinstance(first["token_id"], int) and first["top_logprobs"][0]["token_id"] == first["token_id"]
     # The mistralai SDK keeps entries only when they carry token_id.
     from mistralai.client import Mistral
 

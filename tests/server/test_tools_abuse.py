@@ -122,8 +122,7 @@ def test_cancelled_constrained_streams_free_the_engine(server: str) -> None:
         conn.close()
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        status, _, text = call(server, "/v1/models/smollm2")
-        if json.loads(text)["status"]["running"] == 0:
+        if json.loads(call(server, "/v1/models/smollm2")[2])["status"]["running"] == 0:
             break
         time.sleep(0.1)
     assert json.loads(call(server, "/v1/models/smollm2")[2])["status"]["running"] == 0
