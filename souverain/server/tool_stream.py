@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 
 from souverain.server.tools import CLOSE, OPEN, ToolFormat
 
+# Mistral v11: the [TOOL_CALLS] and [ARGS] control tokens decode to nothing, so a call reads "name{...}".
+_NAME_ONLY = re.compile(r"([A-Za-z0-9_.-]{1,64})(?=\s*[{\[])")
 _HEADER = re.compile(r'\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"(?:arguments|parameters)"\s*:\s*')
 
 
@@ -138,14 +140,18 @@ class ToolCallReader:
             if head != self.buf:
                 self.buf = head
                 continue
-            if not head.startswith("{"):
+            if not head.startswith("{") and self.fmt.args_token is None:
                 if head and not (OPEN.startswith(head) or CLOSE.startswith(head)):
                     # Not a call after all (no grammar held it): what is left is content.
                     events.append(Content(head))
                     self.buf = ""
                 break
-            match = _HEADER.match(head)
+            v11 = self.fmt.args_token is not None
+            match = _NAME_ONLY.match(head) if v11 else _HEADER.match(head)
             if match is None:
+                if v11 and head and not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}\s*", head):
+                    events.append(Content(head))  # not a call after all
+                    self.buf = ""
                 break  # the header is not complete yet
             name = match.group(1).encode().decode("unicode_escape") if "\\" in match.group(1) else match.group(1)
             self.names.append(name)

@@ -3,7 +3,8 @@
 Three formats, chosen from the model's own files (never from its name):
 - `mistral`: tokenizers whose vocabulary has `[TOOL_CALLS]` (v3 and later). mistral-common writes the
   tools as `[AVAILABLE_TOOLS]` and past results as `[TOOL_RESULTS]`; the model answers
-  `[TOOL_CALLS] [{"name": ..., "arguments": {...}}, ...]`.
+  `[TOOL_CALLS] [{"name": ..., "arguments": {...}}, ...]`, or from v11 (vocabularies with `[ARGS]`)
+  `[TOOL_CALLS]name[ARGS]{...}`, once per call.
 - `hermes`: chat templates that take `tools` and write `<tool_call>` (Qwen 2/2.5/3, Hermes, SmolLM3...):
   the template renders tools, calls and results; the model answers `<tool_call>{...}</tool_call>` blocks.
 - `llama3`: chat templates that take `tools` and ask for `{"name": ..., "parameters": ...}` (Llama 3.1-3.3):
@@ -56,6 +57,7 @@ class Function:
 class ToolFormat:
     kind: str  # mistral | hermes | llama3 | generic
     call_token: int | None = None  # [TOOL_CALLS], for mistral
+    args_token: int | None = None  # [ARGS], for mistral v11 and later
 
     @property
     def template_takes_tools(self) -> bool:
@@ -76,7 +78,7 @@ def tool_format(tok: Tokenizer) -> ToolFormat:
     special_id = getattr(tok, "special_id", None)
     if special_id is not None:  # mistral-common
         call = special_id("[TOOL_CALLS]")
-        return ToolFormat("mistral", call) if call is not None else ToolFormat("generic")
+        return ToolFormat("mistral", call, special_id("[ARGS]")) if call is not None else ToolFormat("generic")
     template = getattr(tok, "chat_template", None) or ""
     if "tools" in template and OPEN in template:
         return ToolFormat("hermes")
@@ -135,7 +137,13 @@ def call_grammar(fmt: ToolFormat, functions: list[Function], mode: str, parallel
              f'WS ":" WS args_{i} WS "}}"\nargs_{i}: %json {json.dumps(_with_whitespace(f.parameters))}'
              for i, (c, f) in enumerate(zip(calls, functions, strict=True))]
     one = " | ".join(calls)
-    if fmt.kind == "mistral":
+    if fmt.kind == "mistral" and fmt.args_token is not None:  # v11: [TOOL_CALLS]name[ARGS]{...} per call
+        rules = [f"{c}: <[{fmt.call_token}]> {json.dumps(f.name)} <[{fmt.args_token}]> args_{i}\n"
+                 f"args_{i}: %json {json.dumps(_with_whitespace(f.parameters))}"
+                 for i, (c, f) in enumerate(zip(calls, functions, strict=True))]
+        body = "one+" if parallel else "one"
+        text = "TEXT: /(?s:.+)/"
+    elif fmt.kind == "mistral":
         items = 'one ("," WS one)*' if parallel else "one"
         body = f'<[{fmt.call_token}]> WS "[" WS {items} WS "]"'
         text = "TEXT: /(?s:.+)/"  # plain text never holds the [TOOL_CALLS] control token

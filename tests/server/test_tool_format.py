@@ -48,6 +48,31 @@ def test_mistral_prompt_has_available_tools_and_results() -> None:
     assert "[AVAILABLE_TOOLS]" not in plain
 
 
+def test_mistral_v11_format(tmp_path: Path) -> None:
+    from souverain.engine.grammar import GrammarCompiler
+    from souverain.server.tools import call_grammar
+    from tests.tokenizer.mistral_files import v11_tekken
+
+    tok = load_tokenizer(v11_tekken(tmp_path))
+    fmt = tool_format(tok)
+    assert fmt.kind == "mistral" and fmt.args_token == tok.special_id("[ARGS]") is not None  # type: ignore[attr-defined]
+    fns = parse_tools(TOOLS)
+    text = tok.decode(prompt_ids(tok, request(LOOP), fmt, fns, "auto")[0], skip_special=False)
+    assert "[AVAILABLE_TOOLS]" in text and "[TOOL_CALLS]get_weather" in text and "[TOOL_RESULTS]" in text
+    grammar = GrammarCompiler(tok, tok.vocab_size).lark(call_grammar(fmt, fns, "required", True))
+    assert fmt.call_token is not None and fmt.args_token is not None
+    ids = [fmt.call_token, *tok.encode("get_weather", add_special=False), fmt.args_token,
+           *tok.encode('{"city": "Lyon"}', add_special=False)]
+    twice = ids + ids
+    m = grammar.matcher()
+    assert m.consume_tokens(twice) and m.is_accepting()
+    m = grammar.matcher()
+    assert not m.consume_tokens(tok.encode('[{"name": "get_weather"', add_special=False))  # the v3 form is not
+    decoded = tok.decode(twice[1:], skip_special=True)  # control tokens decode to nothing
+    pieces = [("", [fmt.call_token]), *[(c, [1000]) for c in decoded]]
+    assert events_of(ToolCallReader(fmt), pieces) == ("", [("get_weather", '{"city": "Lyon"}')] * 2)
+
+
 def test_generic_prompt_for_smollm2(smollm2_path: Path) -> None:
     tok = load_tokenizer(smollm2_path)
     fmt = tool_format(tok)
@@ -78,13 +103,11 @@ LLAMA31_LIKE = ("{% if tools %}<|start_header_id|>user<|end_header_id|>\n\nGiven
                 "{% endfor %}<|start_header_id|>assistant<|end_header_id|>\n\n")
 
 
-def test_llama3_format_through_its_template(tiny_llama_folder: Path) -> None:
-    import shutil
-
+def test_llama3_format_through_its_template(smollm2_path: Path) -> None:
     from souverain.engine.grammar import GrammarCompiler
     from souverain.server.tools import call_grammar
 
-    tok = load_tokenizer(tiny_llama_folder)
+    tok = load_tokenizer(smollm2_path)  # a byte-level BPE vocabulary, with a Llama 3.1-like template
     tok.chat_template = LLAMA31_LIKE  # type: ignore[attr-defined]
     fmt = tool_format(tok)
     assert fmt == ToolFormat("llama3") and fmt.template_takes_tools
@@ -100,7 +123,6 @@ def test_llama3_format_through_its_template(tiny_llama_folder: Path) -> None:
     content, calls = events_of(ToolCallReader(fmt), [('{"name": "get_weather", "parameters": {"city": "Lyon"}}',
                                                       [0])])
     assert content == "" and calls == [("get_weather", '{"city": "Lyon"}')]
-    del shutil
 
 
 def test_choices_and_errors() -> None:

@@ -19,6 +19,25 @@ def mistral_file(version: str) -> Path:
     return DATA / MISTRAL_FILES[version]
 
 
+def v11_tekken(folder: Path) -> Path:
+    """A tekken v11 file (the function-calling format of Mistral Small 3.x, Magistral, Devstral) made from the
+    shipped v3 one: mistral-common ships none, and real ones come with weights that cannot be downloaded here.
+    Same vocabulary; the version and an explicit special-token list with [ARGS] and [CALL_ID]."""
+    import json
+
+    from mistral_common.tokens.tokenizers.tekken import Tekkenizer
+
+    data = json.loads(mistral_file("tekken").read_text(encoding="utf-8"))
+    data["config"]["version"] = "v11"
+    specials = [{"rank": t["rank"], "token_str": str(getattr(t["token_str"], "value", t["token_str"])),
+                 "is_control": True} for t in Tekkenizer.DEPRECATED_SPECIAL_TOKENS]
+    data["special_tokens"] = [*specials, {"rank": 32, "token_str": "[ARGS]", "is_control": True},
+                              {"rank": 33, "token_str": "[CALL_ID]", "is_control": True}]
+    path = folder / "tekken.json"
+    path.write_text(json.dumps(data), encoding="utf-8")
+    return path
+
+
 def spm_gguf_metadata(path: Path) -> dict[str, object]:
     """The tokenizer metadata llama.cpp's converter writes for a SentencePiece model."""
     import sentencepiece as spm
