@@ -43,6 +43,7 @@ class SamplingParams:
     seed: int | None = None
     n: int = 1
     logprobs: int | None = None  # None = none; k = the chosen token's and the top-k alternatives
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit), OpenAI's semantics
 
     def __post_init__(self) -> None:
         checks = [
@@ -59,6 +60,8 @@ class SamplingParams:
             ("logprobs", self.logprobs is None or 0 <= self.logprobs <= 20, "must lie in [0, 20]"),
             ("stop", all(isinstance(s, str) and s for s in self.stop) and len(self.stop) <= 16,
              "must be at most 16 non-empty strings"),
+            ("logit_bias", len(self.logit_bias) <= 300 and all(t >= 0 and -100 <= b <= 100 for t, b in self.logit_bias),
+             "must map at most 300 token ids to biases in [-100, 100]"),
         ]
         for name, ok, why in checks:
             if not ok:

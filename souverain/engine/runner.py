@@ -115,7 +115,7 @@ class ModelRunner:
             tensors.banned[rows[~rest.any(-1)]] = False
         want = [s.params.logprobs for s in seqs]
         greedy_only = all(s.params.temperature == 0 for s in seqs) and tensors.banned is None and \
-            tensors.presence is None and tensors.repetition is None
+            tensors.presence is None and tensors.repetition is None and tensors.bias is None
         if not greedy_only or any(w is not None for w in want):
             logits = logits.float()  # penalties, probabilities and log-probabilities in fp32
         raw = logits
@@ -152,6 +152,12 @@ class ModelRunner:
         if any(p.repetition_penalty != 1.0 for p in ps):
             t.repetition = torch.tensor([p.repetition_penalty for p in ps], device=dev)
             t.seen = self._counts([s.token_ids for s in seqs]) > 0
+        if any(p.logit_bias for p in ps):
+            t.bias = torch.zeros(len(seqs), self.vocab, device=dev)
+            for r, p in enumerate(ps):
+                for token, bias in p.logit_bias:
+                    if token < self.vocab:
+                        t.bias[r, token] += bias
         short = [r for r, s in enumerate(seqs) if len(s.output_ids) < s.params.min_tokens]
         if short:
             t.banned = torch.zeros(len(seqs), self.vocab, dtype=torch.bool, device=dev)

@@ -24,11 +24,12 @@ class SamplingTensors:
     output_counts: torch.Tensor | None = None  # [R, V] how often each token was generated
     seen: torch.Tensor | None = None  # [R, V] bool: in prompt or output (repetition penalty)
     banned: torch.Tensor | None = None  # [R, V] bool: not allowed yet (EOS before min_tokens)
+    bias: torch.Tensor | None = None  # [R, V] added to the logits (logit_bias)
 
 
 def apply_penalties(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
     """OpenAI presence/frequency penalties on generated tokens; HF/vLLM repetition penalty on
-    prompt and generated tokens (positive logits divided, negative multiplied)."""
+    prompt and generated tokens (positive logits divided, negative multiplied); OpenAI's logit_bias."""
     if t.repetition is not None and t.seen is not None:
         r = t.repetition[:, None]
         penalised = torch.where(logits > 0, logits / r, logits * r)
@@ -36,6 +37,8 @@ def apply_penalties(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
     if t.output_counts is not None and t.presence is not None and t.frequency is not None:
         counts = t.output_counts
         logits = logits - t.frequency[:, None] * counts - t.presence[:, None] * (counts > 0).to(logits.dtype)
+    if t.bias is not None:
+        logits = logits + t.bias
     if t.banned is not None:
         logits = logits.masked_fill(t.banned, float("-inf"))
     return logits

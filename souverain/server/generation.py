@@ -32,6 +32,7 @@ def sampling_params(req: Sampling, model: LoadedModel, prompt_len: int, logprobs
                             f"{context} tokens", param="max_tokens" if room >= 1 else "messages",
                        code="context_length_exceeded")
     seed = req.random_seed if req.random_seed is not None else req.seed
+    bias = _logit_bias(req.logit_bias, model.engine.engine.model.args.vocab_size)
     try:
         return SamplingParams(
             max_tokens=min(asked or room, room),
@@ -47,10 +48,21 @@ def sampling_params(req: Sampling, model: LoadedModel, prompt_len: int, logprobs
             seed=seed,
             n=req.n,
             logprobs=logprobs,
+            logit_bias=bias,
         )
     except ValueError as e:
         field_name = str(e).split(" ", 1)[0]
         raise APIError(400, str(e), param=field_name) from None
+
+
+def _logit_bias(bias: dict[str, float] | None, vocab: int) -> tuple[tuple[int, float], ...]:
+    out = []
+    for key, value in (bias or {}).items():
+        if not key.lstrip("-").isdigit() or not 0 <= int(key) < vocab:
+            raise APIError(400, f"logit_bias: {key!r} is not a token id of this model (0 to {vocab - 1})",
+                           param="logit_bias")
+        out.append((int(key), float(value)))
+    return tuple(out)
 
 
 @dataclass

@@ -17,8 +17,16 @@ SAFE_PROMPT = ("Always assist with care, respect, and truth. Respond with utmost
 TEXT_PARTS = ("text",)
 
 
+# Message fields that carry something the model would otherwise never see: refused by name, not dropped.
+UNREAD_FIELDS = ("images", "audio", "function_call", "files")
+
+
 def message_text(m: Message, index: int, model: str) -> str:
     """A message's text. Parts the model cannot read (images, audio, documents) are refused by name."""
+    for name in UNREAD_FIELDS:
+        if (m.model_extra or {}).get(name):
+            raise APIError(400, f"messages[{index}].{name} is not supported by {model!r}",
+                           param=f"messages[{index}].{name}", code="unsupported_content")
     if m.content is None:
         return ""
     if isinstance(m.content, str):

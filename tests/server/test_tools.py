@@ -189,10 +189,13 @@ def test_content_parts_and_parameters_never_silently_dropped(server: str) -> Non
     status, _, text = call(server, "/v1/chat/completions", {"model": "smollm2", "messages": image})
     err = json.loads(text)
     assert status == 400 and "image_url" in err["message"] and err["param"] == "messages[0].content[1].type"
-    for param, value in (("logit_bias", {"42": 5}), ("prediction", {"type": "content", "content": "x"}),
-                         ("audio", {"voice": "alloy"})):
+    for param, value in (("prediction", {"type": "content", "content": "x"}), ("audio", {"voice": "alloy"}),
+                         ("modalities", ["text", "audio"]), ("logit_bias", {"hello": 5}), ("logit_bias", {"42": 500})):
         status, _, text = call(server, "/v1/chat/completions", {"model": "smollm2", "messages": ASK, param: value})
         assert status == 400 and json.loads(text)["param"] == param, (param, text)
+    ollama_style = [{"role": "user", "content": "What is this?", "images": ["iVBORw0KGgo="]}]
+    status, _, text = call(server, "/v1/chat/completions", {"model": "smollm2", "messages": ollama_style})
+    assert status == 400 and json.loads(text)["param"] == "messages[0].images"
     status, _, _ = call(server, "/v1/chat/completions", {"model": "smollm2", "messages": ASK, "max_tokens": 2,
                                                          "user": "ann", "metadata": {"k": "v"}})
     assert status == 200  # accepted and ignored on purpose (README)
@@ -223,6 +226,18 @@ def test_mistral_format_models(server: str, model: str) -> None:
     r = client.chat.complete(model=model, messages=history, tools=[WEATHER, ADD], tool_choice="none",
                              temperature=0, max_tokens=5)
     assert r.choices[0].message.tool_calls is None
+
+
+def test_logit_bias(server: str) -> None:
+    client = openai(server)
+    plain = client.chat.completions.create(model="smollm2", messages=ASK, temperature=0, max_tokens=4, logprobs=True)
+    first = plain.choices[0].logprobs.content[0]
+    forced = client.chat.completions.create(model="smollm2", messages=ASK, temperature=0, max_tokens=3,
+                                            logprobs=True, logit_bias={"42": 100})
+    assert [t.token_id for t in forced.choices[0].logprobs.content] == [42, 42, 42]  # type: ignore[attr-defined]
+    banned = client.chat.completions.create(model="smollm2", messages=ASK, temperature=0, max_tokens=4, logprobs=True,
+                                            logit_bias={str(first.token_id): -100})  # type: ignore[attr-defined]
+    assert banned.choices[0].logprobs.content[0].token != first.token
 
 
 def test_model_card_says_function_calling(server: str) -> None:

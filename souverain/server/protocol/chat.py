@@ -63,6 +63,7 @@ class Sampling(BaseModel):
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     repetition_penalty: float | None = Field(None, gt=0.0, le=10.0)
     n: int = Field(1, ge=1, le=16)
+    logit_bias: dict[str, float] | None = None  # OpenAI: token id (as a string) -> bias in [-100, 100]
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
@@ -107,10 +108,15 @@ class FIMCompletionRequest(Sampling):
 IGNORED = frozenset({"user", "metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier"})
 
 
+# Values of otherwise unsupported parameters that ask for nothing beyond what the server does anyway.
+HONOURED = {"modalities": (["text"],), "service_tier": ("auto", "default")}
+
+
 def unsupported(req: BaseModel) -> str | None:
     """The first parameter sent with a value this server cannot honour, or None."""
     for name, value in (req.model_extra or {}).items():
-        if name in IGNORED or value is None or value is False or value in ({}, [], ""):
+        if name in IGNORED or value is None or value is False or value in ({}, [], "") or \
+                value in HONOURED.get(name, ()):
             continue
         return name
     return None
