@@ -138,6 +138,10 @@ class GrammarCompiler:
                 self._cache.move_to_end(key)
                 return found
         matcher = llguidance.LLMatcher(self.tokenizer, text, log_level=0, limits=_LIMITS)
+        if not matcher.is_error():
+            # The first mask builds the lexer lazily: do it here (a worker thread of the request) rather than in
+            # the engine's step, where it would stall every sequence; it also surfaces errors that show only then.
+            matcher.compute_bitmask()
         if matcher.is_error():
             raise GrammarError(_short(matcher.get_error()))
         grammar = Grammar(key, matcher)

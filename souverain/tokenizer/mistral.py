@@ -44,9 +44,11 @@ class MistralTokenizer:
     def special_id(self, name: str) -> int | None:
         """The id of a control token such as "[TOOL_CALLS]", or None when this version has none."""
         try:
-            return int(self.raw.get_special_token(name))
+            found = int(self.raw.get_special_token(name))
         except (MistralCommonException, ValueError, KeyError, AttributeError):
             return None
+        # SentencePiece answers an unknown name with <unk>'s id: only an id that spells the name is it.
+        return found if self.decode([found], skip_special=False) == name else None
 
     def token_bytes(self) -> list[bytes]:
         """Each id's bytes as the model emits them (what a grammar engine matches against); control

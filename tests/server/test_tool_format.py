@@ -36,7 +36,7 @@ def request(messages: list, **kw: object) -> ChatCompletionRequest:
 def test_mistral_prompt_has_available_tools_and_results() -> None:
     tok = load_tokenizer(mistral_file("v3"))
     fmt = tool_format(tok)
-    assert fmt.kind == "mistral" and fmt.call_token == tok.special_id("[TOOL_CALLS]")  # type: ignore[attr-defined]
+    assert fmt.kind == "mistral" and fmt.call_token == tok.special_id("[TOOL_CALLS]") and fmt.args_token is None  # type: ignore[attr-defined]
     fns = parse_tools(TOOLS)
     text = tok.decode(prompt_ids(tok, request(LOOP), fmt, fns, "auto")[0], skip_special=False)
     assert "[AVAILABLE_TOOLS]" in text and '"get_weather"' in text

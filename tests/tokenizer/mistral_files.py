@@ -31,8 +31,9 @@ def v11_tekken(folder: Path) -> Path:
     data["config"]["version"] = "v11"
     specials = [{"rank": t["rank"], "token_str": str(getattr(t["token_str"], "value", t["token_str"])),
                  "is_control": True} for t in Tekkenizer.DEPRECATED_SPECIAL_TOKENS]
-    data["special_tokens"] = [*specials, {"rank": 32, "token_str": "[ARGS]", "is_control": True},
-                              {"rank": 33, "token_str": "[CALL_ID]", "is_control": True}]
+    named = {32: "[ARGS]", 33: "[CALL_ID]"}
+    data["special_tokens"] = [*specials, *({"rank": i, "token_str": named.get(i, f"<SPECIAL_{i}>"), "is_control": True}
+                                           for i in range(len(specials), 1000))]
     path = folder / "tekken.json"
     path.write_text(json.dumps(data), encoding="utf-8")
     return path
