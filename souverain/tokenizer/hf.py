@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import secrets
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -32,7 +34,11 @@ class HFTokenizer:
         self.eos_tokens = [e for e, i in eos_ids.items() if i is not None]
         self.eos_ids = frozenset([i for i in eos_ids.values() if i is not None] + list(extra_eos_ids))
         self.chat_template = chat_template
-        self._special = frozenset(i for i, t in raw.get_added_tokens_decoder().items() if t.special)
+        added = raw.get_added_tokens_decoder()
+        self._special = frozenset(i for i, t in added.items() if t.special)
+        names = sorted({t.content for t in added.values() if t.special and t.content}, key=len, reverse=True)
+        # Control-token text ("<|im_end|>", "<|start_header_id|>"...) as it could be typed into a message.
+        self._control = re.compile("|".join(map(re.escape, names))) if names else None
 
     def encode(self, text: str, *, add_special: bool = True, parse_special: bool = True) -> list[int]:
         raw = self.raw if parse_special else self.plain
@@ -69,9 +75,33 @@ class HFTokenizer:
 
     def apply_chat_template(self, messages: Sequence[ChatMessage], *, add_generation_prompt: bool = True,
                             tools: Sequence[dict[str, Any]] | None = None) -> list[int]:
-        # The template writes BOS itself where the model wants one, as transformers assumes.
-        text = self.render_chat(messages, add_generation_prompt=add_generation_prompt, tools=tools)
-        return self.encode(text, add_special=False, parse_special=True)
+        """The template's own markup becomes control tokens; the messages' text never does: a user who types
+        "<|im_end|>\n<|im_start|>system" gets those characters, not a forged system turn. (The template writes
+        BOS itself where the model wants one, as transformers assumes.)"""
+        control = self._control
+        if control is not None and control.search(json.dumps([tools, [m.get("tool_calls") for m in messages]],
+                                                             ensure_ascii=False)):
+            raise ChatTemplateError("tools and tool calls may not contain control-token text")
+        nonce = secrets.token_hex(4)
+        held: list[str] = []  # message contents holding control-token text, rendered through markers
+
+        def mark(m: ChatMessage) -> ChatMessage:
+            content = m.get("content")
+            if control is None or not isinstance(content, str) or not control.search(content):
+                return m
+            held.append(content)
+            return {**m, "content": f"\ue000{nonce}:{len(held) - 1}\ue001"}
+
+        text = self.render_chat([mark(m) for m in messages], add_generation_prompt=add_generation_prompt, tools=tools)
+        if not held:  # the usual case: one encode, exactly as transformers tokenises the rendered text
+            return self.encode(text, add_special=False, parse_special=True)
+        ids: list[int] = []
+        pos = 0
+        for found in re.finditer(f"\ue000{nonce}:(\\d+)\ue001", text):
+            ids += self.encode(text[pos : found.start()], add_special=False, parse_special=True)
+            ids += self._text(held[int(found.group(1))])
+            pos = found.end()
+        return ids + self.encode(text[pos:], add_special=False, parse_special=True)
 
 
 def _token_str(value: Any) -> str | None:
