@@ -92,7 +92,12 @@ def alembic_config(conn: Any) -> Any:
 def open_database(url: str, migrate: bool = True) -> Database:
     """Connect; by default run pending migrations before anything else touches the tables."""
     if url.startswith("sqlite:///"):
-        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        path = Path(url.removeprefix("sqlite:///"))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Password hashes, key hashes and conversations: readable by the owner only (SQLite gives its -wal
+        # and -shm files the database file's mode).
+        path.touch(mode=0o600, exist_ok=True)
+        path.chmod(0o600)
         engine = create_engine(url, connect_args={"timeout": 15, "check_same_thread": False})
         event.listen(engine, "connect", _sqlite_pragmas)
         event.listen(engine, "begin", _sqlite_begin)

@@ -85,7 +85,9 @@ def list_keys(s: Session, *, org_id: int, workspace_id: int | None = None) -> li
 def find_key(s: Session, *, org_id: int, ref: str) -> ApiKey:
     """A key of this organisation by id or visible prefix."""
     q = select(ApiKey).join(Workspace, Workspace.id == ApiKey.workspace_id).where(Workspace.org_id == org_id)
-    row = s.scalar(q.where(ApiKey.id == int(ref)) if ref.isdigit() else q.where(ApiKey.prefix == ref[:VISIBLE]))
+    # An id is ASCII digits that fit a BIGINT ("²" is a digit to str.isdigit and not to int(); 20 digits overflow).
+    by_id = ref.isascii() and ref.isdigit() and len(ref) <= 18
+    row = s.scalar(q.where(ApiKey.id == int(ref)) if by_id else q.where(ApiKey.prefix == ref[:VISIBLE]))
     if row is None:
         raise NotFound(f"no API key {ref!r} in this organisation")
     return row

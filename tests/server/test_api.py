@@ -164,6 +164,11 @@ def test_logprobs(server: str) -> None:
     assert len(r.choices[0].logprobs.content) == 3
 
 
+def test_empty_prompt_is_a_400(server: str) -> None:
+    status, _, body = call(server, "/v1/completions", {"model": "smollm2", "prompt": "", "max_tokens": 2})
+    assert status == 400 and json.loads(body)["param"] == "prompt"
+
+
 def test_legacy_completions_logprobs_and_usage(server: str) -> None:
     from openai import OpenAI
 

@@ -9,6 +9,7 @@ import http.client
 import json
 import threading
 import time
+import urllib.parse
 from collections.abc import Iterator
 from typing import Any
 
@@ -234,3 +235,23 @@ def test_pro_outranks_free_in_the_engine_queue(url: str, registry: Registry) -> 
     for t in threads:
         t.join(timeout=120)
     assert finished == ["blocker", "pro", "free"]
+
+
+def test_former_500_inputs_are_400s(url: str) -> None:
+    """Inputs that once raised inside the server: each is a 4xx naming the problem now."""
+    new_org(url, "odd")
+    for ref in ("²", "٣", "99999999999999999999999"):  # str.isdigit() digits int() refuses; a BIGINT overflow
+        assert call(url, "DELETE", f"/v1/admin/keys/{urllib.parse.quote(ref)}?org=odd", ROOT)[0] == 404, ref
+    for days in (1e300, 1e6):
+        status, _, body = call(url, "POST", "/v1/admin/keys?org=odd", ROOT, {"expires_in_days": days})
+        assert status == 422 and "expires_in_days" in body["message"], body
+
+
+def test_sqlite_file_is_private(tmp_path: Any) -> None:
+    import stat
+
+    from souverain.db.database import open_database, sqlite_url
+
+    path = tmp_path / "souverain.db"
+    open_database(sqlite_url(path)).close()
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600

@@ -31,7 +31,7 @@ OrgName = Annotated[str | None, Query(description="Organisation (root keys only;
 class KeyCreate(BaseModel):
     name: str = Field("", max_length=128)
     workspace: str = Field("default", max_length=128)
-    expires_in_days: float | None = Field(None, gt=0)
+    expires_in_days: float | None = Field(None, gt=0, le=36500)  # a century: past that, datetime overflows
     allowed_models: list[str] | None = None
     requests_per_second: float | None = Field(None, gt=0)
     tokens_per_minute: int | None = Field(None, gt=0)

@@ -37,6 +37,8 @@ async def completions(req: CompletionRequest, caller: CurrentCaller, models: Mod
         raise APIError(400, "echo with logprobs needs the prompt's log-probabilities, which this server does not "
                             "compute", param="echo")
     ids = await run_in_threadpool(model.tokenizer.encode, req.prompt)
+    if not ids:
+        raise APIError(400, "prompt is empty (and this model adds no BOS token)", param="prompt")
     request, meter, headers = start(plat, caller, model, req, ids, req.logprobs, "completions")
     if req.stream:
         return StreamingResponse(_stream(model, req, request, meter), media_type="text/event-stream", headers=headers)
