@@ -13,7 +13,7 @@ from souverain.engine.grammar import Grammar
 from souverain.engine.request import Delta, EngineOverloaded, FinishReason, Request, SamplingParams, TokenLogprob
 from souverain.server.errors import APIError
 from souverain.server.platform import Caller, Platform
-from souverain.server.protocol.chat import Sampling
+from souverain.server.protocol.chat import Sampling, unsupported
 from souverain.server.registry import LoadedModel
 from souverain.tokenizer.base import Tokenizer
 
@@ -55,10 +55,19 @@ def sampling_params(req: Sampling, model: LoadedModel, prompt_len: int, logprobs
         raise APIError(400, str(e), param=field_name) from None
 
 
+def refuse_unsupported(req: Sampling) -> None:
+    """Nothing silently ignored: a parameter this server cannot honour is a 400 naming it."""
+    name = unsupported(req)
+    if name is not None:
+        raise APIError(400, f"parameter {name!r} is not supported by this server", param=name,
+                       code="unsupported_parameter")
+
+
 def _logit_bias(bias: dict[str, float] | None, vocab: int) -> tuple[tuple[int, float], ...]:
     out = []
     for key, value in (bias or {}).items():
-        if not key.lstrip("-").isdigit() or not 0 <= int(key) < vocab:
+        # ASCII digits only: "²" is a digit to str.isdigit() and not to int().
+        if not (key.isascii() and key.isdigit()) or not int(key) < vocab:
             raise APIError(400, f"logit_bias: {key!r} is not a token id of this model (0 to {vocab - 1})",
                            param="logit_bias")
         out.append((int(key), float(value)))
@@ -163,9 +172,14 @@ def api_finish(reason: FinishReason) -> str:
     return reason.value if reason is not FinishReason.CANCELLED else "stop"
 
 
+def token_text(tok: Tokenizer, token_id: int) -> str:
+    """One token's text as the logprobs fields show it (control tokens included)."""
+    return tok.decode([token_id], skip_special=False)
+
+
 def logprobs_json(tok: Tokenizer, items: list[TokenLogprob]) -> dict[str, Any]:
     def piece(i: int) -> str:
-        return tok.decode([i], skip_special=False)
+        return token_text(tok, i)
 
     # OpenAI's fields, plus Mistral's token_id (the mistralai SDK drops entries without it).
     return {"content": [{

@@ -190,7 +190,8 @@ def test_content_parts_and_parameters_never_silently_dropped(server: str) -> Non
     err = json.loads(text)
     assert status == 400 and "image_url" in err["message"] and err["param"] == "messages[0].content[1].type"
     for param, value in (("prediction", {"type": "content", "content": "x"}), ("audio", {"voice": "alloy"}),
-                         ("modalities", ["text", "audio"]), ("logit_bias", {"hello": 5}), ("logit_bias", {"42": 500})):
+                         ("modalities", ["text", "audio"]), ("logit_bias", {"hello": 5}), ("logit_bias", {"42": 500}),
+                         ("logit_bias", {"²": 5})):
         status, _, text = call(server, "/v1/chat/completions", {"model": "smollm2", "messages": ASK, param: value})
         assert status == 400 and json.loads(text)["param"] == param, (param, text)
     ollama_style = [{"role": "user", "content": "What is this?", "images": ["iVBORw0KGgo="]}]

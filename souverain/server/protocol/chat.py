@@ -18,7 +18,6 @@ class Message(BaseModel):
     tool_call_id: str | None = None
 
 
-
 class StreamOptions(BaseModel):
     include_usage: bool = False
 

@@ -23,6 +23,7 @@ from souverain.server.generation import (
     collect,
     logprobs_json,
     now,
+    refuse_unsupported,
     sse,
     start,
     stream_engine,
@@ -30,7 +31,7 @@ from souverain.server.generation import (
 )
 from souverain.server.platform import Caller, Platform
 from souverain.server.prompt import prompt_ids
-from souverain.server.protocol.chat import ChatCompletionRequest, FIMCompletionRequest, Sampling, unsupported
+from souverain.server.protocol.chat import ChatCompletionRequest, FIMCompletionRequest, Sampling
 from souverain.server.registry import LoadedModel
 from souverain.server.tool_stream import CallArguments, CallStart, Content, Event, ToolCallReader
 from souverain.server.tools import ToolFormat, call_id, choose, parse_tools, tool_format
@@ -47,14 +48,6 @@ class ChatPlan:
     fmt: ToolFormat
     # Mistral's `prefix: true`: its API returns the prefix followed by what the model added to it.
     prefix: str = ""
-
-
-def refuse_unsupported(req: Sampling) -> None:
-    """Nothing silently ignored: a parameter this server cannot honour is a 400 naming it."""
-    name = unsupported(req)
-    if name is not None:
-        raise APIError(400, f"parameter {name!r} is not supported by this server", param=name,
-                       code="unsupported_parameter")
 
 
 def _plan(model: LoadedModel, req: ChatCompletionRequest) -> tuple[list[int], ChatPlan]:

@@ -12,10 +12,20 @@ from starlette.concurrency import run_in_threadpool
 from souverain.engine.request import Request, TokenLogprob
 from souverain.server.deps import CurrentCaller, Models, PlatformDep, find_model
 from souverain.server.errors import APIError, error_body
-from souverain.server.generation import Meter, api_finish, collect, now, sse, start, stream_engine, usage
+from souverain.server.generation import (
+    Meter,
+    api_finish,
+    collect,
+    now,
+    refuse_unsupported,
+    sse,
+    start,
+    stream_engine,
+    token_text,
+    usage,
+)
 from souverain.server.protocol.chat import CompletionRequest
 from souverain.server.registry import LoadedModel
-from souverain.server.routes.chat import refuse_unsupported
 from souverain.tokenizer.base import Tokenizer
 
 router = APIRouter()
@@ -59,7 +69,7 @@ def legacy_logprobs(tok: Tokenizer, items: list[TokenLogprob], offset: int = 0) 
     """OpenAI's legacy shape: parallel lists of tokens, their log-probabilities, the top alternatives (as
     token -> logprob, the chosen one included) and each token's character offset in the text."""
     def piece(i: int) -> str:
-        return tok.decode([i], skip_special=False)
+        return token_text(tok, i)
 
     tokens = [piece(lp.token_id) for lp in items]
     offsets = []
@@ -73,13 +83,15 @@ def legacy_logprobs(tok: Tokenizer, items: list[TokenLogprob], offset: int = 0) 
 
 async def _stream(model: LoadedModel, req: CompletionRequest, request: Request, meter: Meter) -> AsyncIterator[str]:
     base = {"id": request.request_id, "object": "text_completion", "created": now(), "model": req.model}
-    prompt_tokens, completion, offset = len(request.prompt_ids), 0, 0
+    prompt_tokens, completion = len(request.prompt_ids), 0
+    offsets = [0] * request.params.n  # each choice's text so far, for text_offset
     try:
         async for d in stream_engine(model, request):
             meter.add(d)
             if d.text or d.finish_reason or d.logprobs:
-                lp = legacy_logprobs(model.tokenizer, d.logprobs or [], offset) if req.logprobs is not None else None
-                offset += len(d.text)
+                lp = legacy_logprobs(model.tokenizer, d.logprobs or [], offsets[d.index]) \
+                    if req.logprobs is not None else None
+                offsets[d.index] += len(d.text)
                 yield sse({**base, "choices": [{"index": d.index, "text": d.text, "logprobs": lp,
                                                 "finish_reason": api_finish(d.finish_reason) if d.finish_reason
                                                 else None}]})
