@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -362,7 +363,8 @@ def serve(
         models = model or _env_list("SOUVERAIN_MODELS") or ["smollm2", "minilm"]
         settings = Settings(host=host, port=port, models=models,
                             api_keys=api_key or _env_list("SOUVERAIN_API_KEY") or [],
-                            kv_cache_memory=kv_cache_memory, dtype=dtype, bits=bits)
+                            kv_cache_memory=kv_cache_memory, dtype=dtype, bits=bits,
+                            usage_stale_seconds=float(os.environ.get("SOUVERAIN_USAGE_STALE_SECONDS", "60")))
         registry = load_models(settings, say=lambda m: err.print(f"[dim]{m}[/dim]", highlight=False))
     except _errors() as e:
         raise _fail(str(e)) from None
@@ -375,11 +377,17 @@ def serve(
     jobs = JobRunner(database, settings.data_path(), trainable)
     jobs.start()
     err.print(f"serving on http://{host}:{port} (database {database.url.split('@')[-1]})", highlight=False)
+    api = create_app(settings, registry, database)
+    settled = api.state.platform.settle_stale()
+    if settled:
+        err.print(f"{settled} usage rows of a server that stopped mid-request marked interrupted (their tokens "
+                  "stay billed)", highlight=False)
     try:
-        uvicorn.run(create_app(settings, registry, database), host=host, port=port, log_level="warning")
+        uvicorn.run(api, host=host, port=port, log_level="warning")
     finally:
         jobs.stop()
         registry.shutdown()
+        api.state.platform.shutdown()  # the last usage rows are written
         database.close()
 
 

@@ -33,6 +33,13 @@ class Plan(Base):
     allowed_models: Mapped[list[str] | None] = mapped_column(JSON)
     max_context: Mapped[int | None] = mapped_column(Integer)
     priority: Mapped[int] = mapped_column(Integer, default=0)  # lower is scheduled first
+    max_concurrent: Mapped[int | None] = mapped_column(Integer)  # running sequences (n counts)
+    max_queued: Mapped[int | None] = mapped_column(Integer)  # sequences waiting beyond those
+    finetune_max_seq_len: Mapped[int | None] = mapped_column(Integer)
+    finetune_max_batch: Mapped[int | None] = mapped_column(Integer)
+    finetune_max_steps: Mapped[int | None] = mapped_column(Integer)
+    finetune_max_file_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    finetune_max_jobs: Mapped[int | None] = mapped_column(Integer)  # running or queued at once
 
 
 class Organisation(Base):
@@ -105,7 +112,10 @@ class UsageRecord(Base):
     prompt_tokens: Mapped[int] = mapped_column(Integer, default=0)
     completion_tokens: Mapped[int] = mapped_column(Integer, default=0)
     latency_ms: Mapped[int] = mapped_column(Integer, default=0)
-    status: Mapped[str] = mapped_column(String(32))  # stop | length | cancelled | error ...
+    # running (opened at admission, updated as tokens are produced) | stop | length | cancelled | error |
+    # interrupted (its server died; the tokens it had written stay billed)
+    status: Mapped[str] = mapped_column(String(32), index=True)
+    updated_at: Mapped[datetime | None] = mapped_column(DateTime)
 
 
 class UsageTotal(Base):
@@ -146,6 +156,21 @@ class WebSession(Base):
     user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
     org_id: Mapped[int] = mapped_column(ForeignKey("organisations.id", ondelete="CASCADE"))
     csrf: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(DateTime)
+
+
+class Invitation(Base):
+    """An invitation to join an organisation: the invitee accepts it signed in (or by setting a password when
+    new); the token is shown once to the inviter, only its sha256 is stored."""
+
+    __tablename__ = "invitations"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    org_id: Mapped[int] = mapped_column(ForeignKey("organisations.id", ondelete="CASCADE"))
+    email: Mapped[str] = mapped_column(String(256))
+    role: Mapped[str] = mapped_column(String(16))
+    digest: Mapped[str] = mapped_column(String(64), unique=True)
+    invited_by: Mapped[str] = mapped_column(String(256))
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     expires_at: Mapped[datetime] = mapped_column(DateTime)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import String, cast, func, select
+from sqlalchemy import String, cast, func, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
@@ -35,16 +35,48 @@ def month_of(at: datetime) -> str:
 def record(s: Session, *, usage: Usage, at: datetime | None = None) -> None:
     """Insert the row and add its tokens to the organisation's month, in the caller's transaction."""
     at = at or utcnow()
-    s.add(UsageRecord(created_at=at, **usage.__dict__))
+    s.add(UsageRecord(created_at=at, updated_at=at, **usage.__dict__))
     if usage.org_id is None:
         return
-    tokens = usage.prompt_tokens + usage.completion_tokens
+    _bump_month(s, org_id=usage.org_id, at=at, tokens=usage.prompt_tokens + usage.completion_tokens)
+
+
+def _bump_month(s: Session, *, org_id: int, at: datetime, tokens: int) -> None:
     # One atomic upsert: several server processes can bump the same month without losing updates or racing
     # on the month's first row.
     insert = pg_insert if s.get_bind().dialect.name == "postgresql" else sqlite_insert
-    stmt = insert(UsageTotal).values(org_id=usage.org_id, month=month_of(at), tokens=tokens)
+    stmt = insert(UsageTotal).values(org_id=org_id, month=month_of(at), tokens=tokens)
     s.execute(stmt.on_conflict_do_update(index_elements=["org_id", "month"],
                                          set_={"tokens": UsageTotal.tokens + tokens}))
+
+
+def write_progress(s: Session, *, usage: Usage, row_id: int | None, completion_tokens: int, billed: int,
+                   status: str, latency_ms: int, at: datetime) -> int:
+    """Open (row_id None) or update a request's row with its completion tokens so far; the organisation's
+    month gains what was not billed yet (the prompt when the row opens, then `completion_tokens - billed`).
+    Returns the row's id."""
+    if row_id is None:
+        row = UsageRecord(created_at=at, updated_at=at, **{**usage.__dict__, "completion_tokens": completion_tokens,
+                                                            "status": status, "latency_ms": latency_ms})
+        s.add(row)
+        s.flush()
+        row_id, new = row.id, usage.prompt_tokens + completion_tokens
+    else:
+        s.execute(update(UsageRecord).where(UsageRecord.id == row_id).values(
+            completion_tokens=completion_tokens, status=status, latency_ms=latency_ms, updated_at=at))
+        new = completion_tokens - billed
+    if usage.org_id is not None and new:
+        _bump_month(s, org_id=usage.org_id, at=at, tokens=new)
+    return row_id
+
+
+def settle_stale(s: Session, *, before: datetime) -> int:
+    """Rows still `running` that no server touched since `before`: their server died. Their tokens were
+    billed as they were written; the status says what happened."""
+    result = s.execute(update(UsageRecord).where(UsageRecord.status == "running",
+                                                 (UsageRecord.updated_at < before) | UsageRecord.updated_at.is_(None))
+                       .values(status="interrupted"))
+    return int(getattr(result, "rowcount", 0) or 0)
 
 
 def month_tokens(s: Session, *, org_id: int, at: datetime | None = None) -> int:

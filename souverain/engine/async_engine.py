@@ -19,12 +19,16 @@ log = logging.getLogger(__name__)
 class _Stream:
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue[Delta | BaseException]
-    open_samples: int
+    open_samples: int  # samples the engine has not finished (counted on the loop as deltas arrive)
+    done: asyncio.Event
+    abandoned: bool = False  # the caller left early: deltas are counted, no longer queued
 
 
 class AsyncEngine:
     """`generate(request)` yields Deltas as the engine thread produces them. Leaving the iterator
-    early (the client went away) cancels the request; its blocks are freed at the next step."""
+    early (the client went away) cancels the request; its blocks are freed at the next step, and
+    `finished(request_id)` returns once the engine has ended all its samples (then `request.produced` is
+    final: what a meter bills)."""
 
     def __init__(self, engine: LLMEngine) -> None:
         self.engine = engine
@@ -57,7 +61,7 @@ class AsyncEngine:
 
     async def generate(self, request: Request) -> AsyncIterator[Delta]:
         self.start()
-        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue(), request.params.n)
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue(), request.params.n, asyncio.Event())
         with self._lock:
             # Refused at once, here in the caller, rather than after the thread's current step.
             self.check_capacity(request.params.n)
@@ -66,23 +70,31 @@ class AsyncEngine:
             self._streams[request.request_id] = stream
             self._pending_adds += request.params.n
         self._send("add", request)
-        finished = False
         try:
             while True:
                 item = await stream.queue.get()
                 if isinstance(item, BaseException):
                     raise item
                 yield item
-                if item.finish_reason is not None:
-                    stream.open_samples -= 1
-                    if stream.open_samples == 0:
-                        finished = True
-                        return
+                if stream.done.is_set() and stream.queue.empty():  # the last items are queued before done is set
+                    return
         finally:
-            if not finished:
+            if not stream.done.is_set():
+                stream.abandoned = True
                 self._send("cancel", request.request_id)
-            with self._lock:
-                self._streams.pop(request.request_id, None)
+
+    async def finished(self, request_id: str, timeout: float = 10.0) -> bool:
+        """Wait until the engine has ended every sample of `request_id` (a cancelled one within a step);
+        False when that took longer than `timeout`."""
+        with self._lock:
+            stream = self._streams.get(request_id)
+        if stream is None:
+            return True
+        try:
+            await asyncio.wait_for(stream.done.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
 
     def _send(self, kind: str, payload: object) -> None:
         self._inbox.put((kind, payload))
@@ -92,7 +104,19 @@ class AsyncEngine:
         with self._lock:
             stream = self._streams.get(request_id)
         if stream is not None:
-            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
+            stream.loop.call_soon_threadsafe(self._arrive, request_id, stream, item)
+
+    def _arrive(self, request_id: str, stream: _Stream, item: Delta | BaseException) -> None:
+        """On the caller's loop: count finished samples, then queue the item unless the caller left."""
+        if isinstance(item, BaseException) or item.finish_reason is not None:
+            stream.open_samples = 0 if isinstance(item, BaseException) else stream.open_samples - 1
+            if stream.open_samples <= 0:
+                stream.done.set()
+                with self._lock:
+                    if self._streams.get(request_id) is stream:
+                        del self._streams[request_id]
+        if not stream.abandoned:
+            stream.queue.put_nowait(item)
 
     def _drain_inbox(self) -> None:
         while True:

@@ -253,6 +253,7 @@ class LLMEngine:
             self.stats.inter_token_latency.observe(now - state.last_time)
         state.last_time = now
         self.stats.generation_tokens += 1
+        seq.request.produced += 1
         if lp is not None:
             state.pending_logprobs.append(TokenLogprob(token, lp[0], tuple(lp[1])))
         if seq.status is SeqStatus.FINISHED:

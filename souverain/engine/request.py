@@ -83,6 +83,13 @@ class Request:
     adapter: str | None = None  # a LoRA adapter's name; None = the base model
     grammar: Grammar | None = None  # constrained decoding: every sample's output follows this grammar
     arrival: float = field(default_factory=time.monotonic)
+    # Fair sharing: requests of one tenant (an organisation) are admitted round-robin with other tenants of
+    # the same priority, and at most `tenant_max_running` of its sequences run at once (None: no cap).
+    tenant: str = ""
+    tenant_max_running: int | None = None
+    # Tokens generated so far over all samples, written by the engine thread only: what a meter bills,
+    # whatever ends the request.
+    produced: int = 0
 
     def __post_init__(self) -> None:
         if not self.prompt_ids:

@@ -2,13 +2,16 @@
 
 Each step: running sequences first (a decode token each, or the next chunk of their prompt), in
 priority order, under a per-step token budget; then waiting ones are admitted while the budget,
-the sequence cap and the block pool allow. When blocks run out, the lowest-priority running
-sequence not yet scheduled this step is preempted: its blocks are freed and it goes back to the
-waiting queue, to be recomputed later (usually from the prefix cache).
+the sequence cap and the block pool allow: by priority, and within a priority round-robin between
+tenants (the one with the fewest running sequences first), each tenant under its own cap. When blocks
+run out, the lowest-priority running sequence not yet scheduled this step is preempted (the tenant
+running the most first): its blocks are freed and it goes back to the waiting queue, to be recomputed
+later (usually from the prefix cache).
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -89,12 +92,13 @@ class Scheduler:
                 scheduled.add(seq.seq_id)
                 budget -= n
         self.waiting.sort(key=lambda s: s.sort_key)
-        for seq in list(self.waiting):
-            if budget == 0 or len(self.running) >= self.config.max_num_seqs:
+        running_of = Counter(s.request.tenant for s in self.running)
+        candidates = list(self.waiting)
+        while budget > 0 and len(self.running) < self.config.max_num_seqs:
+            found = self._next_fair(candidates, running_of)
+            if found is None:
                 break
-            if seq.after is not None and seq.after.status is not SeqStatus.FINISHED and (
-                    seq.after.num_computed < seq.after.prompt_len):
-                continue  # its sibling is still computing the shared prompt
+            seq = found
             self.blocks.admit(seq)
             n = min(len(seq.token_ids) - seq.num_computed, budget)
             if self.config.sliding_window:
@@ -102,13 +106,33 @@ class Scheduler:
             if not self.blocks.grow(seq, seq.num_computed + n):
                 self.blocks.free(seq)
                 break  # wait for running sequences to finish
+            candidates.remove(seq)
             self.waiting.remove(seq)
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
+            running_of[seq.request.tenant] += 1
             batch.items.append(self._item(seq, n))
             scheduled.add(seq.seq_id)
             budget -= n
         return batch
+
+    @staticmethod
+    def _next_fair(candidates: list[Sequence], running_of: Counter[str]) -> Sequence | None:
+        """The waiting sequence to admit next: best priority first; within a priority, the tenant with the
+        fewest running sequences (round-robin between tenants), then arrival. A tenant at its cap waits."""
+        best: Sequence | None = None
+        best_key: tuple[int, int, float, int] | None = None
+        for seq in candidates:
+            req = seq.request
+            if req.tenant_max_running is not None and running_of[req.tenant] >= req.tenant_max_running:
+                continue
+            if seq.after is not None and seq.after.status is not SeqStatus.FINISHED and (
+                    seq.after.num_computed < seq.after.prompt_len):
+                continue  # its sibling is still computing the shared prompt
+            key = (req.priority, running_of[req.tenant], req.arrival, seq.seq_id)
+            if best_key is None or key < best_key:
+                best, best_key = seq, key
+        return best
 
     def _item(self, seq: Sequence, n: int) -> ScheduledSeq:
         return ScheduledSeq(seq, seq.num_computed, n, seq.num_computed + n == len(seq.token_ids))
@@ -118,7 +142,10 @@ class Scheduler:
             self.blocks.release_outside_window(seq, seq.num_computed, self.config.sliding_window)
         while not self.blocks.grow(seq, seq.num_computed + n):
             candidates = [s for s in self.running if s.seq_id not in scheduled]
-            victim = max(candidates, key=lambda s: s.sort_key)  # seq itself is always a candidate
+            # The lowest priority, then the tenant running the most, then the latest (seq is a candidate).
+            running_of = Counter(s.request.tenant for s in self.running)
+            victim = max(candidates, key=lambda s: (s.request.priority, running_of[s.request.tenant], s.request.arrival,
+                                                    s.seq_id))
             self._preempt(victim)
             if victim is seq:
                 return False

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import Awaitable, Callable
 from typing import Any
 
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse
 
 from souverain.db import keys
 from souverain.db.database import Database
 from souverain.server import errors
+from souverain.server.guard import Guard
 from souverain.server.platform import Platform
 from souverain.server.registry import Registry
 from souverain.server.routes import (
@@ -38,7 +36,8 @@ def create_app(settings: Settings, registry: Registry, db: Database | None = Non
                   description="Self-hosted, open-weight AI: a Mistral- and OpenAI-compatible API.")
     app.state.settings = settings
     app.state.registry = registry
-    app.state.platform = platform or Platform(db, [keys.digest(k) for k in settings.api_keys])
+    app.state.platform = platform or Platform(db, [keys.digest(k) for k in settings.api_keys],
+                                              stale_after=settings.usage_stale_seconds)
     errors.install(app)
     for router in (health.router, models.router, chat.router, completions.router, embeddings.router,
                    metrics.router, account.router, admin.router, files.router, fine_tuning.router):
@@ -74,17 +73,8 @@ def create_app(settings: Settings, registry: Registry, db: Database | None = Non
 
     app.openapi = openapi  # type: ignore[method-assign]
 
-    @app.middleware("http")
-    async def request_id(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        rid = request.headers.get("x-request-id") or uuid.uuid4().hex
-        size = request.headers.get("content-length")
-        limit = settings.max_file_bytes + (1 << 20) if request.url.path == "/v1/files" else settings.max_body_bytes
-        if size is not None and (not size.isdigit() or int(size) > limit):
-            response: Response = JSONResponse(errors.error_body(
-                f"request body over the limit of {limit} bytes", "invalid_request_error"), 413)
-        else:
-            response = await call_next(request)
-        response.headers["x-request-id"] = rid
-        return response
+    def limit_for(path: str) -> int:
+        return settings.max_file_bytes + (1 << 20) if path == "/v1/files" else settings.max_body_bytes
 
+    app.add_middleware(Guard, platform=app.state.platform, limit_for=limit_for)  # type: ignore[arg-type]
     return app

@@ -7,6 +7,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from souverain.server.errors import APIError
+from souverain.server.guard import caller_from
 from souverain.server.platform import Caller, Platform
 from souverain.server.registry import LoadedModel, Registry
 
@@ -17,6 +18,9 @@ def platform(request: Request) -> Platform:
 
 def current_caller(request: Request) -> Caller:
     """The bearer key's caller (401 when missing or invalid; a server without keys is open)."""
+    found = caller_from(request.scope)  # authenticated by the Guard before the body was read
+    if found is not None:
+        return found
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     session = getattr(request.app.state, "session_caller", None)

@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from fastapi.responses import JSONResponse
+from starlette.types import Message
+
 from souverain.engine.grammar import Grammar
 from souverain.engine.request import Delta, EngineOverloaded, FinishReason, Request, SamplingParams, TokenLogprob
-from souverain.server.errors import APIError
-from souverain.server.platform import Caller, Platform
+from souverain.server.errors import APIError, error_body
+from souverain.server.metering import Meter
+from souverain.server.platform import Admission, Caller, Platform
 from souverain.server.protocol.chat import Sampling, unsupported
 from souverain.server.registry import LoadedModel
 from souverain.tokenizer.base import Tokenizer
@@ -83,44 +88,39 @@ class Choice:
     completion_tokens: int = 0
 
 
-@dataclass
-class Meter:
-    """One request's usage, recorded exactly once: when it finishes, fails or its client goes away."""
-
-    platform: Platform
-    caller: Caller
-    request_id: str
-    model: str
-    endpoint: str
-    prompt_tokens: int
-    started: float = field(default_factory=time.monotonic)
-    completion_tokens: int = 0
-    status: str = "stop"
-    recorded: bool = False
-
-    def add(self, d: Delta) -> None:
-        if d.finish_reason is not None:
-            self.completion_tokens += d.completion_tokens
-            self.status = d.finish_reason.value
-
-    async def close(self, status: str | None = None) -> None:
-        if self.recorded:
-            return
-        self.recorded = True
-        await self.platform.record(self.caller, self.caller.usage(
-            self.request_id, self.model, self.endpoint, self.prompt_tokens, self.completion_tokens,
-            int((time.monotonic() - self.started) * 1000), status or self.status))
-
-
 def start(platform: Platform, caller: Caller, model: LoadedModel, req: Sampling, ids: list[int],
-          logprobs: int | None, endpoint: str, grammar: Grammar | None = None
-          ) -> tuple[Request, Meter, dict[str, str]]:
-    """Admit (plan, quota, rate limits), build the engine request and its meter; refuse before any byte is sent."""
-    adm = platform.admit(caller, req.model, len(ids))
-    request = Request(new_id("cmpl"), ids, sampling_params(req, model, len(ids), logprobs, adm.max_context),
-                      priority=adm.priority, cache_salt=adm.cache_salt, adapter=model.adapter, grammar=grammar)
+          logprobs: int | None, endpoint: str, adm: Admission, grammar: Grammar | None = None
+          ) -> tuple[Request, Meter]:
+    """The engine request and its meter, after the gate (`adm`): the organisation's running + queued allowance,
+    then `n x max_tokens` reserved from the token buckets (the unused part is given back at the end); the
+    usage row opens now. Refused before any byte is sent."""
+    params = sampling_params(req, model, len(ids), logprobs, adm.max_context)
+    request = Request(new_id("cmpl"), ids, params, priority=adm.priority, cache_salt=adm.cache_salt,
+                      adapter=model.adapter, grammar=grammar, tenant=adm.tenant, tenant_max_running=adm.max_running)
     check_capacity(model, request)
-    return request, Meter(platform, caller, request.request_id, req.model, endpoint, len(ids)), adm.headers
+    release = platform.hold(caller, params.n)
+    reserved = params.n * params.max_tokens
+    platform.charge(caller, len(ids) + reserved)
+
+    def on_close(produced: int) -> None:
+        platform.charge(caller, produced - reserved)
+        release()
+
+    meter = Meter(platform.ledger_for(caller), caller.usage(request.request_id, req.model, endpoint, len(ids), 0, 0,
+                                                             "running"), lambda: request.produced, on_close)
+    if meter.ledger is not None:
+        meter.ledger.open(meter)
+    return request, meter
+
+
+def settle_later(platform: Platform, model: LoadedModel, request: Request, meter: Meter, status: str) -> None:
+    """The client went away: once the engine has ended the request (within a step), bill what it generated.
+    A task of its own, since the caller is being cancelled."""
+    async def settle() -> None:
+        await model.engine.finished(request.request_id)
+        await meter.close(status)
+
+    platform.background(settle())
 
 
 def check_capacity(model: LoadedModel, request: Request) -> None:
@@ -147,13 +147,35 @@ async def stream_engine(model: LoadedModel, request: Request) -> AsyncIterator[D
         raise APIError(500, str(e), type_="server_error") from None
 
 
-async def collect(model: LoadedModel, request: Request, meter: Meter) -> tuple[list[Choice], int]:
-    """The whole answer; its usage is committed before this returns."""
-    choices = [Choice() for _ in range(request.params.n)]
-    prompt_tokens = len(request.prompt_ids)
+async def metered(platform: Platform, model: LoadedModel, request: Request, meter: Meter
+                  ) -> AsyncGenerator[Delta, None]:
+    """The engine's deltas for a stream, each committed to the meter before it is yielded (write-ahead). The
+    meter is closed however this ends: finished, failed (APIError re-raised), or closed early by a client
+    that went away (the request is cancelled and what it generated is billed). Use with `aclosing`."""
     try:
         async for d in stream_engine(model, request):
-            meter.add(d)
+            meter.add(len(d.token_ids), d.finish_reason.value if d.finish_reason else None)
+            await meter.covered()
+            yield d
+        await meter.close()
+    except APIError:
+        await model.engine.finished(request.request_id)
+        await meter.close("error")
+        raise
+    finally:
+        if not meter.closed:
+            settle_later(platform, model, request, meter, "cancelled")
+
+
+async def collect(platform: Platform, model: LoadedModel, request: Request, meter: Meter,
+                  disconnected: Callable[[], Awaitable[None]]) -> list[Choice] | None:
+    """The whole answer, its usage committed before this returns; None when the client went away first
+    (the request is cancelled at once and what it generated is billed)."""
+    choices = [Choice() for _ in range(request.params.n)]
+
+    async def consume() -> None:
+        async for d in stream_engine(model, request):
+            meter.add(len(d.token_ids), d.finish_reason.value if d.finish_reason else None)
             c = choices[d.index]
             c.text.append(d.text)
             c.token_ids += d.token_ids
@@ -161,11 +183,40 @@ async def collect(model: LoadedModel, request: Request, meter: Meter) -> tuple[l
             if d.finish_reason is not None:
                 c.finish_reason = api_finish(d.finish_reason)
                 c.completion_tokens = d.completion_tokens
-    except BaseException:
-        await meter.close("error")
+
+    work = asyncio.ensure_future(consume())
+    gone = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait((work, gone), return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:  # this handler itself was cancelled
+        work.cancel()
+        gone.cancel()
+        settle_later(platform, model, request, meter, "cancelled")
         raise
+    gone.cancel()
+    if not work.done():
+        work.cancel()
+        await asyncio.gather(work, return_exceptions=True)
+        settle_later(platform, model, request, meter, "cancelled")
+        return None
+    if work.exception() is not None:
+        await model.engine.finished(request.request_id)
+        await meter.close("error")
+        work.result()  # raises
     await meter.close()
-    return choices, prompt_tokens
+    return choices
+
+
+def client_gone(receive: Callable[[], Awaitable[Message]]) -> Callable[[], Awaitable[None]]:
+    """Resolves when the client disconnects (the body has been read: the next message is the disconnect)."""
+    async def wait() -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+
+    return wait
+
+
+GONE = JSONResponse(error_body("client closed the request", "invalid_request_error", code="client_closed"), 499)
 
 
 def api_finish(reason: FinishReason) -> str:

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
 from souverain.db import accounts, keys, usage
 from souverain.db import models as model_access
@@ -18,6 +20,7 @@ from souverain.db.database import Database
 from souverain.db.tables import Plan, utcnow
 from souverain.server.errors import APIError
 from souverain.server.limits import Rate, RateLimiter
+from souverain.server.metering import Ledger
 
 
 @dataclass(frozen=True)
@@ -31,11 +34,16 @@ class Limits:
     allowed_models: tuple[str, ...] | None = None
     max_context: int | None = None
     priority: int = 0
+    max_concurrent: int | None = None  # sequences of the organisation running at once
+    max_queued: int | None = None  # sequences waiting beyond those
+    finetune: dict[str, int | None] = field(default_factory=dict)  # seq_len, batch, steps, file_bytes, jobs
 
     @classmethod
     def of(cls, p: Plan) -> Limits:
         return cls(p.name, p.requests_per_second, p.tokens_per_minute, p.tokens_per_month,
-                   tuple(p.allowed_models) if p.allowed_models is not None else None, p.max_context, p.priority)
+                   tuple(p.allowed_models) if p.allowed_models is not None else None, p.max_context, p.priority,
+                   p.max_concurrent, p.max_queued,
+                   {k: getattr(p, f"finetune_max_{k}") for k in ("seq_len", "batch", "steps", "file_bytes", "jobs")})
 
 
 @dataclass(frozen=True)
@@ -84,6 +92,8 @@ class Admission:
     priority: int = 0
     max_context: int | None = None
     cache_salt: str = ""
+    tenant: str = ""  # the engine shares fairly between tenants
+    max_running: int | None = None
 
 
 @dataclass
@@ -92,6 +102,11 @@ class Platform:
     static_digests: list[str] = field(default_factory=list)
     limiter: RateLimiter = field(default_factory=RateLimiter)
     now: Callable[[], datetime] = utcnow
+    stale_after: float = 60.0  # seconds without progress after which a running usage row is a dead server's
+    _ledger: Ledger | None = None
+    _inflight: dict[int, int] = field(default_factory=dict)  # organisation -> sequences running or queued
+    _inflight_lock: threading.Lock = field(default_factory=threading.Lock)
+    _tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
     def database(self, what: str) -> Database:
         """The platform database, or 404 naming the feature (`what`) that needs it."""
@@ -144,7 +159,14 @@ class Platform:
                                type_="permission_error", param="model", code="model_not_allowed")
 
     def admit(self, caller: Caller, model: str, prompt_tokens: int) -> Admission:
-        """Quota, then rate limits; 429 with the headers clients act on."""
+        """`gate`, then the prompt's tokens (one-shot requests: embeddings)."""
+        adm = self.gate(caller, model)
+        self.charge(caller, prompt_tokens)
+        return adm
+
+    def gate(self, caller: Caller, model: str) -> Admission:
+        """Model allow-lists, the monthly quota, then one request from the rate limits; 429 with the headers
+        clients act on. Cheap and database-free: it runs before a prompt is rendered or tokenised."""
         self.check_model(caller, model)
         lim = caller.limits
         if lim is None:
@@ -156,7 +178,7 @@ class Platform:
                            type_="rate_limit_error", code="quota_exceeded",
                            headers={"x-should-retry": "false", "x-ratelimit-limit-tokens-month": str(quota),
                                     "x-ratelimit-remaining-tokens-month": "0"})
-        verdict = self.limiter.admit(caller.rates(), prompt_tokens)
+        verdict = self.limiter.admit(caller.rates(), 0)
         if verdict.retry_after > 0:
             raise APIError(429, f"rate limit of the {lim.plan!r} plan reached; retry in "
                                 f"{verdict.headers['Retry-After']} s", type_="rate_limit_error",
@@ -165,12 +187,77 @@ class Platform:
         if quota is not None:
             headers["x-ratelimit-limit-tokens-month"] = str(quota)
             headers["x-ratelimit-remaining-tokens-month"] = str(max(0, quota - caller.month_tokens))
-        return Admission(headers, lim.priority, lim.max_context, f"org:{caller.org_id}")
+        return Admission(headers, lim.priority, lim.max_context, f"org:{caller.org_id}", f"org:{caller.org_id}",
+                         lim.max_concurrent)
+
+    def charge(self, caller: Caller, tokens: int) -> None:
+        """Take tokens from the caller's token-per-minute buckets (negative: give them back)."""
+        if caller.limits is not None and tokens:
+            self.limiter.charge(caller.rates(), tokens)
+
+    def hold(self, caller: Caller, sequences: int) -> Callable[[], None]:
+        """Count `sequences` against the organisation's running + queued allowance; 429 past it. Returns the
+        release to call when they end."""
+        lim = caller.limits
+        if lim is None or caller.org_id is None or (lim.max_concurrent is None and lim.max_queued is None):
+            return lambda: None
+        allowed = (lim.max_concurrent or 0) + (lim.max_queued or 0) if lim.max_queued is not None else None
+        if allowed is None:  # no queue cap: the running cap alone, enforced by the engine
+            return lambda: None
+        org = caller.org_id
+        with self._inflight_lock:
+            have = self._inflight.get(org, 0)
+            if have + sequences > allowed:
+                raise APIError(429, f"your organisation has {have} sequences running or queued; the {lim.plan!r} "
+                                    f"plan allows {allowed} ({lim.max_concurrent} running, {lim.max_queued} queued); "
+                                    "retry when some finish", type_="rate_limit_error", code="org_queue_full",
+                               headers={"Retry-After": "1", "x-should-retry": "true"})
+            self._inflight[org] = have + sequences
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if released:
+                return
+            released = True
+            with self._inflight_lock:
+                left = self._inflight.get(org, 0) - sequences
+                if left > 0:
+                    self._inflight[org] = left
+                else:
+                    self._inflight.pop(org, None)
+
+        return release
+
+    def ledger_for(self, caller: Caller) -> Ledger | None:
+        """The usage writer, or None where nothing is metered (operator keys, no database)."""
+        if self.db is None or caller.root:
+            return None
+        return self.ledger()
+
+    def ledger(self) -> Ledger | None:
+        if self._ledger is None and self.db is not None:
+            self._ledger = Ledger(self.db, self.now, stale_after=self.stale_after)
+        return self._ledger
+
+    def settle_stale(self) -> int:
+        """At start-up: usage rows left `running` by servers that died become `interrupted` (their tokens were
+        billed as they were written). Returns how many."""
+        ledger = self.ledger()
+        return ledger.settle_stale() if ledger is not None else 0
+
+    def background(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run `work` to its end even though the request that started it is gone (billing a cancelled one)."""
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def shutdown(self) -> None:
+        if self._ledger is not None:
+            self._ledger.shutdown()
 
     def record_now(self, caller: Caller, u: usage.Usage) -> None:
-        """Meter a finished request: the token buckets, then the usage row (committed on return)."""
-        if caller.limits is not None and u.completion_tokens:
-            self.limiter.charge(caller.rates(), u.completion_tokens)
+        """Meter a one-shot request (its tokens were charged at admission): the usage row, committed on return."""
         if self.db is None or caller.root:
             return
         with self.db.session() as s:

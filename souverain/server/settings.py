@@ -18,6 +18,7 @@ class Settings(BaseModel):
     dtype: str = "bfloat16"
     bits: str = "auto"
     max_file_bytes: int = 256 << 20  # uploads to /v1/files
+    usage_stale_seconds: float = Field(60.0, ge=0)  # a running usage row untouched this long: its server died
     data_dir: str | None = None  # files, jobs and adapters; default: the model store's folder
 
     def data_path(self) -> Path:

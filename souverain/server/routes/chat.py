@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
 
 from fastapi import APIRouter
+from fastapi import Request as HTTPRequest
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
@@ -17,19 +19,21 @@ from souverain.server import constraints
 from souverain.server.deps import CurrentCaller, Models, PlatformDep, find_model
 from souverain.server.errors import APIError, error_body
 from souverain.server.generation import (
+    GONE,
     Choice,
-    Meter,
     api_finish,
+    client_gone,
     collect,
     logprobs_json,
+    metered,
     now,
     refuse_unsupported,
     sse,
     start,
-    stream_engine,
     usage,
 )
-from souverain.server.platform import Caller, Platform
+from souverain.server.metering import Meter
+from souverain.server.platform import Admission, Caller, Platform
 from souverain.server.prompt import prompt_ids
 from souverain.server.protocol.chat import ChatCompletionRequest, FIMCompletionRequest, Sampling
 from souverain.server.registry import LoadedModel
@@ -66,41 +70,48 @@ def _plan(model: LoadedModel, req: ChatCompletionRequest) -> tuple[list[int], Ch
 
 
 @router.post("/v1/chat/completions", response_model=None)
-async def chat_completions(req: ChatCompletionRequest, caller: CurrentCaller, models: Models, plat: PlatformDep
-                           ) -> Any:
+async def chat_completions(req: ChatCompletionRequest, caller: CurrentCaller, models: Models, plat: PlatformDep,
+                           http: HTTPRequest) -> Any:
     """Create a chat completion; `stream: true` sends server-sent events ending in `data: [DONE]`. `tools` (with
     `tool_choice` and `parallel_tool_calls`) lets the model call functions; `response_format` json_object or
     json_schema constrains the answer to JSON. Both are enforced by grammar-constrained decoding."""
     model = find_model(models, req.model, caller, plat)
     refuse_unsupported(req)
+    adm = plat.gate(caller, req.model)  # rate limits before the prompt is rendered and tokenised
     ids, plan = await run_in_threadpool(_plan, model, req)
     return await respond(plat, caller, model, req, ids, (req.top_logprobs or 0) if req.logprobs else None, "chat",
-                         plan)
+                         adm, client_gone(http.receive), plan)
 
 
 @router.post("/v1/fim/completions", response_model=None)
-async def fim_completions(req: FIMCompletionRequest, caller: CurrentCaller, models: Models, plat: PlatformDep
-                          ) -> Any:
+async def fim_completions(req: FIMCompletionRequest, caller: CurrentCaller, models: Models, plat: PlatformDep,
+                          http: HTTPRequest) -> Any:
     """Fill in the middle: the code between `prompt` and `suffix`, for models with FIM tokens."""
     model = find_model(models, req.model, caller, plat)
     refuse_unsupported(req)
     if "fim" not in model.info.get("capabilities", []):
         raise APIError(400, f"model {req.model!r} has no fill-in-the-middle capability", param="model")
+    adm = plat.gate(caller, req.model)
     try:
-        ids = model.tokenizer.encode_fim(req.prompt, req.suffix or "")
+        ids = await run_in_threadpool(model.tokenizer.encode_fim, req.prompt, req.suffix or "")
     except ValueError as e:
         raise APIError(400, str(e), param="model") from None
-    return await respond(plat, caller, model, req, ids, None, "fim")
+    return await respond(plat, caller, model, req, ids, None, "fim", adm, client_gone(http.receive))
 
 
 async def respond(plat: Platform, caller: Caller, model: LoadedModel, req: Sampling, ids: list[int],
-                  logprobs: int | None, endpoint: str, plan: ChatPlan | None = None) -> Any:
+                  logprobs: int | None, endpoint: str, adm: Admission, disconnected: Callable[[], Awaitable[None]],
+                  plan: ChatPlan | None = None) -> Any:
     """Run `ids` through the engine; answer as a chat completion, whole or streamed."""
-    request, meter, headers = start(plat, caller, model, req, ids, logprobs, endpoint, plan.grammar if plan else None)
+    request, meter = start(plat, caller, model, req, ids, logprobs, endpoint, adm, plan.grammar if plan else None)
+    headers = adm.headers
     if req.stream:
-        return StreamingResponse(_stream(model, req, request, meter, plan), media_type="text/event-stream",
+        return StreamingResponse(_stream(plat, model, req, request, meter, plan), media_type="text/event-stream",
                                  headers=headers)
-    choices, prompt_tokens = await collect(model, request, meter)
+    choices = await collect(plat, model, request, meter, disconnected)
+    if choices is None:
+        return GONE
+    prompt_tokens = len(ids)
     completion = sum(c.completion_tokens for c in choices)
     return JSONResponse({
         "id": request.request_id, "object": "chat.completion", "created": now(), "model": req.model,
@@ -144,8 +155,8 @@ def _tool_delta(fmt: ToolFormat, request_id: str, index: int, e: Event) -> dict[
     return {"tool_calls": [{"index": e.index, "function": {"name": "", "arguments": e.text}}]}
 
 
-async def _stream(model: LoadedModel, req: Sampling, request: Request, meter: Meter, plan: ChatPlan | None
-                  ) -> AsyncIterator[str]:
+async def _stream(plat: Platform, model: LoadedModel, req: Sampling, request: Request, meter: Meter,
+                  plan: ChatPlan | None) -> AsyncIterator[str]:
     base = {"id": request.request_id, "object": "chat.completion.chunk", "created": now(), "model": req.model}
     prompt_tokens = len(request.prompt_ids)
     completion = 0
@@ -158,36 +169,32 @@ async def _stream(model: LoadedModel, req: Sampling, request: Request, meter: Me
             yield sse({**base, "choices": [{"index": i, "delta": {"role": "assistant", "content": plan.prefix if plan
                                                                   else ""},
                                             "finish_reason": None, "logprobs": None}]})
-        async for d in stream_engine(model, request):
-            meter.add(d)
-            reader = readers[d.index]
-            if reader is None or plan is None:
-                deltas = [{"content": d.text}] if d.text else []
-            else:
-                events = reader.feed(d.text, d.token_ids) + (reader.finish() if d.finish_reason else [])
-                deltas = [_tool_delta(plan.fmt, request.request_id, d.index, e) for e in events]
-                called[d.index] |= any(isinstance(e, CallStart) for e in events)
-            lp = logprobs_json(model.tokenizer, d.logprobs) if want_logprobs and d.logprobs else None
-            if (d.finish_reason is not None or lp) and not deltas:
-                deltas = [{"content": ""}]
-            for k, delta in enumerate(deltas):
-                last = k == len(deltas) - 1
-                finish = api_finish(d.finish_reason) if last and d.finish_reason else None
-                if finish == "stop" and called[d.index]:
-                    finish = "tool_calls"
-                chunk: dict[str, Any] = {**base, "choices": [{"index": d.index, "delta": delta, "finish_reason": finish,
-                                                              "logprobs": lp if last else None}]}
-                if last and d.finish_reason is not None:
-                    completion += d.completion_tokens
-                    chunk["usage"] = usage(prompt_tokens, d.completion_tokens)  # Mistral: usage on the last chunk
-                yield sse(chunk)
+        async with aclosing(metered(plat, model, request, meter)) as engine_deltas:
+            async for d in engine_deltas:
+                reader = readers[d.index]
+                if reader is None or plan is None:
+                    deltas = [{"content": d.text}] if d.text else []
+                else:
+                    events = reader.feed(d.text, d.token_ids) + (reader.finish() if d.finish_reason else [])
+                    deltas = [_tool_delta(plan.fmt, request.request_id, d.index, e) for e in events]
+                    called[d.index] |= any(isinstance(e, CallStart) for e in events)
+                lp = logprobs_json(model.tokenizer, d.logprobs) if want_logprobs and d.logprobs else None
+                if (d.finish_reason is not None or lp) and not deltas:
+                    deltas = [{"content": ""}]
+                for k, delta in enumerate(deltas):
+                    last = k == len(deltas) - 1
+                    finish = api_finish(d.finish_reason) if last and d.finish_reason else None
+                    if finish == "stop" and called[d.index]:
+                        finish = "tool_calls"
+                    chunk: dict[str, Any] = {**base, "choices": [{"index": d.index, "delta": delta,
+                                                                  "finish_reason": finish,
+                                                                  "logprobs": lp if last else None}]}
+                    if last and d.finish_reason is not None:
+                        completion += d.completion_tokens
+                        chunk["usage"] = usage(prompt_tokens, d.completion_tokens)  # Mistral: on the last chunk
+                    yield sse(chunk)
         if req.stream_options and req.stream_options.include_usage:
             yield sse({**base, "choices": [], "usage": usage(prompt_tokens, completion)})
-        await meter.close()  # committed before the stream ends
-    except APIError as e:  # headers are gone: report in the stream
-        await meter.close("error")
+    except APIError as e:  # headers are gone: report in the stream (the meter is closed)
         yield sse(error_body(e.message, e.type, e.param, e.code))
-    finally:
-        if not meter.recorded:  # the client went away: what was generated is still billed
-            await meter.close("cancelled")
     yield sse("[DONE]")

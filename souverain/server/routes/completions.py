@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from typing import Any
 
 from fastapi import APIRouter
+from fastapi import Request as HTTPRequest
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
@@ -13,17 +15,20 @@ from souverain.engine.request import Request, TokenLogprob
 from souverain.server.deps import CurrentCaller, Models, PlatformDep, find_model
 from souverain.server.errors import APIError, error_body
 from souverain.server.generation import (
-    Meter,
+    GONE,
     api_finish,
+    client_gone,
     collect,
+    metered,
     now,
     refuse_unsupported,
     sse,
     start,
-    stream_engine,
     token_text,
     usage,
 )
+from souverain.server.metering import Meter
+from souverain.server.platform import Platform
 from souverain.server.protocol.chat import CompletionRequest
 from souverain.server.registry import LoadedModel
 from souverain.tokenizer.base import Tokenizer
@@ -32,7 +37,8 @@ router = APIRouter()
 
 
 @router.post("/v1/completions", response_model=None)
-async def completions(req: CompletionRequest, caller: CurrentCaller, models: Models, plat: PlatformDep) -> Any:
+async def completions(req: CompletionRequest, caller: CurrentCaller, models: Models, plat: PlatformDep,
+                      http: HTTPRequest) -> Any:
     """Continue a raw text prompt (no chat template)."""
     model = find_model(models, req.model, caller, plat)
     if not isinstance(req.prompt, str):
@@ -46,13 +52,19 @@ async def completions(req: CompletionRequest, caller: CurrentCaller, models: Mod
     if req.echo and req.logprobs is not None:
         raise APIError(400, "echo with logprobs needs the prompt's log-probabilities, which this server does not "
                             "compute", param="echo")
+    adm = plat.gate(caller, req.model)  # rate limits before the prompt is tokenised
     ids = await run_in_threadpool(model.tokenizer.encode, req.prompt)
     if not ids:
         raise APIError(400, "prompt is empty (and this model adds no BOS token)", param="prompt")
-    request, meter, headers = start(plat, caller, model, req, ids, req.logprobs, "completions")
+    request, meter = start(plat, caller, model, req, ids, req.logprobs, "completions", adm)
+    headers = adm.headers
     if req.stream:
-        return StreamingResponse(_stream(model, req, request, meter), media_type="text/event-stream", headers=headers)
-    choices, prompt_tokens = await collect(model, request, meter)
+        return StreamingResponse(_stream(plat, model, req, request, meter), media_type="text/event-stream",
+                                 headers=headers)
+    choices = await collect(plat, model, request, meter, client_gone(http.receive))
+    if choices is None:
+        return GONE
+    prompt_tokens = len(ids)
     completion = sum(c.completion_tokens for c in choices)
     echo = req.prompt if req.echo else ""
     return JSONResponse({
@@ -81,29 +93,25 @@ def legacy_logprobs(tok: Tokenizer, items: list[TokenLogprob], offset: int = 0) 
             "text_offset": offsets}
 
 
-async def _stream(model: LoadedModel, req: CompletionRequest, request: Request, meter: Meter) -> AsyncIterator[str]:
+async def _stream(plat: Platform, model: LoadedModel, req: CompletionRequest, request: Request, meter: Meter
+                  ) -> AsyncIterator[str]:
     base = {"id": request.request_id, "object": "text_completion", "created": now(), "model": req.model}
     prompt_tokens, completion = len(request.prompt_ids), 0
     offsets = [0] * request.params.n  # each choice's text so far, for text_offset
     try:
-        async for d in stream_engine(model, request):
-            meter.add(d)
-            if d.text or d.finish_reason or d.logprobs:
-                lp = legacy_logprobs(model.tokenizer, d.logprobs or [], offsets[d.index]) \
-                    if req.logprobs is not None else None
-                offsets[d.index] += len(d.text)
-                yield sse({**base, "choices": [{"index": d.index, "text": d.text, "logprobs": lp,
-                                                "finish_reason": api_finish(d.finish_reason) if d.finish_reason
-                                                else None}]})
-            if d.finish_reason is not None:
-                completion += d.completion_tokens
+        async with aclosing(metered(plat, model, request, meter)) as deltas:
+            async for d in deltas:
+                if d.text or d.finish_reason or d.logprobs:
+                    lp = legacy_logprobs(model.tokenizer, d.logprobs or [], offsets[d.index]) \
+                        if req.logprobs is not None else None
+                    offsets[d.index] += len(d.text)
+                    yield sse({**base, "choices": [{"index": d.index, "text": d.text, "logprobs": lp,
+                                                    "finish_reason": api_finish(d.finish_reason) if d.finish_reason
+                                                    else None}]})
+                if d.finish_reason is not None:
+                    completion += d.completion_tokens
         if req.stream_options and req.stream_options.include_usage:
             yield sse({**base, "choices": [], "usage": usage(prompt_tokens, completion)})
-        await meter.close()
     except APIError as e:
-        await meter.close("error")
         yield sse(error_body(e.message, e.type, e.param, e.code))
-    finally:
-        if not meter.recorded:
-            await meter.close("cancelled")
     yield sse("[DONE]")
