@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import secrets
+from datetime import datetime, timedelta
 from typing import Any
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
-from souverain.db.errors import Conflict, NotFound
-from souverain.db.tables import AuditLog, Membership, Organisation, Plan, User, Workspace
+from souverain.db.errors import Conflict, Forbidden, NotFound
+from souverain.db.tables import AuditLog, Invitation, Membership, Organisation, Plan, User, WebSession, Workspace
 
 ROLES = ("owner", "admin", "member")
 PLAN_FIELDS = ("requests_per_second", "tokens_per_minute", "tokens_per_month", "allowed_models", "max_context",
@@ -140,26 +143,65 @@ def get_user(s: Session, *, email: str | None = None, user_id: int | None = None
     return user
 
 
-def check_password(s: Session, *, email: str, password: str) -> User | None:
-    """The user when the password is right (argon2id, constant time), else None."""
+@functools.cache
+def _decoy_hash() -> str:
+    return _hasher.hash(secrets.token_urlsafe(16))
+
+
+def password_record(s: Session, *, email: str) -> tuple[int, str] | None:
+    """(user id, password hash) of an enabled user, for `verify_password` outside the transaction."""
     user = s.scalar(select(User).where(User.email == email.strip().lower()))
-    if user is None or user.disabled:
-        _hasher.hash(password)  # same cost either way: no user enumeration by timing
-        return None
+    return None if user is None or user.disabled else (user.id, user.password_hash)
+
+
+def verify_password(password_hash: str | None, password: str) -> bool:
+    """argon2id, constant time; with no hash (no such user) the same work is done against a decoy, so an
+    unknown e-mail is not told apart by timing. Holds no database lock: call it outside any transaction."""
     try:
-        _hasher.verify(user.password_hash, password)
+        return bool(_hasher.verify(password_hash or _decoy_hash(), password)) and password_hash is not None
     except (VerificationError, InvalidHashError):
+        return False
+
+
+def needs_rehash(password_hash: str) -> bool:
+    return bool(_hasher.check_needs_rehash(password_hash))
+
+
+def check_password(s: Session, *, email: str, password: str) -> User | None:
+    """The user when the password is right, else None (for the CLI; the server verifies outside the
+    transaction: `password_record` then `verify_password`)."""
+    found = password_record(s, email=email)
+    if not verify_password(found[1] if found else None, password) or found is None:
         return None
-    if _hasher.check_needs_rehash(user.password_hash):
+    user = s.get(User, found[0])
+    if user is not None and needs_rehash(user.password_hash):
         user.password_hash = _hasher.hash(password)
     return user
 
 
-def set_password(s: Session, *, user: User, password: str, actor: str) -> None:
+def set_password(s: Session, *, user: User, password: str, actor: str, revoke_sessions: bool = True) -> None:
+    """A new password; every browser session of the user ends (unless only re-hashing the same one)."""
     if len(password) < 8:
         raise Conflict("a password needs at least 8 characters")
     user.password_hash = _hasher.hash(password)
+    if revoke_sessions:
+        end_sessions(s, user_id=user.id)
     audit(s, actor=actor, action="user.password", target=user.email)
+
+
+def end_sessions(s: Session, *, user_id: int, org_id: int | None = None) -> None:
+    """Sign the user out everywhere (or only of one organisation's sessions)."""
+    q = delete(WebSession).where(WebSession.user_id == user_id)
+    if org_id is not None:
+        q = q.where(WebSession.org_id == org_id)
+    s.execute(q)
+
+
+def set_disabled(s: Session, *, user: User, disabled: bool, actor: str) -> None:
+    user.disabled = disabled
+    if disabled:
+        end_sessions(s, user_id=user.id)
+    audit(s, actor=actor, action="user.disable" if disabled else "user.enable", target=user.email)
 
 
 def add_member(s: Session, *, org: Organisation, user: User, role: str, actor: str) -> Membership:
@@ -192,3 +234,77 @@ def members(s: Session, *, org: Organisation) -> list[tuple[User, str]]:
     rows = s.execute(select(User, Membership.role).join(Membership, Membership.user_id == User.id)
                      .where(Membership.org_id == org.id).order_by(User.id))
     return [(u, r) for u, r in rows]
+
+
+def owners(s: Session, *, org: Organisation) -> int:
+    return len(list(s.scalars(select(Membership.user_id).where(Membership.org_id == org.id,
+                                                                Membership.role == "owner"))))
+
+
+def change_role(s: Session, *, org: Organisation, user: User, role: str | None, by: str | None, actor: str) -> None:
+    """Set (role) or remove (None) a member's role, as someone whose own role is `by` (None: the operator).
+    Only an owner makes or unmakes owners; the last owner stays. Removal ends the user's sessions in the
+    organisation and revokes the API keys they made there."""
+    m = s.get(Membership, (user.id, org.id))
+    if m is None:
+        raise NotFound(f"{user.email} is not a member of {org.name!r}")
+    if role is not None and role not in ROLES:
+        raise Conflict(f"role must be one of {', '.join(ROLES)}")
+    if "owner" in (m.role, role) and by not in ("owner", None):
+        raise Forbidden("only an owner can make, change or remove an owner")
+    if m.role == "owner" and role != "owner" and owners(s, org=org) <= 1:
+        raise Conflict(f"{user.email} is the last owner of {org.name!r}: make another owner first")
+    if role is None:
+        s.delete(m)
+        end_sessions(s, user_id=user.id, org_id=org.id)
+        from souverain.db.keys import revoke_user_keys
+
+        revoke_user_keys(s, user_id=user.id, org_id=org.id, actor=actor)
+        audit(s, actor=actor, action="member.remove", org_id=org.id, target=user.email)
+    else:
+        m.role = role
+        audit(s, actor=actor, action="member.set", org_id=org.id, target=user.email, detail={"role": role})
+    s.flush()
+
+
+INVITATION_DAYS = 7
+
+
+def invite(s: Session, *, org: Organisation, email: str, role: str, actor: str, now: datetime
+           ) -> tuple[str, Invitation]:
+    """An invitation token (shown once) for `email` to join `org` as `role`; whether such a user exists is
+    neither checked nor told."""
+    email = email.strip().lower()
+    if "@" not in email:
+        raise Conflict(f"{email!r} is not an e-mail address")
+    if role not in ROLES:
+        raise Conflict(f"role must be one of {', '.join(ROLES)}")
+    token = "inv-" + secrets.token_urlsafe(24)
+    row = Invitation(org_id=org.id, email=email, role=role, digest=_sha256(token), invited_by=actor, created_at=now,
+                     expires_at=now + timedelta(days=INVITATION_DAYS))
+    s.add(row)
+    audit(s, actor=actor, action="member.invite", org_id=org.id, target=email, detail={"role": role})
+    s.flush()
+    return token, row
+
+
+def find_invitation(s: Session, *, token: str, now: datetime) -> Invitation | None:
+    row = s.scalar(select(Invitation).where(Invitation.digest == _sha256(token)))
+    return row if row is not None and row.expires_at > now else None
+
+
+def accept(s: Session, *, invitation: Invitation, user: User) -> Membership:
+    """The invited user joins (an existing membership keeps the higher of the two roles)."""
+    if user.email != invitation.email:
+        raise Forbidden("this invitation is for another e-mail address")
+    org = get_org(s, org_id=invitation.org_id)
+    m = s.get(Membership, (user.id, org.id))
+    if m is None or ROLES.index(invitation.role) < ROLES.index(m.role):
+        m = add_member(s, org=org, user=user, role=invitation.role, actor=f"user:{user.id}")
+    s.delete(invitation)
+    s.flush()
+    return m
+
+
+def _sha256(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()

@@ -18,6 +18,11 @@ def sqlite_url(path: Path) -> str:
     return f"sqlite:///{path}"
 
 
+def _sqlite_begin_read(conn: Any) -> None:
+    # Readers take no lock up front: in WAL mode they run beside the writer and never wait for it.
+    conn.exec_driver_sql("BEGIN")
+
+
 def _sqlite_begin(conn: Any) -> None:
     # Python's sqlite3 starts transactions only before DML, so DDL would commit on its own; we start them
     # ourselves (SQLAlchemy's documented recipe) and migrations become all-or-nothing. IMMEDIATE takes the
@@ -41,6 +46,7 @@ class Database:
     url: str
     engine: Engine
     sessions: sessionmaker[Session]
+    readers: sessionmaker[Session] | None = None  # SQLite: sessions that only read (no write lock)
 
     @property
     def is_sqlite(self) -> bool:
@@ -50,6 +56,13 @@ class Database:
     def session(self) -> Iterator[Session]:
         """A session whose work commits on success and rolls back on any error."""
         with self.sessions() as s, s.begin():
+            yield s
+
+    @contextmanager
+    def reading(self) -> Iterator[Session]:
+        """A session for reads only. On SQLite it does not take the write lock, so reads never queue behind
+        a writer (every `session()` does: BEGIN IMMEDIATE). Writing in it is a bug: it may fail as locked."""
+        with (self.readers or self.sessions)() as s, s.begin():
             yield s
 
     def migrate(self, revision: str = "head") -> None:
@@ -78,6 +91,10 @@ class Database:
 
     def close(self) -> None:
         self.engine.dispose()
+        if self.readers is not None:
+            bind = self.readers.kw.get("bind")
+            if bind is not None:
+                bind.dispose()
 
 
 def alembic_config(conn: Any) -> Any:
@@ -101,9 +118,14 @@ def open_database(url: str, migrate: bool = True) -> Database:
         engine = create_engine(url, connect_args={"timeout": 15, "check_same_thread": False})
         event.listen(engine, "connect", _sqlite_pragmas)
         event.listen(engine, "begin", _sqlite_begin)
+        read_engine = create_engine(url, connect_args={"timeout": 15, "check_same_thread": False})
+        event.listen(read_engine, "connect", _sqlite_pragmas)
+        event.listen(read_engine, "begin", _sqlite_begin_read)
+        readers: sessionmaker[Session] | None = sessionmaker(read_engine, expire_on_commit=False)
     else:
         engine = create_engine(url, pool_pre_ping=True)
-    db = Database(url, engine, sessionmaker(engine, expire_on_commit=False))
+        readers = None
+    db = Database(url, engine, sessionmaker(engine, expire_on_commit=False), readers)
     if migrate:
         db.migrate()
     return db

@@ -7,3 +7,7 @@ class NotFound(LookupError):
 
 class Conflict(ValueError):
     """A unique name already taken or an invalid change (the server answers 409 or 400)."""
+
+
+class Forbidden(PermissionError):
+    """The actor's role does not allow this change (the server answers 403)."""

@@ -8,7 +8,7 @@ import secrets
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from souverain.db.accounts import audit
@@ -36,6 +36,7 @@ class KeyRecord:
     allowed_models: tuple[str, ...] | None
     requests_per_second: float | None
     tokens_per_minute: int | None
+    last_used_at: datetime | None = None
 
 
 def create_key(s: Session, *, workspace: Workspace, name: str = "", actor: str, user_id: int | None = None,
@@ -66,13 +67,20 @@ def authenticate(s: Session, *, key: str, now: datetime | None = None) -> KeyRec
         return None
     if row.revoked_at is not None or (row.expires_at is not None and row.expires_at <= now):
         return None
-    if row.last_used_at is None or now - row.last_used_at > TOUCH_EVERY:
-        row.last_used_at = now
     ws = s.get(Workspace, row.workspace_id)
     assert ws is not None  # foreign key
     return KeyRecord(row.id, row.workspace_id, ws.org_id, row.user_id, row.name,
                      tuple(row.allowed_models) if row.allowed_models is not None else None,
-                     row.requests_per_second, row.tokens_per_minute)
+                     row.requests_per_second, row.tokens_per_minute, row.last_used_at)
+
+
+def stale_use(rec: KeyRecord, now: datetime | None = None) -> bool:
+    """Whether the key's last-used time is due for an update (written at most every TOUCH_EVERY)."""
+    return rec.last_used_at is None or (now or utcnow()) - rec.last_used_at > TOUCH_EVERY
+
+
+def touch(s: Session, *, key_id: int, now: datetime | None = None) -> None:
+    s.execute(update(ApiKey).where(ApiKey.id == key_id).values(last_used_at=now or utcnow()))
 
 
 def list_keys(s: Session, *, org_id: int, workspace_id: int | None = None) -> list[tuple[ApiKey, Workspace]]:
@@ -97,3 +105,11 @@ def revoke_key(s: Session, *, key: ApiKey, actor: str, org_id: int) -> None:
     if key.revoked_at is None:
         key.revoked_at = utcnow()
     audit(s, actor=actor, action="key.revoke", org_id=org_id, target=key.prefix)
+
+
+def revoke_user_keys(s: Session, *, user_id: int, org_id: int, actor: str) -> int:
+    """Revoke every live key `user_id` made in `org_id` (they left it). Returns how many."""
+    rows = [k for k, _ in list_keys(s, org_id=org_id) if k.user_id == user_id and k.revoked_at is None]
+    for k in rows:
+        revoke_key(s, key=k, actor=actor, org_id=org_id)
+    return len(rows)

@@ -50,8 +50,10 @@ def create_app(settings: Settings, registry: Registry, db: Database | None = Non
 
         from souverain.web import routes as web
         from souverain.web.session import session_caller
+        from souverain.web.throttle import LoginThrottle
 
         app.state.session_caller = session_caller(app.state.platform)
+        app.state.login_throttle = LoginThrottle()
         app.include_router(web.router)
         app.include_router(web.pages)
         app.mount("/static", StaticFiles(directory=web.STATIC), name="static")

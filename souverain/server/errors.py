@@ -9,7 +9,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from souverain.db.errors import Conflict, NotFound
+from souverain.db.errors import Conflict, Forbidden, NotFound
 
 
 class APIError(Exception):
@@ -37,6 +37,10 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(Conflict)
     async def conflict(_: Request, e: Conflict) -> JSONResponse:
         return JSONResponse(error_body(str(e), "invalid_request_error", code="conflict"), 409)
+
+    @app.exception_handler(Forbidden)
+    async def forbidden(_: Request, e: Forbidden) -> JSONResponse:
+        return JSONResponse(error_body(str(e), "permission_error", code="forbidden"), 403)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, e: RequestValidationError) -> JSONResponse:

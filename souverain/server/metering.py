@@ -80,7 +80,7 @@ class Meter:
 class Ledger:
     db: Database
     now: Callable[[], datetime]
-    spacing: float = 0.02  # seconds between two commits while streams wait on them
+    spacing: float = 0.05  # seconds between two commits while streams wait on them (at most 20 commits/s)
     heartbeat: float = 1.0  # seconds between commits of progress nobody waits on
     stale_after: float = 60.0  # seconds: a running row not touched for this long belongs to a dead server
     _open: dict[int, Meter] = field(default_factory=dict)

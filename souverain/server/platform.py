@@ -7,6 +7,7 @@ one short transaction) and once to record usage, committed before the response e
 from __future__ import annotations
 
 import asyncio
+import logging
 import secrets
 import threading
 from collections.abc import Callable, Coroutine
@@ -21,6 +22,8 @@ from souverain.db.tables import Plan, utcnow
 from souverain.server.errors import APIError
 from souverain.server.limits import Rate, RateLimiter
 from souverain.server.metering import Ledger
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -130,20 +133,28 @@ class Platform:
             return Caller("static")
         if self.db is None:
             raise APIError(401, "invalid API key", type_="authentication_error")
-        with self.db.session() as s:
-            rec = keys.authenticate(s, key=token, now=self.now())
+        now = self.now()
+        with self.db.reading() as s:
+            rec = keys.authenticate(s, key=token, now=now)
             if rec is None:
                 raise APIError(401, "invalid, revoked or expired API key", type_="authentication_error")
             plan = accounts.org_plan(s, org_id=rec.org_id)
-            return Caller("key", rec.org_id, rec.workspace_id, rec.id, rec.user_id,
-                          accounts.role_in(s, user_id=rec.user_id, org_id=rec.org_id), Limits.of(plan), rec,
-                          usage.month_tokens(s, org_id=rec.org_id, at=self.now()))
+            caller = Caller("key", rec.org_id, rec.workspace_id, rec.id, rec.user_id,
+                            accounts.role_in(s, user_id=rec.user_id, org_id=rec.org_id), Limits.of(plan), rec,
+                            usage.month_tokens(s, org_id=rec.org_id, at=now))
+        if keys.stale_use(rec, now):  # a small write now and then, never inside the read
+            try:
+                with self.db.session() as s:
+                    keys.touch(s, key_id=rec.id, now=now)
+            except Exception:
+                log.warning("could not record the use of key %s", rec.id, exc_info=True)
+        return caller
 
     def visible(self, caller: Caller, model_ids: list[str]) -> list[str]:
         """The models this caller may see: open ones, and private ones shared with its organisation."""
         if caller.root or self.db is None:
             return model_ids
-        with self.db.session() as s:
+        with self.db.reading() as s:
             private = model_access.private_models(s)
         return [m for m in model_ids if m not in private or caller.org_id in private[m]]
 

@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import anyio.to_thread
 from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import FileResponse
 from pydantic import BaseModel, Field
 
 from souverain.db import accounts, chat
+from souverain.db.database import Database
 from souverain.db.tables import Conversation, Message
 from souverain.server.deps import CurrentCaller, Models, PlatformDep
 from souverain.server.errors import APIError
 from souverain.server.platform import Caller
 from souverain.web.session import COOKIE
+from souverain.web.throttle import LoginThrottle
 
 STATIC = Path(__file__).parent / "static"
 router = APIRouter(prefix="/app/api", tags=["chat app"])
@@ -28,6 +32,7 @@ CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' 
 class Login(BaseModel):
     email: str = Field(..., min_length=3, max_length=256)
     password: str = Field(..., min_length=1, max_length=1024)
+    organisation: str | None = Field(None, max_length=128)
 
 
 class NewConversation(BaseModel):
@@ -93,18 +98,139 @@ def msg_json(m: Message) -> dict[str, Any]:
 
 
 @router.post("/login")
-def login(body: Login, request: Request, response: Response, plat: PlatformDep) -> dict[str, Any]:
-    """Check the password; set the session cookie (HttpOnly, SameSite=Strict)."""
-    with plat.database("the chat app").session() as s:
-        user = accounts.check_password(s, email=body.email, password=body.password)
-        orgs = accounts.memberships(s, user=user) if user else []
-        if user is None or not orgs:
-            raise APIError(401, "wrong e-mail or password", type_="authentication_error")
-        token, row = chat.create_session(s, user_id=user.id, org_id=orgs[0][0].id, now=plat.now())
-        csrf = row.csrf
+async def login(body: Login, request: Request, response: Response, plat: PlatformDep) -> dict[str, Any]:
+    """Check the password; set the session cookie (HttpOnly, SameSite=Strict). A user of several organisations
+    names one with `organisation` (default: the first); the answer lists them all. Wrong passwords back off
+    exponentially per account and per address (429 with Retry-After)."""
+    db = plat.database("the chat app")
+    throttle: LoginThrottle = request.app.state.login_throttle
+    email = body.email.strip().lower()
+    address = request.client.host if request.client else "-"
+    throttle.enter(address, email)
+    try:
+        async with await throttle.hashing():
+            user_id = await anyio.to_thread.run_sync(_verify, db, email, body.password)
+    finally:
+        throttle.leave(address)
+    if user_id is None:
+        throttle.failed(address, email)
+        raise APIError(401, "wrong e-mail or password", type_="authentication_error")
+    throttle.succeeded(email)
+    token, csrf, chosen, names = await anyio.to_thread.run_sync(_open_session, db, user_id, body.organisation,
+                                                                 plat.now())
     response.set_cookie(COOKIE, token, max_age=chat.SESSION_DAYS * 86400, httponly=True, samesite="strict",
                         secure=request.url.scheme == "https", path="/")
-    return {"ok": True, "csrf": csrf}
+    return {"ok": True, "csrf": csrf, "organisation": chosen, "organisations": names}
+
+
+def _verify(db: Database, email: str, password: str) -> int | None:
+    """The user's id when the password is right. The row is read in a read-only transaction and the hash is
+    checked after it ended: argon2 never runs while a database lock is held."""
+    with db.reading() as s:
+        found = accounts.password_record(s, email=email)
+    if not accounts.verify_password(found[1] if found else None, password) or found is None:
+        return None
+    if accounts.needs_rehash(found[1]):
+        with db.session() as s:
+            accounts.set_password(s, user=accounts.get_user(s, user_id=found[0]), password=password,
+                                  actor=f"user:{found[0]}", revoke_sessions=False)
+    return found[0]
+
+
+def _open_session(db: Database, user_id: int, organisation: str | None, now: datetime
+                  ) -> tuple[str, str, str, list[str]]:
+    with db.session() as s:
+        orgs = accounts.memberships(s, user=accounts.get_user(s, user_id=user_id))
+        names = [o.name for o, _ in orgs]
+        if not orgs:
+            raise APIError(401, "wrong e-mail or password", type_="authentication_error")
+        chosen = next((o for o, _ in orgs if o.name == organisation), None) if organisation else orgs[0][0]
+        if chosen is None:
+            raise APIError(403, f"you are not a member of {organisation!r} (yours: {', '.join(names)})",
+                           type_="permission_error", param="organisation")
+        token, row = chat.create_session(s, user_id=user_id, org_id=chosen.id, now=now)
+        return token, row.csrf, chosen.name, names
+
+
+class Acceptance(BaseModel):
+    token: str = Field(..., min_length=8, max_length=128)
+    password: str = Field(..., min_length=1, max_length=1024)
+    name: str = Field("", max_length=128)
+
+
+class PasswordChange(BaseModel):
+    current: str = Field(..., min_length=1, max_length=1024)
+    new: str = Field(..., min_length=8, max_length=1024)
+
+
+@router.post("/invitations/accept")
+async def accept_invitation(body: Acceptance, request: Request, plat: PlatformDep) -> dict[str, Any]:
+    """Join the organisation an invitation names. An existing account proves itself with its password (checked
+    and throttled as a sign-in); a new e-mail gets an account with this password. Then sign in as usual."""
+    db = plat.database("the chat app")
+    throttle: LoginThrottle = request.app.state.login_throttle
+    address = request.client.host if request.client else "-"
+    with db.reading() as s:
+        inv = accounts.find_invitation(s, token=body.token, now=plat.now())
+        email = inv.email if inv else ""
+    throttle.enter(address, email or "-")
+    try:
+        async with await throttle.hashing():
+            result = await anyio.to_thread.run_sync(_accept, db, body, plat.now())
+    finally:
+        throttle.leave(address)
+    if result is None:
+        throttle.failed(address, email or "-")
+        raise APIError(401, "unknown or expired invitation, or wrong password", type_="authentication_error")
+    return result
+
+
+def _accept(db: Database, body: Acceptance, now: datetime) -> dict[str, Any] | None:
+    with db.reading() as s:
+        inv = accounts.find_invitation(s, token=body.token, now=now)
+        found = accounts.password_record(s, email=inv.email) if inv else None
+    # The same argon2 work in every case: timing tells neither whether the invitation nor the account exists.
+    right = accounts.verify_password(found[1] if found else None, body.password)
+    if inv is None or (found is not None and not right):
+        return None
+    with db.session() as s:
+        inv = accounts.find_invitation(s, token=body.token, now=now)
+        if inv is None:
+            return None
+        user = (accounts.get_user(s, user_id=found[0]) if found else
+                accounts.create_user(s, email=inv.email, password=body.password, name=body.name,
+                                     actor="invitation", org_id=inv.org_id))
+        org = accounts.get_org(s, org_id=inv.org_id)
+        m = accounts.accept(s, invitation=inv, user=user)
+        return {"ok": True, "organisation": org.name, "role": m.role, "email": user.email}
+
+
+@router.post("/password")
+async def change_password(body: PasswordChange, request: Request, response: Response, caller: User,
+                          plat: PlatformDep) -> dict[str, Any]:
+    """A new password: every session of the user ends, this browser gets a fresh one."""
+    assert caller.user_id is not None and caller.org_id is not None
+    db = plat.database("the chat app")
+    user_id, org_id = caller.user_id, caller.org_id
+
+    def change() -> tuple[str, str] | None:
+        with db.reading() as s:
+            old_hash = accounts.get_user(s, user_id=user_id).password_hash
+        if not accounts.verify_password(old_hash, body.current):
+            return None
+        with db.session() as s:
+            accounts.set_password(s, user=accounts.get_user(s, user_id=user_id), password=body.new,
+                                  actor=f"user:{user_id}")
+            token, row = chat.create_session(s, user_id=user_id, org_id=org_id, now=plat.now())
+            return token, row.csrf
+
+    async with await request.app.state.login_throttle.hashing():
+        done = await anyio.to_thread.run_sync(change)
+    if done is None:
+        raise APIError(403, "the current password is wrong", type_="permission_error", param="current")
+    response.set_cookie(COOKIE, done[0], max_age=chat.SESSION_DAYS * 86400, httponly=True, samesite="strict",
+                        secure=request.url.scheme == "https", path="/")
+    return {"ok": True, "csrf": done[1]}
 
 
 @router.post("/logout")

@@ -24,7 +24,7 @@ def session_caller(platform: Platform) -> Callable[[Request], Caller | None]:
         token = request.cookies.get(COOKIE)
         if not token or platform.db is None:
             return None
-        with platform.db.session() as s:
+        with platform.db.reading() as s:
             row = chat.get_session(s, token=token, now=platform.now())
             if row is None:
                 return None

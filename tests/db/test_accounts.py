@@ -25,7 +25,10 @@ def test_key_lifecycle(db: Database) -> None:
         assert stored is not None and secret not in (stored.digest, stored.prefix)  # only a hash is kept
         rec = keys.authenticate(s, key=secret)
         assert rec is not None and rec.org_id == org.id and rec.workspace_id == ws.id
-        assert stored.last_used_at is not None
+        assert keys.stale_use(rec)  # never used: due for its first touch
+        keys.touch(s, key_id=rec.id)
+        s.refresh(stored)
+        assert stored.last_used_at is not None and not keys.stale_use(keys.authenticate(s, key=secret))
         assert keys.authenticate(s, key=secret[:-1] + ("A" if secret[-1] != "A" else "B")) is None
         assert keys.authenticate(s, key="sk-sv-short") is None
         assert [k.prefix for k, _ in keys.list_keys(s, org_id=org.id)] == [secret[:keys.VISIBLE]]

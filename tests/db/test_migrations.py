@@ -37,13 +37,15 @@ def test_database_from_the_first_migration_upgrades_keeping_its_rows(db_url: str
     db = open_database(db_url, migrate=False)
     try:
         db.migrate("0001")
-        with db.session() as s:
-            org = accounts.create_org(s, name="old", plan="pro", actor="test")
-            org_id = org.id
+        with db.engine.begin() as conn:  # plain SQL: today's ORM classes know columns 0001 did not have
+            conn.execute(text("INSERT INTO organisations (name, plan_id, created_at) "
+                              "SELECT 'old', id, CURRENT_TIMESTAMP FROM plans WHERE name = 'pro'"))
+            org_id = conn.execute(text("SELECT id FROM organisations WHERE name = 'old'")).scalar_one()
         db.migrate()
         assert db.revision() == head()
         with db.session() as s:
             assert accounts.get_org(s, org_id=org_id).name == "old"
+            assert accounts.org_plan(s, org_id=org_id).max_concurrent == 32  # 0005 gave the plans their caps
     finally:
         db.close()
 

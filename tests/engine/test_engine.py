@@ -286,3 +286,19 @@ def test_huge_top_k_is_the_whole_vocabulary() -> None:
     plain = Request("p", list(b"hi"), SamplingParams(max_tokens=3, temperature=0))
     out = run_all(e, {0: [r, plain]})
     assert tokens_of(out[("r", 0)]) == tokens_of(out[("p", 0)])
+
+
+def test_tenants_of_one_priority_are_admitted_round_robin_under_their_caps() -> None:
+    model = tiny_model("dense")
+    engine = make_engine(model, max_num_seqs=6)
+    for i in range(8):  # one tenant's backlog, queued first
+        engine.add_request(Request(f"flood{i}", [1, 2 + i], GREEDY, tenant="org:1", tenant_max_running=4))
+    engine.add_request(Request("a", [3, 4], GREEDY, tenant="org:2"))
+    engine.add_request(Request("b", [5, 6], GREEDY, tenant="org:3"))
+    batch = engine.scheduler.schedule()
+    order = [i.seq.request.tenant or i.seq.request.request_id for i in batch.items]
+    # Round-robin: the later tenants come right after the flood's first, not after its backlog; the flood
+    # runs at most 4 though 6 slots were free.
+    assert order[:3] == ["org:1", "org:2", "org:3"] and order.count("org:1") == 4
+    out = run_all(engine)
+    assert len(out) == 10

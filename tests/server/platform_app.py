@@ -19,6 +19,7 @@ from souverain.server.limits import RateLimiter
 from souverain.server.platform import Platform
 from souverain.server.registry import LoadedModel, Registry
 from souverain.server.settings import Settings
+from souverain.web.throttle import LoginThrottle
 from tests.engine.toy import ByteTokenizer, make_engine, tiny_model
 from tests.serving import running
 
@@ -67,8 +68,46 @@ class FakeClock:
 @contextmanager
 def serve(registry: Registry, db: Database, clock: FakeClock) -> Iterator[str]:
     platform = Platform(db, [keys.digest(ROOT)], RateLimiter(clock.monotonic), now=clock.now)
-    with running(lambda port: create_app(Settings(port=port, api_keys=[ROOT]), registry, db, platform)) as url:
+
+    def make(port: int) -> Any:
+        app = create_app(Settings(port=port, api_keys=[ROOT]), registry, db, platform)
+        app.state.login_throttle = LoginThrottle(clock=clock.monotonic)  # sign-in back-off on the same clock
+        return app
+
+    with running(make) as url:
         yield url
+
+
+class Browser:
+    """A signed-in browser: the session cookie and the CSRF header, over plain urllib."""
+
+    def __init__(self, url: str) -> None:
+        self.url, self.cookie, self.csrf = url, "", ""
+
+    def login(self, email: str, password: str, organisation: str | None = None) -> tuple[int, Any]:
+        body: dict[str, Any] = {"email": email, "password": password}
+        if organisation:
+            body["organisation"] = organisation
+        status, headers, answer = self.call("POST", "/app/api/login", body)
+        if status == 200:
+            self.cookie = headers["set-cookie"].split(";", 1)[0]
+            self.csrf = answer["csrf"]
+        return status, answer
+
+    def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> tuple[int, Any, Any]:
+        h = {"Content-Type": "application/json", "x-csrf-token": self.csrf}
+        if self.cookie:
+            h["Cookie"] = self.cookie
+        req = urllib.request.Request(self.url + path, method=method, headers=h,
+                                     data=json.dumps(body).encode() if body is not None else None)
+        try:
+            with urllib.request.urlopen(req, timeout=60) as r:
+                status, headers, raw = r.status, r.headers, r.read().decode()
+        except urllib.error.HTTPError as e:
+            status, headers, raw = e.code, e.headers, e.read().decode()
+        if status == 200 and headers.get("set-cookie"):
+            self.cookie = headers["set-cookie"].split(";", 1)[0]
+        return status, headers, json.loads(raw) if raw.startswith(("{", "[")) else raw
 
 
 def call(url: str, method: str, path: str, key: str | None, body: dict[str, Any] | None = None

@@ -67,8 +67,10 @@ def kill_rounds(rounds: int, seed: int, url: str, key: str, env: dict[str, str],
                 try:
                     urllib.request.urlopen(f"{base}/health", timeout=1)
                     break
-                except OSError:
-                    assert server.poll() is None, server.stderr.read().decode() if server.stderr else ""
+                except OSError as e:
+                    if server.poll() is not None:  # it could not start: say why, plainly
+                        why = server.stderr.read().decode()[-4000:] if server.stderr else "exited"
+                        raise AssertionError(why) from e
                     time.sleep(0.05)
             for c in clients:
                 c.start()

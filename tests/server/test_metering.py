@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from souverain.db import accounts, keys, usage
-from souverain.db.database import Database, open_database, sqlite_url
+from souverain.db.database import Database, open_database
 from souverain.db.tables import UsageRecord
 from souverain.server.registry import Registry
 from tests.server.platform_app import ROOT, FakeClock, call, serve, tiny_registry
@@ -54,7 +54,7 @@ def final_row(db: Database, org: str, timeout: float = 10.0) -> UsageRecord:
     while True:
         with db.session() as s:
             rows = usage.records(s, org_id=accounts.get_org(s, name=org).id)
-        if rows and rows[0].status != "running" or time.monotonic() > deadline:
+        if (rows and rows[0].status != "running") or time.monotonic() > deadline:
             assert len(rows) == 1, rows
             return rows[0]
         time.sleep(0.05)

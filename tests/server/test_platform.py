@@ -85,9 +85,9 @@ def test_roles_guard_the_admin_api(url: str, db: Database) -> None:
     assert call(url, "POST", "/v1/admin/workspaces", admin_key, {"name": "research"})[0] == 201
     assert call(url, "POST", "/v1/admin/workspaces", admin_key, {"name": "research"})[0] == 409
     status, _, invited = call(url, "POST", "/v1/admin/members", admin_key, {"email": "new@acme.example"})
-    assert status == 201 and invited["password"]
+    assert status == 201 and invited["invitation"] and "password" not in invited
     audit = call(url, "GET", "/v1/admin/audit", admin_key)[2]["data"]
-    assert {"workspace.create", "member.set", "user.create"} <= {a["action"] for a in audit}
+    assert {"workspace.create", "member.invite"} <= {a["action"] for a in audit}
     assert call(url, "GET", "/v1/models", other_key)[0] == 200
 
 

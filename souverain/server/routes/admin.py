@@ -181,19 +181,34 @@ def list_members(caller: Admin, plat: PlatformDep, org: OrgName = None) -> dict[
 
 @router.post("/members", status_code=201)
 def set_member(body: MemberSet, caller: Admin, plat: PlatformDep, org: OrgName = None) -> dict[str, Any]:
-    """Invite a user (created with a one-time password when new) or change a member's role."""
-    if body.role == "owner" and caller.role not in ("owner", None) and not caller.root:
+    """Change a member's role, or invite someone who is not a member yet: the answer holds an invitation
+    token (shown once) that the invitee accepts in the chat app (POST /app/api/invitations/accept). Whether
+    the e-mail belongs to an existing account is never told. Only owners make, change or remove owners, and
+    the last owner stays one."""
+    by = None if caller.root else caller.role
+    if body.role == "owner" and by not in ("owner", None):
         raise APIError(403, "only an owner can make owners", type_="permission_error", param="role")
     with plat.database("admin routes").session() as s:
         o = the_org(s, caller, org)
-        password = None
-        try:
-            user = accounts.get_user(s, email=body.email)
-        except LookupError:
-            password = accounts.new_password()
-            user = accounts.create_user(s, email=body.email, password=password, actor=actor(caller), org_id=o.id)
-        accounts.add_member(s, org=o, user=user, role=body.role, actor=actor(caller))
-        return {"email": user.email, "role": body.role, "password": password}
+        member = next((u for u, _ in accounts.members(s, org=o) if u.email == body.email.strip().lower()), None)
+        if member is not None:
+            accounts.change_role(s, org=o, user=member, role=body.role, by=by, actor=actor(caller))
+            return {"email": member.email, "role": body.role, "invitation": None, "expires_at": None}
+        token, inv = accounts.invite(s, org=o, email=body.email, role=body.role, actor=actor(caller), now=plat.now())
+        return {"email": inv.email, "role": inv.role, "invitation": token, "expires_at": inv.expires_at.isoformat()}
+
+
+@router.delete("/members/{email}")
+def remove_member(email: str, caller: Admin, plat: PlatformDep, org: OrgName = None) -> dict[str, Any]:
+    """Remove a member: their sessions in this organisation end and the keys they made here are revoked."""
+    with plat.database("admin routes").session() as s:
+        o = the_org(s, caller, org)
+        member = next((u for u, _ in accounts.members(s, org=o) if u.email == email.strip().lower()), None)
+        if member is None:
+            raise APIError(404, f"{email!r} is not a member of {o.name!r}", code="not_found")
+        accounts.change_role(s, org=o, user=member, role=None, by=None if caller.root else caller.role,
+                             actor=actor(caller))
+        return {"email": member.email, "removed": True}
 
 
 @router.get("/usage", response_model=None)
