@@ -172,6 +172,25 @@ def users_passwd(email: str, db: Db = None) -> None:
     out.print("password changed")
 
 
+@users_app.command("disable")
+def users_disable(email: str, db: Db = None) -> None:
+    """Disable an account: it can no longer sign in and its browser sessions end now."""
+    from souverain.db import accounts
+
+    with session(db) as s:
+        accounts.set_disabled(s, user=accounts.get_user(s, email=email), disabled=True, actor=ACTOR)
+    out.print(f"{email} is disabled; its sessions ended")
+
+
+@users_app.command("enable")
+def users_enable(email: str, db: Db = None) -> None:
+    from souverain.db import accounts
+
+    with session(db) as s:
+        accounts.set_disabled(s, user=accounts.get_user(s, email=email), disabled=False, actor=ACTOR)
+    out.print(f"{email} is enabled")
+
+
 @keys_app.command("create")
 def keys_create(name: Annotated[str, typer.Option(help="A label for the key")] = "", org: Org = "default",
                 workspace: Annotated[str, typer.Option(help="Workspace")] = "default",

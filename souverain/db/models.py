@@ -17,6 +17,11 @@ def private_models(s: Session) -> dict[str, set[int]]:
     return out
 
 
+def hidden_from(s: Session, *, org_id: int | None) -> frozenset[str]:
+    """The private models `org_id` may not see."""
+    return frozenset(m for m, orgs in private_models(s).items() if org_id not in orgs)
+
+
 def share_model(s: Session, *, model: str, org_id: int, actor: str) -> None:
     """Make `model` private to its listed organisations, adding this one."""
     if s.get(PrivateModel, (model, org_id)) is None:

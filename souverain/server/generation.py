@@ -60,6 +60,19 @@ def sampling_params(req: Sampling, model: LoadedModel, prompt_len: int, logprobs
         raise APIError(400, str(e), param=field_name) from None
 
 
+MAX_BYTES_PER_TOKEN = 256  # no vocabulary we know has a longer token: a prompt this long cannot fit
+
+
+def refuse_oversized(text_bytes: int, model: LoadedModel, adm: Admission) -> None:
+    """400 before tokenising a prompt that cannot fit the context whatever its tokens (tokenising megabytes
+    costs seconds of CPU): estimated from its size in bytes."""
+    context = min(model.max_context, adm.max_context or model.max_context)
+    if text_bytes > context * MAX_BYTES_PER_TOKEN:
+        raise APIError(400, f"prompt ({text_bytes} bytes, at least {text_bytes // MAX_BYTES_PER_TOKEN} tokens) "
+                            f"exceeds the context of {context} tokens", param="messages",
+                       code="context_length_exceeded")
+
+
 def refuse_unsupported(req: Sampling) -> None:
     """Nothing silently ignored: a parameter this server cannot honour is a 400 naming it."""
     name = unsupported(req)

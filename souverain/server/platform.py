@@ -62,6 +62,7 @@ class Caller:
     limits: Limits | None = None
     key: keys.KeyRecord | None = None
     month_tokens: int = 0
+    hidden: frozenset[str] = frozenset()  # private models not shared with this organisation (read with the key)
 
     def usage(self, request_id: str, model: str, endpoint: str, prompt_tokens: int, completion_tokens: int,
               latency_ms: int, status: str) -> usage.Usage:
@@ -136,12 +137,13 @@ class Platform:
         now = self.now()
         with self.db.reading() as s:
             rec = keys.authenticate(s, key=token, now=now)
-            if rec is None:
+            if rec is None or (rec.user_id is not None and accounts.get_user(s, user_id=rec.user_id).disabled):
                 raise APIError(401, "invalid, revoked or expired API key", type_="authentication_error")
             plan = accounts.org_plan(s, org_id=rec.org_id)
             caller = Caller("key", rec.org_id, rec.workspace_id, rec.id, rec.user_id,
                             accounts.role_in(s, user_id=rec.user_id, org_id=rec.org_id), Limits.of(plan), rec,
-                            usage.month_tokens(s, org_id=rec.org_id, at=now))
+                            usage.month_tokens(s, org_id=rec.org_id, at=now),
+                            model_access.hidden_from(s, org_id=rec.org_id))
         if keys.stale_use(rec, now):  # a small write now and then, never inside the read
             try:
                 with self.db.session() as s:
@@ -151,12 +153,9 @@ class Platform:
         return caller
 
     def visible(self, caller: Caller, model_ids: list[str]) -> list[str]:
-        """The models this caller may see: open ones, and private ones shared with its organisation."""
-        if caller.root or self.db is None:
-            return model_ids
-        with self.db.reading() as s:
-            private = model_access.private_models(s)
-        return [m for m in model_ids if m not in private or caller.org_id in private[m]]
+        """The models this caller may see: open ones, and private ones shared with its organisation. (Read
+        with the caller, in a worker thread: nothing here touches the database on the event loop.)"""
+        return model_ids if caller.root else [m for m in model_ids if m not in caller.hidden]
 
     def check_model(self, caller: Caller, model: str) -> None:
         """403 for a model the plan or the key excludes. (Visibility, 404, is checked when the route looks the
@@ -168,12 +167,6 @@ class Platform:
             if allowed is not None and model not in allowed:
                 raise APIError(403, f"{what} does not include model {model!r} (allowed: {', '.join(allowed)})",
                                type_="permission_error", param="model", code="model_not_allowed")
-
-    def admit(self, caller: Caller, model: str, prompt_tokens: int) -> Admission:
-        """`gate`, then the prompt's tokens (one-shot requests: embeddings)."""
-        adm = self.gate(caller, model)
-        self.charge(caller, prompt_tokens)
-        return adm
 
     def gate(self, caller: Caller, model: str) -> Admission:
         """Model allow-lists, the monthly quota, then one request from the rate limits; 429 with the headers

@@ -15,6 +15,8 @@ from tokenizers import processors
 from souverain.tokenizer.base import ChatMessage
 from souverain.tokenizer.chat import ChatTemplateError, render_chat
 
+LONG_TEXT = 16_384  # characters: longer texts are encoded without holding the GIL
+
 
 class HFTokenizer:
     """`raw`'s post-processor decides what `add_special` adds (BOS for Llama/Mistral), exactly
@@ -42,6 +44,10 @@ class HFTokenizer:
 
     def encode(self, text: str, *, add_special: bool = True, parse_special: bool = True) -> list[int]:
         raw = self.raw if parse_special else self.plain
+        if len(text) > LONG_TEXT:
+            # tokenizers' encode holds the GIL throughout (seconds for megabytes: every other thread, the
+            # server's event loop included, stops); encode_batch releases it.
+            return list(raw.encode_batch([text], add_special_tokens=add_special)[0].ids)
         return list(raw.encode(text, add_special_tokens=add_special).ids)
 
     def decode(self, ids: Sequence[int], *, skip_special: bool = True) -> str:

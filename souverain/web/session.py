@@ -11,6 +11,7 @@ from collections.abc import Callable
 from fastapi import Request
 
 from souverain.db import accounts, chat, usage
+from souverain.db import models as model_access
 from souverain.server.errors import APIError
 from souverain.server.platform import Caller, Limits, Platform
 
@@ -35,6 +36,7 @@ def session_caller(platform: Platform) -> Callable[[Request], Caller | None]:
             return Caller("session", org.id, workspace.id, None, row.user_id,
                           accounts.role_in(s, user_id=row.user_id, org_id=org.id),
                           Limits.of(accounts.org_plan(s, org_id=org.id)), None,
-                          usage.month_tokens(s, org_id=org.id, at=platform.now()))
+                          usage.month_tokens(s, org_id=org.id, at=platform.now()),
+                          model_access.hidden_from(s, org_id=org.id))
 
     return resolve

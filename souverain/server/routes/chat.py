@@ -27,6 +27,7 @@ from souverain.server.generation import (
     logprobs_json,
     metered,
     now,
+    refuse_oversized,
     refuse_unsupported,
     sse,
     start,
@@ -78,6 +79,7 @@ async def chat_completions(req: ChatCompletionRequest, caller: CurrentCaller, mo
     model = find_model(models, req.model, caller, plat)
     refuse_unsupported(req)
     adm = plat.gate(caller, req.model)  # rate limits before the prompt is rendered and tokenised
+    refuse_oversized(sum(len(m.model_dump_json(exclude_none=True)) for m in req.messages), model, adm)
     ids, plan = await run_in_threadpool(_plan, model, req)
     return await respond(plat, caller, model, req, ids, (req.top_logprobs or 0) if req.logprobs else None, "chat",
                          adm, client_gone(http.receive), plan)
@@ -92,6 +94,7 @@ async def fim_completions(req: FIMCompletionRequest, caller: CurrentCaller, mode
     if "fim" not in model.info.get("capabilities", []):
         raise APIError(400, f"model {req.model!r} has no fill-in-the-middle capability", param="model")
     adm = plat.gate(caller, req.model)
+    refuse_oversized(len(req.prompt.encode()) + len((req.suffix or "").encode()), model, adm)
     try:
         ids = await run_in_threadpool(model.tokenizer.encode_fim, req.prompt, req.suffix or "")
     except ValueError as e:

@@ -21,6 +21,7 @@ from souverain.server.generation import (
     collect,
     metered,
     now,
+    refuse_oversized,
     refuse_unsupported,
     sse,
     start,
@@ -53,6 +54,7 @@ async def completions(req: CompletionRequest, caller: CurrentCaller, models: Mod
         raise APIError(400, "echo with logprobs needs the prompt's log-probabilities, which this server does not "
                             "compute", param="echo")
     adm = plat.gate(caller, req.model)  # rate limits before the prompt is tokenised
+    refuse_oversized(len(req.prompt.encode()), model, adm)
     ids = await run_in_threadpool(model.tokenizer.encode, req.prompt)
     if not ids:
         raise APIError(400, "prompt is empty (and this model adds no BOS token)", param="prompt")

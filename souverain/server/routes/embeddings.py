@@ -39,8 +39,9 @@ async def embeddings(req: EmbeddingRequest, caller: CurrentCaller, models: Model
     if req.dimensions is not None and req.dimensions != found.embedder.dim:
         raise APIError(400, f"this model's embeddings have {found.embedder.dim} dimensions", param="dimensions")
     started = time.monotonic()
+    headers = plat.gate(caller, req.model).headers  # rate limits before the texts are tokenised
     tokens = await asyncio.to_thread(found.embedder.count_tokens, texts)
-    headers = plat.admit(caller, req.model, tokens).headers
+    plat.charge(caller, tokens)
     request_id = f"embd-{uuid.uuid4().hex}"
     try:
         vectors = await asyncio.to_thread(found.embedder.embed, texts)  # the event loop stays free

@@ -6,6 +6,7 @@ import uuid
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import anyio.to_thread
 from fastapi import APIRouter, File, Form, Query, Request, UploadFile
 from fastapi.responses import FileResponse
 
@@ -28,27 +29,37 @@ def file_json(f: StoredFile) -> dict[str, Any]:
 async def upload(request: Request, caller: CurrentCaller, plat: PlatformDep,
                  file: Annotated[UploadFile, File(description="A JSONL file")],
                  purpose: Annotated[Literal["fine-tune", "batch"], Form()] = "fine-tune") -> dict[str, Any]:
-    """Store a file (up to `max_file_bytes`). JSONL is checked when a job uses it; errors name their lines."""
+    """Store a file (up to `max_file_bytes`, and the plan's fine-tuning file cap). JSONL is checked here and
+    again when a job uses it; errors name their lines. Checking and writing run in a worker thread."""
     limit = request.app.state.settings.max_file_bytes
+    plan_cap = caller.limits.finetune.get("file_bytes") if caller.limits else None
+    if plan_cap is not None and plan_cap < limit:
+        limit = plan_cap
     data = await file.read(limit + 1)
     if len(data) > limit:
-        raise APIError(413, f"file over the limit of {limit} bytes", param="file")
+        raise APIError(413, f"file over the limit of {limit} bytes" + (" (your plan's)" if limit == plan_cap else ""),
+                       param="file")
     if not data:
         raise APIError(400, "the file is empty", param="file")
     name = Path(file.filename or "upload.jsonl").name[:200]
-    check = validate_jsonl(data)
-    file_id = str(uuid.uuid4())
     folder = request.app.state.settings.data_path() / "files"
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{file_id}.jsonl"
-    tmp = path.with_suffix(".tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)  # whole or absent
-    with plat.database("files").session() as s:
-        row = finetune.add_file(s, org_id=caller.org_id, filename=name, purpose=purpose, size=len(data),
-                                num_lines=sum(1 for line in data.splitlines() if line.strip()),
-                                sample_type=check.kind, path=str(path), file_id=file_id)
-        return file_json(row)
+    db = plat.database("files")
+
+    def store() -> dict[str, Any]:
+        check = validate_jsonl(data)
+        file_id = str(uuid.uuid4())
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{file_id}.jsonl"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_bytes(data)
+        tmp.replace(path)  # whole or absent
+        with db.session() as s:
+            row = finetune.add_file(s, org_id=caller.org_id, filename=name, purpose=purpose, size=len(data),
+                                    num_lines=sum(1 for line in data.splitlines() if line.strip()),
+                                    sample_type=check.kind, path=str(path), file_id=file_id)
+            return file_json(row)
+
+    return await anyio.to_thread.run_sync(store)
 
 
 @router.get("/v1/files")
