@@ -322,6 +322,28 @@ def _env_list(name: str) -> list[str] | None:
     return [v for v in value.replace(",", " ").split() if v] if value else None
 
 
+def _tell_first_start(first: Any, url: str) -> None:
+    """The owner's password and first key: on a terminal, shown once; otherwise (a service whose output is
+    logged) written to a file only its owner can read, and only the file's path is printed."""
+    from souverain.hub.store import default_home
+
+    text = (f"the chat app at {url}\n  e-mail    {first.email}\n  password  {first.password}\n"
+            f"  API key   {first.api_key}\n"
+            "(`souverain keys create` makes more keys; `souverain users passwd` changes the password)")
+    if sys.stderr.isatty():
+        err.print(f"[bold]first start[/bold] (shown once): {text}", highlight=False, soft_wrap=True)
+        return
+    home = default_home()
+    home.mkdir(parents=True, exist_ok=True)
+    path = home / "first-start.txt"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text + "\n")
+    path.chmod(0o600)
+    err.print(f"first start: the owner's password and first API key are in {path} (readable by you only; "
+              "delete it once read)", highlight=False, soft_wrap=True)
+
+
 @app.command()
 def serve(
     host: Annotated[str, typer.Option(envvar="SOUVERAIN_HOST", help="Address to bind")] = "127.0.0.1",
@@ -335,34 +357,45 @@ def serve(
     dtype: Annotated[str, typer.Option(envvar="SOUVERAIN_DTYPE")] = "bfloat16",
     bits: Annotated[str, typer.Option(envvar="SOUVERAIN_BITS", help="auto, 0, 4 or 8")] = "auto",
     db: Db = None,
+    api_key_file: Annotated[Path | None, typer.Option(
+        envvar="SOUVERAIN_API_KEY_FILE", help="Static API keys, one per line (kept out of the process list)")] = None,
+    metrics_key: Annotated[str | None, typer.Option(
+        envvar="SOUVERAIN_METRICS_KEY", help="A key that may read /metrics only (for a Prometheus scraper)")] = None,
 ) -> None:
     """Serve the Mistral/OpenAI-compatible API and the chat app (the default model is pulled on first use).
 
-    The first start creates an owner account and a first API key, and prints both once."""
+    The first start creates an owner account and a first API key: printed once on a terminal, otherwise written
+    to first-start.txt in the data folder (mode 0600), never into a log."""
     import uvicorn
 
     from souverain.db.bootstrap import bootstrap
     from souverain.db.database import open_database
+    from souverain.hub.store import default_home
     from souverain.server.app import create_app
     from souverain.server.loader import load_models
     from souverain.server.settings import Settings
 
+    home = default_home()  # models, uploads, adapters, the database: the owner's only
+    home.mkdir(parents=True, exist_ok=True)
+    home.chmod(0o700)
     try:
         database = open_database(db or default_db_url())  # migrations run here, in one transaction
     except Exception as e:
         raise _fail(f"cannot open the database {db or default_db_url()}: {e}") from None
     first = bootstrap(database)
     if first is not None:
-        err.print(f"[bold]first start[/bold] (shown once): the chat app at http://{host}:{port}/\n"
-                  f"  e-mail    {first.email}\n  password  {first.password}\n"
-                  f"  API key   {first.api_key}\n"
-                  "(`souverain keys create` makes more keys; `souverain users passwd` changes the password)",
-                  highlight=False, soft_wrap=True)
+        _tell_first_start(first, f"http://{host}:{port}/")
+    static_keys = list(api_key or _env_list("SOUVERAIN_API_KEY") or [])
+    if api_key_file is not None:
+        try:
+            static_keys += [k.strip() for k in api_key_file.read_text().splitlines() if k.strip()]
+        except OSError as e:
+            raise _fail(f"cannot read --api-key-file: {e}") from None
 
     try:
         models = model or _env_list("SOUVERAIN_MODELS") or ["smollm2", "minilm"]
         settings = Settings(host=host, port=port, models=models,
-                            api_keys=api_key or _env_list("SOUVERAIN_API_KEY") or [],
+                            api_keys=static_keys, metrics_keys=[metrics_key] if metrics_key else [],
                             kv_cache_memory=kv_cache_memory, dtype=dtype, bits=bits,
                             usage_stale_seconds=float(os.environ.get("SOUVERAIN_USAGE_STALE_SECONDS", "60")))
         registry = load_models(settings, say=lambda m: err.print(f"[dim]{m}[/dim]", highlight=False))

@@ -19,7 +19,7 @@ from souverain.db.tables import AuditLog, Invitation, Membership, Organisation, 
 ROLES = ("owner", "admin", "member")
 PLAN_FIELDS = ("requests_per_second", "tokens_per_minute", "tokens_per_month", "allowed_models", "max_context",
                "priority", "max_concurrent", "max_queued", "finetune_max_seq_len", "finetune_max_batch",
-               "finetune_max_steps", "finetune_max_file_bytes", "finetune_max_jobs")
+               "finetune_max_steps", "finetune_max_file_bytes", "finetune_max_jobs", "cache_per_user")
 _hasher = PasswordHasher()
 
 

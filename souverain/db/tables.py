@@ -9,7 +9,20 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, DateTime, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    false,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -40,6 +53,7 @@ class Plan(Base):
     finetune_max_steps: Mapped[int | None] = mapped_column(Integer)
     finetune_max_file_bytes: Mapped[int | None] = mapped_column(BigInteger)
     finetune_max_jobs: Mapped[int | None] = mapped_column(Integer)  # running or queued at once
+    cache_per_user: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
 
 class Organisation(Base):

@@ -40,13 +40,15 @@ class Limits:
     max_concurrent: int | None = None  # sequences of the organisation running at once
     max_queued: int | None = None  # sequences waiting beyond those
     finetune: dict[str, int | None] = field(default_factory=dict)  # seq_len, batch, steps, file_bytes, jobs
+    cache_per_user: bool = False  # prefix cache shared per user (or key) rather than per organisation
 
     @classmethod
     def of(cls, p: Plan) -> Limits:
         return cls(p.name, p.requests_per_second, p.tokens_per_minute, p.tokens_per_month,
                    tuple(p.allowed_models) if p.allowed_models is not None else None, p.max_context, p.priority,
                    p.max_concurrent, p.max_queued,
-                   {k: getattr(p, f"finetune_max_{k}") for k in ("seq_len", "batch", "steps", "file_bytes", "jobs")})
+                   {k: getattr(p, f"finetune_max_{k}") for k in ("seq_len", "batch", "steps", "file_bytes", "jobs")},
+                   bool(p.cache_per_user))
 
 
 @dataclass(frozen=True)
@@ -191,8 +193,10 @@ class Platform:
         if quota is not None:
             headers["x-ratelimit-limit-tokens-month"] = str(quota)
             headers["x-ratelimit-remaining-tokens-month"] = str(max(0, quota - caller.month_tokens))
-        return Admission(headers, lim.priority, lim.max_context, f"org:{caller.org_id}", f"org:{caller.org_id}",
-                         lim.max_concurrent)
+        salt = f"org:{caller.org_id}"
+        if lim.cache_per_user:
+            salt += f":user:{caller.user_id}" if caller.user_id is not None else f":key:{caller.key_id}"
+        return Admission(headers, lim.priority, lim.max_context, salt, f"org:{caller.org_id}", lim.max_concurrent)
 
     def charge(self, caller: Caller, tokens: int) -> None:
         """Take tokens from the caller's token-per-minute buckets (negative: give them back)."""

@@ -12,6 +12,7 @@ class Settings(BaseModel):
     port: int = Field(8000, ge=1, le=65535)
     models: list[str] = Field(default_factory=lambda: ["smollm2", "minilm"])
     api_keys: list[str] = Field(default_factory=list)  # static keys; none = no authentication
+    metrics_keys: list[str] = Field(default_factory=list)  # keys that may read /metrics and nothing else
     kv_cache_memory: int = 1 << 30
     max_waiting: int = 256
     max_body_bytes: int = 16 << 20  # larger requests get 413

@@ -57,6 +57,14 @@ class PlanLimits(BaseModel):
     allowed_models: list[str] | None = None
     max_context: int | None = Field(None, gt=0)
     priority: int = Field(1, ge=0, le=100)
+    max_concurrent: int | None = Field(None, ge=1, le=100_000)  # sequences running at once (n counts)
+    max_queued: int | None = Field(None, ge=0, le=100_000)  # sequences waiting beyond those
+    finetune_max_seq_len: int | None = Field(None, ge=16, le=1 << 20)
+    finetune_max_batch: int | None = Field(None, ge=1, le=1024)
+    finetune_max_steps: int | None = Field(None, ge=1, le=10_000_000)
+    finetune_max_file_bytes: int | None = Field(None, ge=1, le=1 << 40)
+    finetune_max_jobs: int | None = Field(None, ge=1, le=1000)
+    cache_per_user: bool = False  # prefix cache per user (or key) instead of per organisation
 
 
 class OrgCreate(BaseModel):
@@ -248,9 +256,10 @@ def list_plans(_: Admin, plat: PlatformDep) -> dict[str, Any]:
 
 @router.put("/plans/{name}")
 def set_plan(name: str, body: PlanLimits, caller: Root, plat: PlatformDep) -> dict[str, Any]:
-    """Create or change a plan's limits (null = unlimited)."""
+    """Create or change a plan's limits (null = unlimited; fields not sent keep their values)."""
     with plat.database("admin routes").session() as s:
-        p = accounts.set_plan_limits(s, name=name, actor=actor(caller), create=True, **body.model_dump())
+        p = accounts.set_plan_limits(s, name=name, actor=actor(caller), create=True,
+                                     **body.model_dump(exclude_unset=True))
         return {"name": p.name, **{f: getattr(p, f) for f in accounts.PLAN_FIELDS}}
 
 

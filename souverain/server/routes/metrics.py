@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+import secrets
+
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import PlainTextResponse
 
 from souverain.engine.stats import EngineStats, Histogram
-from souverain.server.deps import CurrentCaller, Models
+from souverain.server.deps import Models, current_caller
+from souverain.server.errors import APIError
 
 router = APIRouter()
 
@@ -55,7 +58,19 @@ def render(stats: dict[str, EngineStats]) -> str:
     return "\n".join(lines) + "\n"
 
 
-@router.get("/metrics", response_class=PlainTextResponse)
-async def metrics(_: CurrentCaller, models: Models) -> str:
-    """Prometheus exposition of every loaded model's engine counters."""
+def operator(request: Request) -> None:
+    """The metrics describe every tenant's traffic (prefix-cache hits included, which would let one member
+    test guesses about a colleague's prompts): the operator's key, or a metrics-only key, reads them."""
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    allowed = request.app.state.settings.metrics_keys
+    if scheme.lower() == "bearer" and any(secrets.compare_digest(token.strip(), k) for k in allowed):
+        return
+    if not current_caller(request).root:
+        raise APIError(403, "/metrics needs the operator's key or the metrics key (serve --metrics-key)",
+                       type_="permission_error")
+
+
+@router.get("/metrics", response_class=PlainTextResponse, dependencies=[Depends(operator)])
+async def metrics(models: Models) -> str:
+    """Prometheus exposition of every loaded model's engine counters (operators only)."""
     return render({m.id: m.engine.engine.stats for m in models.models.values()})

@@ -32,6 +32,11 @@ def upgrade() -> None:
     with op.batch_alter_table("plans") as batch:
         for name in PLAN_COLUMNS:
             batch.add_column(sa.Column(name, sa.BigInteger if name.endswith("bytes") else sa.Integer, nullable=True))
+    # Prefix-cache isolation: per organisation (default) or per user, so that members cannot probe each other's
+    # prompts by timing. (No CHECK constraint: with one, SQLite would rebuild the table the organisations
+    # reference.)
+    op.add_column("plans", sa.Column("cache_per_user", sa.Boolean(create_constraint=False), nullable=False,
+                                     server_default=sa.false()))
     plans = sa.table("plans", sa.column("name", sa.String), *(sa.column(c, sa.Integer) for c in PLAN_COLUMNS))
     for name, values in LIMITS.items():
         op.execute(plans.update().where(plans.c.name == name).values(**values))
@@ -53,7 +58,7 @@ def downgrade() -> None:
     op.drop_index("ix_usage_records_status", "usage_records")
     op.drop_table("invitations")
     with op.batch_alter_table("plans") as batch:
-        for name in PLAN_COLUMNS:
+        for name in (*PLAN_COLUMNS, "cache_per_user"):
             batch.drop_column(name)
     with op.batch_alter_table("usage_records") as batch:
         batch.drop_column("updated_at")
