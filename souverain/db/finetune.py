@@ -8,8 +8,9 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from souverain.db import usage
 from souverain.db.errors import NotFound
-from souverain.db.tables import FineTuningJob, StoredFile, utcnow
+from souverain.db.tables import FineTuningJob, StoredFile, UsageRecord, utcnow
 
 ACTIVE = ("QUEUED", "VALIDATING", "VALIDATED", "RUNNING", "CANCELLATION_REQUESTED")
 FINAL = ("SUCCESS", "FAILED", "FAILED_VALIDATION", "CANCELLED")
@@ -69,6 +70,11 @@ def list_jobs(s: Session, *, org_id: int | None, status: str | None = None) -> l
     return list(s.scalars(q))
 
 
+def active_count(s: Session, *, org_id: int | None) -> int:
+    return len(list(s.scalars(select(FineTuningJob.id).where(FineTuningJob.org_id == org_id,
+                                                              FineTuningJob.status.in_(ACTIVE)))))
+
+
 def active_jobs(s: Session) -> list[FineTuningJob]:
     """Jobs not yet ended, oldest first (the runner's work list: an indexed query, however many jobs ended)."""
     return list(s.scalars(select(FineTuningJob).where(FineTuningJob.status.in_(ACTIVE))
@@ -98,3 +104,20 @@ def add_checkpoint(job: FineTuningJob, step: int, train_loss: float, valid_loss:
 def succeeded(s: Session) -> list[FineTuningJob]:
     return list(s.scalars(select(FineTuningJob).where(FineTuningJob.status == "SUCCESS",
                                                       FineTuningJob.fine_tuned_model.is_not(None))))
+
+
+FINETUNE_ENDPOINT = "fine-tuning"
+
+
+def unmetered(s: Session) -> list[FineTuningJob]:
+    """Ended jobs whose trained tokens are not in the usage yet."""
+    metered = select(UsageRecord.request_id).where(UsageRecord.endpoint == FINETUNE_ENDPOINT)
+    return list(s.scalars(select(FineTuningJob).where(FineTuningJob.status.in_(FINAL),
+                                                      FineTuningJob.id.not_in(metered))))
+
+
+def meter(s: Session, *, job: FineTuningJob) -> None:
+    """One usage row for an ended job: its trained tokens count against the organisation's month."""
+    usage.record(s, usage=usage.Usage(job.id, job.model, FINETUNE_ENDPOINT, job.trained_tokens, 0,
+                                      int((job.modified_at - job.created_at).total_seconds() * 1000),
+                                      job.status.lower(), job.org_id))

@@ -1,5 +1,7 @@
-"""The server side of fine-tuning: validates queued jobs, starts one worker process at a time, restarts a
-worker that died (it resumes from its checkpoint), and enforces cancellation."""
+"""The server side of fine-tuning: has queued jobs validated (in a process of their own), starts workers —
+at most `max_workers` at once and one per organisation, so one organisation's long job never blocks the
+others — restarts a worker that died (it resumes from its checkpoint), enforces cancellation, and meters the
+tokens each job trained once it ends."""
 
 from __future__ import annotations
 
@@ -18,7 +20,6 @@ from sqlalchemy.orm import Session
 from souverain.db import finetune
 from souverain.db.database import Database
 from souverain.db.tables import FineTuningJob
-from souverain.train.data import validate_jsonl
 
 log = logging.getLogger(__name__)
 MAX_RESTARTS = 3
@@ -31,7 +32,9 @@ class JobRunner:
     base_path: Callable[[str], Path | None]  # a base model id -> its weights (None: not available to train)
     poll_s: float = 0.5
     cancel_grace_s: float = 5.0
+    max_workers: int = 2
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    validators: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     restarts: dict[str, int] = field(default_factory=dict)
     cancel_seen: dict[str, float] = field(default_factory=dict)
     _stop: threading.Event = field(default_factory=threading.Event)
@@ -65,23 +68,40 @@ class JobRunner:
             jobs = finetune.active_jobs(s)
             for job in jobs:
                 self._advance(s, job)
-            running = any(j.status == "RUNNING" for j in jobs)
-            for job in jobs:
-                if not running and job.status == "VALIDATED" and job.start_requested:
+            busy = {j.org_id for j in jobs if j.status == "RUNNING"}
+            running = sum(1 for j in jobs if j.status == "RUNNING")
+            for job in jobs:  # oldest first; an organisation with a job running waits its turn
+                if running < self.max_workers and job.status == "VALIDATED" and job.start_requested \
+                        and job.org_id not in busy:
                     self._spawn(job)
                     finetune.set_status(job, "RUNNING")
-                    running = True
+                    busy.add(job.org_id)
+                    running += 1
+            for job in finetune.unmetered(s):
+                finetune.meter(s, job=job)
 
     def _advance(self, s: Session, job: FineTuningJob) -> None:
         proc = self.procs.get(job.id)
         alive = proc is not None and proc.poll() is None
         if job.status == "QUEUED":
             finetune.set_status(job, "VALIDATING")
-            errors = self._validate(s, job)
-            if errors:
-                finetune.set_status(job, "FAILED_VALIDATION", errors=errors)
+            if self.base_path(job.model) is None:
+                finetune.set_status(job, "FAILED_VALIDATION", errors=[
+                    f"model {job.model!r} is not served here as a base model that can be fine-tuned"])
             else:
-                finetune.set_status(job, "VALIDATED")
+                self.validators[job.id] = subprocess.Popen(
+                    [sys.executable, "-m", "souverain.train.validate", "--job", job.id],
+                    env={**os.environ, "SOUVERAIN_DB": self.db.url}, stdout=subprocess.DEVNULL,
+                    stderr=subprocess.PIPE)
+        elif job.status == "VALIDATING":
+            check = self.validators.get(job.id)
+            if check is None:  # started by a server that stopped: validate again
+                finetune.set_status(job, "QUEUED")
+            elif check.poll() is not None:  # it wrote its verdict before it ended, unless it failed
+                self.validators.pop(job.id)
+                if check.returncode != 0:
+                    why = check.stderr.read().decode()[-500:] if check.stderr else ""
+                    finetune.set_status(job, "FAILED_VALIDATION", errors=[f"the validator failed: {why}".strip()])
         elif job.status == "CANCELLATION_REQUESTED":
             first = self.cancel_seen.setdefault(job.id, time.monotonic())
             if not alive:
@@ -102,21 +122,6 @@ class JobRunner:
                 finetune.add_event(job, "worker-restarted", {"attempt": count})
                 self._spawn(job)
 
-    def _validate(self, s: Session, job: FineTuningJob) -> list[str]:
-        errors: list[str] = []
-        if self.base_path(job.model) is None:
-            errors.append(f"model {job.model!r} is not served here as a base model that can be fine-tuned")
-        refs = [f["file_id"] for f in job.training_files] + list(job.validation_files)
-        for file_id in refs:
-            try:
-                row = finetune.get_file(s, file_id=file_id, org_id=job.org_id)
-            except LookupError:
-                errors.append(f"file {file_id}: not found")
-                continue
-            result = validate_jsonl(Path(row.path).read_bytes())
-            errors += [f"{row.filename}: {e}" for e in result.errors]
-        return errors
-
     def _spawn(self, job: FineTuningJob) -> None:
         path = self.base_path(job.model)
         assert path is not None
@@ -124,9 +129,11 @@ class JobRunner:
         job_dir.mkdir(parents=True, exist_ok=True)
         log_file = (job_dir / "worker.log").open("ab")
         env = {**os.environ, "SOUVERAIN_DB": self.db.url}  # not on the command line: it may hold a password
+        threads = max(1, (os.cpu_count() or 1) // self.max_workers)  # workers side by side share the cores
         self.procs[job.id] = subprocess.Popen(
             [sys.executable, "-m", "souverain.train.worker", "--db", "env", "--job", job.id, "--model", str(path),
-             "--data-dir", str(self.data_dir)], stdout=log_file, stderr=subprocess.STDOUT, env=env)
+             "--data-dir", str(self.data_dir), "--threads", str(threads)], stdout=log_file, stderr=subprocess.STDOUT,
+            env=env)
         job.worker_pid = self.procs[job.id].pid
 
 

@@ -31,6 +31,9 @@ def hyper_from(params: dict[str, object], train_sequences: int) -> Hyper:
     if params.get("training_steps") is None and isinstance(epochs, int | float) and epochs > 0:
         steps = max(1, math.ceil(float(epochs) * train_sequences / h.batch_size))
         h = Hyper(**{**known, "training_steps": steps})  # type: ignore[arg-type]
+    cap = params.get("max_steps")  # the plan's cap, recorded with the job
+    if isinstance(cap, int) and h.training_steps > cap:
+        h = Hyper(**{**known, "training_steps": cap})  # type: ignore[arg-type]
     return h
 
 

@@ -65,17 +65,32 @@ def job_json(job: FineTuningJob, detailed: bool = True) -> dict[str, Any]:
 
 @router.post("/v1/fine_tuning/jobs")
 def create_job(body: JobIn, caller: CurrentCaller, plat: PlatformDep, models: Models) -> dict[str, Any]:
-    """Queue a LoRA job; it is validated, then runs when `auto_start` is true or once started."""
+    """Queue a LoRA job; it is validated, then runs when `auto_start` is true or once started. The plan caps
+    `seq_len`, `batch_size`, the steps and the organisation's jobs under way; the plan's and the key's model
+    allow-lists apply; the tokens trained are metered when the job ends."""
     base = models.models.get(body.model)
     if base is None or not plat.visible(caller, [body.model]):
         raise APIError(404, f"model {body.model!r} not found; fine-tune one of GET /v1/models", param="model",
                        code="model_not_found")
+    plat.check_model(caller, body.model)
     if base.path is None:
         raise APIError(400, f"model {body.model!r} has no weights on disk to fine-tune", param="model")
     h = body.hyperparameters.model_dump()
     if h["alpha"] is None:
         h["alpha"] = 2.0 * h["rank"]
+    caps = caller.limits.finetune if caller.limits else {}
+    for name, cap_name in (("seq_len", "seq_len"), ("batch_size", "batch"), ("training_steps", "steps")):
+        cap = caps.get(cap_name)
+        if cap is not None and h.get(name) is not None and h[name] > cap:
+            raise APIError(400, f"hyperparameters.{name} is {h[name]}; the {caller.limits and caller.limits.plan!r} "
+                                f"plan allows at most {cap}", param=f"hyperparameters.{name}", code="plan_limit")
+    if caps.get("steps") is not None:
+        h["max_steps"] = caps["steps"]  # also bounds the steps `epochs` turns into
     with plat.database("fine-tuning jobs").session() as s:
+        jobs_cap = caps.get("jobs")
+        if jobs_cap is not None and finetune.active_count(s, org_id=caller.org_id) >= jobs_cap:
+            raise APIError(429, f"your organisation has {jobs_cap} fine-tuning jobs under way, the plan's most; "
+                                "wait for one to end or cancel one", type_="rate_limit_error", code="jobs_limit")
         for ref in [f.file_id for f in body.training_files] + list(body.validation_files or []):
             finetune.get_file(s, file_id=ref, org_id=caller.org_id)  # 404 when it is not the caller's
         job = finetune.create_job(s, org_id=caller.org_id, model=body.model,
