@@ -21,6 +21,7 @@ from souverain.server.errors import APIError, error_body
 from souverain.server.platform import Caller, Platform
 
 CALLER = "souverain.caller"  # where the middleware leaves the authenticated caller, in scope["state"]
+PUBLIC = ("/app/api/login", "/app/api/invitations/accept")  # the chat app's routes that need no session
 
 
 @dataclass
@@ -55,8 +56,14 @@ class Guard:
 
     async def _authenticate(self, scope: Scope) -> None:
         """API routes: the bearer key is checked here, in a worker thread, before the body; no credentials
-        at all is a 401 at once. The route's dependency reuses the caller found here."""
-        if not scope["path"].startswith("/v1/") or self.platform.open:
+        at all is a 401 at once. The route's dependency reuses the caller found here. The chat app's routes
+        (but sign-in and accepting an invitation) need the session cookie before their body is read."""
+        path = scope["path"]
+        if path.startswith("/app/api/") and path not in PUBLIC and not self.platform.open:
+            if self.session_cookie.encode() + b"=" not in (_header(scope, b"cookie") or "").encode():
+                raise APIError(401, "sign in first", type_="authentication_error")
+            return
+        if not path.startswith("/v1/") or self.platform.open:
             return
         header = _header(scope, b"authorization") or ""
         scheme, _, token = header.partition(" ")
