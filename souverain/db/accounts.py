@@ -268,6 +268,7 @@ def change_role(s: Session, *, org: Organisation, user: User, role: str | None, 
 
 
 INVITATION_DAYS = 7
+MAX_PENDING_INVITATIONS = 200  # per organisation: an admin's script cannot grow the table without bound
 
 
 def invite(s: Session, *, org: Organisation, email: str, role: str, actor: str, now: datetime
@@ -279,6 +280,9 @@ def invite(s: Session, *, org: Organisation, email: str, role: str, actor: str, 
         raise Conflict(f"{email!r} is not an e-mail address")
     if role not in ROLES:
         raise Conflict(f"role must be one of {', '.join(ROLES)}")
+    pending = s.scalars(select(Invitation.id).where(Invitation.org_id == org.id, Invitation.expires_at > now))
+    if len(list(pending)) >= MAX_PENDING_INVITATIONS:
+        raise Conflict(f"{org.name!r} has {MAX_PENDING_INVITATIONS} invitations waiting; let some expire first")
     token = "inv-" + secrets.token_urlsafe(24)
     row = Invitation(org_id=org.id, email=email, role=role, digest=_sha256(token), invited_by=actor, created_at=now,
                      expires_at=now + timedelta(days=INVITATION_DAYS))

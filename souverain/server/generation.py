@@ -107,7 +107,11 @@ def start(platform: Platform, caller: Caller, model: LoadedModel, req: Sampling,
     """The engine request and its meter, after the gate (`adm`): the organisation's running + queued allowance,
     then `n x max_tokens` reserved from the token buckets (the unused part is given back at the end); the
     usage row opens now. Refused before any byte is sent."""
-    params = sampling_params(req, model, len(ids), logprobs, adm.max_context)
+    try:
+        params = sampling_params(req, model, len(ids), logprobs, adm.max_context)
+    except APIError:
+        platform.charge(caller, len(ids))  # refused after tokenising: that work counts against the rate limit
+        raise
     request = Request(new_id("cmpl"), ids, params, priority=adm.priority, cache_salt=adm.cache_salt,
                       adapter=model.adapter, grammar=grammar, tenant=adm.tenant, tenant_max_running=adm.max_running)
     check_capacity(model, request)

@@ -25,6 +25,7 @@ from souverain.db.database import Database
 log = logging.getLogger(__name__)
 
 TOUCH_EVERY = 20.0  # seconds: open rows are touched at least this often, so they never look stale
+IDLE_EXIT = 30.0  # seconds without an open meter after which the writer thread ends (the next one restarts it)
 
 
 @dataclass(eq=False)
@@ -133,7 +134,7 @@ class Ledger:
 
     # -- the writer thread -------------------------------------------------------------------------------
     def _run(self) -> None:
-        last_settle = time.monotonic()
+        last_settle = idle_since = time.monotonic()
         while True:
             self._wake.wait(self.heartbeat)
             self._wake.clear()
@@ -142,13 +143,16 @@ class Ledger:
             except Exception:
                 log.exception("usage flush failed; retrying")
                 time.sleep(0.5)
-            if self._stop:
-                with self._lock:
-                    if not any(m.final is not None for m in self._open.values()):
-                        return
-            if time.monotonic() - last_settle > self.stale_after:
+            now = time.monotonic()
+            with self._lock:
+                if self._open:
+                    idle_since = now
+                elif self._stop or now - idle_since > IDLE_EXIT:  # nothing to write: the thread ends
+                    self._thread = None
+                    return
+            if now - last_settle > self.stale_after:
                 self.settle_stale()
-                last_settle = time.monotonic()
+                last_settle = now
             time.sleep(self.spacing)
 
     def _flush(self) -> None:

@@ -245,11 +245,12 @@ def logout(request: Request, response: Response, _: User, plat: PlatformDep) -> 
 def me(request: Request, caller: User, plat: PlatformDep, models: Models) -> dict[str, Any]:
     """The signed-in user, their organisation's plan and usage, the models they may use, and the CSRF token."""
     assert caller.user_id is not None and caller.org_id is not None and caller.limits is not None
-    with plat.database("the chat app").session() as s:
+    with plat.database("the chat app").reading() as s:
         user = accounts.get_user(s, user_id=caller.user_id)
         org = accounts.get_org(s, org_id=caller.org_id)
         row = chat.get_session(s, token=request.cookies.get(COOKIE, ""), now=plat.now())
         csrf = row.csrf if row else ""
+        names = [o.name for o, _ in accounts.memberships(s, user=user)]
     lim = caller.limits
     usable = [m for m in plat.visible(caller, sorted(models.models))
               if lim.allowed_models is None or m in lim.allowed_models]
@@ -257,7 +258,30 @@ def me(request: Request, caller: User, plat: PlatformDep, models: Models) -> dic
             "plan": lim.plan, "month_tokens": caller.month_tokens,
             "limits": {"tokens_per_month": lim.tokens_per_month, "tokens_per_minute": lim.tokens_per_minute,
                        "requests_per_second": lim.requests_per_second, "max_context": lim.max_context},
-            "models": usable, "csrf": csrf}
+            "models": usable, "csrf": csrf, "organisations": names}
+
+
+class Switch(BaseModel):
+    organisation: str = Field(..., min_length=1, max_length=128)
+
+
+@router.post("/switch")
+def switch_organisation(body: Switch, request: Request, response: Response, caller: User, plat: PlatformDep
+                        ) -> dict[str, Any]:
+    """Act in another organisation the user belongs to: this session ends, a new one starts there."""
+    assert caller.user_id is not None
+    with plat.database("the chat app").session() as s:
+        orgs = accounts.memberships(s, user=accounts.get_user(s, user_id=caller.user_id))
+        chosen = next((o for o, _ in orgs if o.name == body.organisation), None)
+        if chosen is None:
+            raise APIError(403, f"you are not a member of {body.organisation!r}", type_="permission_error",
+                           param="organisation")
+        chat.end_session(s, token=request.cookies.get(COOKIE, ""))
+        token, row = chat.create_session(s, user_id=caller.user_id, org_id=chosen.id, now=plat.now())
+        csrf = row.csrf
+    response.set_cookie(COOKIE, token, max_age=chat.SESSION_DAYS * 86400, httponly=True, samesite="strict",
+                        secure=request.url.scheme == "https", path="/")
+    return {"ok": True, "csrf": csrf, "organisation": chosen.name}
 
 
 @router.get("/conversations")

@@ -105,9 +105,11 @@ class Browser:
                 status, headers, raw = r.status, r.headers, r.read().decode()
         except urllib.error.HTTPError as e:
             status, headers, raw = e.code, e.headers, e.read().decode()
-        if status == 200 and headers.get("set-cookie"):
+        answer = json.loads(raw) if raw.startswith(("{", "[")) else raw
+        if status == 200 and headers.get("set-cookie"):  # a new session (password change, organisation switch)
             self.cookie = headers["set-cookie"].split(";", 1)[0]
-        return status, headers, json.loads(raw) if raw.startswith(("{", "[")) else raw
+            self.csrf = answer.get("csrf", self.csrf) if isinstance(answer, dict) else self.csrf
+        return status, headers, answer
 
 
 def call(url: str, method: str, path: str, key: str | None, body: dict[str, Any] | None = None

@@ -242,3 +242,15 @@ def test_rows_left_running_are_settled_only_when_stale(db: Database) -> None:
     with db.session() as s:
         status = {r.request_id: r.status for r in usage.records(s)}
         assert status == {"old": "interrupted", "fresh": "running"}
+
+
+def test_a_prompt_refused_after_tokenising_still_costs_its_tokens(url: str) -> None:
+    """Tokenising is the expensive part: a tenant cannot burn CPU for free with prompts that cannot fit."""
+    key = new_key(url, "acme")
+    assert call(url, "PUT", "/v1/admin/plans/pro", ROOT, {"tokens_per_minute": 5000})[0] == 200
+    too_long = {"model": "tiny", "prompt": "x" * 600, "max_tokens": 1}  # 601 byte tokens; the context is 512
+    status, _, body = call(url, "POST", "/v1/completions", key, too_long)
+    assert status == 400 and body["code"] == "context_length_exceeded"
+    status, headers, _ = call(url, "POST", "/v1/completions", key, {"model": "tiny", "prompt": "hi", "max_tokens": 1,
+                                                                     "temperature": 0})
+    assert status == 200 and int(headers["x-ratelimit-remaining-tokens"]) == 5000 - 601

@@ -83,6 +83,11 @@ def test_outsiders_are_invited_and_existence_is_never_told(url: str, people: dic
     assert status == 200 and answer["organisation"] == "acme" and sorted(answer["organisations"]) == ["acme", "globex"]
     assert boss.call("GET", "/app/api/me")[2]["organisation"] == "acme"
     assert boss.login("boss@globex.example", PW, organisation="initech")[0] == 403
+    boss.login("boss@globex.example", PW, organisation="acme")
+    assert sorted(boss.call("GET", "/app/api/me")[2]["organisations"]) == ["acme", "globex"]
+    status, _, answer = boss.call("POST", "/app/api/switch", {"organisation": "globex"})  # the app's selector
+    assert status == 200 and boss.call("GET", "/app/api/me")[2]["organisation"] == "globex"
+    assert boss.call("POST", "/app/api/switch", {"organisation": "initech"})[0] == 403
     # A new e-mail's invitation creates the account with the password given.
     status, _, answer = Browser(url).call("POST", "/app/api/invitations/accept",
                                           {"token": unknown[2]["invitation"], "password": "brand new password"})
@@ -117,3 +122,11 @@ def test_sessions_end_on_password_change_disable_and_removal(url: str, people: d
     assert member.call("GET", "/app/api/me")[0] == 401
     assert call(url, "GET", "/v1/models", temp_key)[0] == 401
     assert call(url, "DELETE", "/v1/admin/members/nobody@acme.example", people["owner"])[0] == 404
+
+
+def test_invitations_are_bounded_per_organisation(url: str, people: dict[str, str],
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(accounts, "MAX_PENDING_INVITATIONS", 3)
+    answers = [call(url, "POST", "/v1/admin/members", people["admin"], {"email": f"n{i}@x.example"})[0]
+               for i in range(4)]
+    assert answers == [201, 201, 201, 409]

@@ -52,9 +52,10 @@ def upload(url: str, key: str, data: bytes = DATA) -> str:
         return str(upload_file(url, key, path)["id"])
 
 
-def job(url: str, key: str, file_id: str, **hyper: Any) -> tuple[int, Any]:
+def job(url: str, key: str, file_id: str, auto_start: bool = True, **hyper: Any) -> tuple[int, Any]:
     status, _, body = call(url, "POST", "/v1/fine_tuning/jobs", key, {
-        "model": "tiny", "training_files": [{"file_id": file_id}], "hyperparameters": hyper})
+        "model": "tiny", "training_files": [{"file_id": file_id}], "hyperparameters": hyper,
+        "auto_start": auto_start})
     return status, body
 
 
@@ -101,11 +102,11 @@ def test_one_organisations_jobs_do_not_hold_back_anothers(site: dict[str, Any]) 
     url, db = site["url"], site["db"]
     reg: Registry = site["registry"]
     a, b = org_key(db, "a-corp", "pro"), org_key(db, "b-corp", "pro")
-    ids = {}
+    ids, owner = {}, {}
     for name, key in (("a1", a), ("a2", a), ("b1", b)):
-        status, body = job(url, key, upload(url, key), training_steps=2)
+        status, body = job(url, key, upload(url, key), training_steps=2, auto_start=False)
         assert status == 200
-        ids[name] = body["id"]
+        ids[name], owner[name] = body["id"], key
         time.sleep(0.01)  # distinct creation times: a1, a2, then b1
     runner = JobRunner(db, site["settings"].data_path(), lambda m: reg.models[m].path if m in reg.models else None,
                        max_workers=2)
@@ -114,17 +115,24 @@ def test_one_organisations_jobs_do_not_hold_back_anothers(site: dict[str, Any]) 
         with db.session() as s:
             return {n: finetune.get_job(s, job_id=i, org_id=None).status for n, i in ids.items()}
 
-    deadline = time.monotonic() + 120
-    seen_running: set[frozenset[str]] = set()
-    try:
-        while not all(v in finetune.FINAL for v in states().values()):
+    def until(done: Any) -> None:
+        deadline = time.monotonic() + 120
+        while not done(states()):
             assert time.monotonic() < deadline, states()
             runner.tick()
-            seen_running.add(frozenset(n for n, v in states().items() if v == "RUNNING"))
+            seen.add(frozenset(n for n, v in states().items() if v == "RUNNING"))
             time.sleep(0.1)
+
+    seen: set[frozenset[str]] = set()
+    try:
+        until(lambda st: set(st.values()) == {"VALIDATED"})
+        for name in ("a1", "a2", "b1"):  # all three asked to start at once
+            assert call(url, "POST", f"/v1/fine_tuning/jobs/{ids[name]}/start", owner[name])[0] == 200
+        runner.tick()
+        # Two workers: a-corp's first job and b-corp's, not a-corp's two (the oldest two).
+        assert {n for n, v in states().items() if v == "RUNNING"} == {"a1", "b1"}
+        until(lambda st: all(v in finetune.FINAL for v in st.values()))
     finally:
         runner.stop()
-    # b1 ran beside a1, not after both of a-corp's jobs; a-corp never ran two at once.
-    assert frozenset({"a1", "b1"}) in seen_running
-    assert not any({"a1", "a2"} <= s for s in seen_running)
+    assert not any({"a1", "a2"} <= s for s in seen)  # a-corp never ran two at once
     assert set(states().values()) == {"SUCCESS"}

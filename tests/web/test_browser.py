@@ -237,6 +237,20 @@ def test_free_plan_limit_message(page: Any, site: dict[str, Any]) -> None:
     page.screenshot(path=str(SHOTS / "plan-usage.png"))
 
 
+def test_member_of_two_organisations_switches_between_them(page: Any, site: dict[str, Any]) -> None:
+    with site["db"].session() as s:
+        user = accounts.create_user(s, email="two@example.org", password=FREE_PASSWORD, actor="t")
+        for name in ("freeco", "default"):
+            accounts.add_member(s, org=accounts.get_org(s, name=name), user=user, role="member", actor="t")
+    sign_in(page, site, "two@example.org", FREE_PASSWORD)  # the first organisation by default
+    assert page.locator("#plan-name").inner_text() == "enterprise" and page.locator("#org-switch").is_visible()
+    page.select_option("#org-switch", "freeco")
+    page.wait_for_function("document.getElementById('plan-name').textContent === 'free'")
+    assert page.locator("#org-switch").input_value() == "freeco"
+    page.reload()  # the new session holds
+    page.wait_for_function("document.getElementById('plan-name').textContent === 'free'")
+
+
 def test_phone_width(browser: Any, site: dict[str, Any]) -> None:
     context = browser.new_context(viewport={"width": 390, "height": 844}, is_mobile=True, has_touch=True,
                                   bypass_csp=True)

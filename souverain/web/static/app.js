@@ -227,6 +227,13 @@ function renderPlan() {
     ? `${used.toLocaleString()} tokens this month (no monthly limit)`
     : `${used.toLocaleString()} of ${quota.toLocaleString()} tokens this month`;
   $("usage-bar").style.width = quota ? `${Math.min(100, (100 * used) / quota)}%` : "0";
+  const orgs = $("org-switch");  // several organisations: act in one at a time
+  orgs.replaceChildren(...(me.organisations || []).map((name) => {
+    const o = document.createElement("option");
+    o.value = name; o.textContent = name; o.selected = name === me.organisation;
+    return o;
+  }));
+  orgs.hidden = (me.organisations || []).length < 2;
   const select = $("model");
   const current = (state.conv && state.conv.model) || select.value || me.models[0];
   select.replaceChildren(...me.models.map((m) => new Option(m, m, false, m === current)));
@@ -561,6 +568,12 @@ function autosize() {
 }
 
 function wire() {
+  $("org-switch").addEventListener("change", async (ev) => {
+    const r = await api("/app/api/switch", { method: "POST", body: { organisation: ev.target.value } });
+    state.csrf = r.csrf; state.conv = null;
+    history.pushState(null, "", "/");
+    await boot();
+  });
   $("login-form").addEventListener("submit", async (ev) => {
     ev.preventDefault();
     $("login-error").hidden = true;
