@@ -84,7 +84,9 @@ def main() -> int:
         time.sleep(0.05)
     base = f"http://127.0.0.1:{port}"
     with urllib.request.urlopen(f"{base}/openapi.json", timeout=10) as r:
-        templates = sorted(json.loads(r.read())["paths"], key=lambda t: (t.count("{"), -len(t)))
+        paths = json.loads(r.read())["paths"]
+    templates = sorted(paths, key=lambda t: (t.count("{"), -len(t)))
+    documented = {f"{m.upper()} {t}" for t, ops in paths.items() for m in ops}
     failures = 0
     total = 0
     for who, key in (("operator key", KEY), ("organisation key", first.api_key if first else KEY)):
@@ -99,9 +101,14 @@ def main() -> int:
         total += n
         errors = sum(c for by in counts.values() for s, c in by.items() if s >= 500)
         failures += errors + (done.returncode != 0)
-        print(f"{who}: {n} requests over {len(counts)} operations; statuses "
+        hit = documented & set(counts)
+        probes = sum(sum(by.values()) for op, by in counts.items() if op not in documented)
+        print(f"{who}: {n} requests, {n - probes} to {len(hit)} of the {len(documented)} documented operations and "
+              f"{probes} probing other methods or paths; statuses "
               f"{dict(sorted(Counter(s for by in counts.values() for s in by.elements()).items()))}; "
               f"5xx: {errors}; schemathesis exit code {done.returncode}")
+        if documented - hit:
+            print(f"  never reached: {', '.join(sorted(documented - hit))}")
         for op, by in sorted(counts.items()):
             if any(s >= 500 for s in by):
                 print(f"  5xx on {op}: {dict(by)}")

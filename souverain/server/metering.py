@@ -21,10 +21,12 @@ from datetime import datetime, timedelta
 
 from souverain.db import usage
 from souverain.db.database import Database
+from souverain.server.errors import APIError
 
 log = logging.getLogger(__name__)
 
 TOUCH_EVERY = 20.0  # seconds: open rows are touched at least this often, so they never look stale
+COMMIT_TIMEOUT = 30.0  # seconds a stream waits for its tokens' commit before it ends with a 503
 IDLE_EXIT = 30.0  # seconds without an open meter after which the writer thread ends (the next one restarts it)
 
 
@@ -46,14 +48,6 @@ class Meter:
     final: str | None = None  # the status to write; set once, by close()
     touched: float = 0.0
     waiters: list[tuple[int | None, asyncio.Future[None], asyncio.AbstractEventLoop]] = field(default_factory=list)
-
-    @property
-    def request_id(self) -> str:
-        return self.identity.request_id
-
-    @property
-    def completion_tokens(self) -> int:
-        return self.produced()
 
     def add(self, token_ids: int, finish_reason: str | None = None) -> None:
         """Tokens about to be sent to the client; a sample's finish reason becomes the request's status."""
@@ -109,7 +103,12 @@ class Ledger:
                 return
             meter.waiters.append((tokens, fut, loop))
         self._wake.set()
-        await fut
+        try:
+            await asyncio.wait_for(fut, COMMIT_TIMEOUT)
+        except TimeoutError:
+            # Fail closed: nothing is served that could not be billed.
+            raise APIError(503, "usage could not be recorded (the database does not answer); retry later",
+                           type_="server_error", code="metering_unavailable") from None
 
     async def finish(self, meter: Meter, status: str) -> None:
         with self._lock:
