@@ -207,11 +207,12 @@ class Platform:
         """Count `sequences` against the organisation's running + queued allowance; 429 past it. Returns the
         release to call when they end."""
         lim = caller.limits
-        if lim is None or caller.org_id is None or (lim.max_concurrent is None and lim.max_queued is None):
-            return lambda: None
-        allowed = (lim.max_concurrent or 0) + (lim.max_queued or 0) if lim.max_queued is not None else None
-        if allowed is None:  # no queue cap: the running cap alone, enforced by the engine
-            return lambda: None
+        if lim is None or caller.org_id is None or lim.max_queued is None:
+            return lambda: None  # no queue cap: the running cap alone, which the engine enforces
+        allowed = (lim.max_concurrent or 0) + lim.max_queued
+        if sequences > allowed:  # never admissible: retrying would not help
+            raise APIError(400, f"n = {sequences} exceeds the {lim.plan!r} plan's {allowed} sequences at once",
+                           param="n", code="plan_limit")
         org = caller.org_id
         with self._inflight_lock:
             have = self._inflight.get(org, 0)

@@ -78,3 +78,11 @@ def test_free_flood_with_n16_while_pro_gets_every_answer(url: str, registry: Reg
     assert codes["org_queue_full"] > 0  # the flood was refused past its allowance ...
     assert most_free_running <= 4  # ... and ran at most its plan's 4 sequences at once
     assert set(codes) <= {200, "org_queue_full"}
+
+
+def test_n_beyond_the_plans_allowance_is_a_400_not_a_retry(url: str) -> None:
+    free = new_key(url, "free-co", "free")
+    assert call(url, "PUT", "/v1/admin/plans/free", ROOT, {"max_concurrent": 2, "max_queued": 2})[0] == 200
+    status, _, body = call(url, "POST", "/v1/completions", free, {"model": "tiny", "prompt": "x", "n": 5,
+                                                                   "max_tokens": 1})
+    assert status == 400 and body["param"] == "n" and body["code"] == "plan_limit"
