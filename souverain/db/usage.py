@@ -70,6 +70,40 @@ def write_progress(s: Session, *, usage: Usage, row_id: int | None, completion_t
     return row_id
 
 
+@dataclass(frozen=True)
+class Progress:
+    """One request's state for `write_batch`: `row_id` None opens its row; `billed` is what its row held."""
+
+    usage: Usage
+    row_id: int | None
+    completion_tokens: int
+    billed: int
+    status: str
+    latency_ms: int
+
+
+def write_batch(s: Session, *, rows: list[Progress], at: datetime) -> list[int]:
+    """`write_progress` for many requests in few statements: one insert per new row, one executemany update
+    for the others, one upsert per organisation for the month. Returns the rows' ids, in order."""
+    ids: list[int | None] = [p.row_id for p in rows]
+    month: dict[int, int] = {}
+    updates = []
+    for i, p in enumerate(rows):
+        if p.row_id is None:
+            ids[i] = write_progress(s, usage=p.usage, row_id=None, completion_tokens=p.completion_tokens, billed=0,
+                                    status=p.status, latency_ms=p.latency_ms, at=at)
+            continue
+        updates.append({"id": p.row_id, "completion_tokens": p.completion_tokens, "status": p.status,
+                        "latency_ms": p.latency_ms, "updated_at": at})
+        if p.usage.org_id is not None and p.completion_tokens != p.billed:
+            month[p.usage.org_id] = month.get(p.usage.org_id, 0) + p.completion_tokens - p.billed
+    if updates:
+        s.execute(update(UsageRecord), updates)  # by primary key: one executemany
+    for org_id, tokens in month.items():
+        _bump_month(s, org_id=org_id, at=at, tokens=tokens)
+    return [i for i in ids if i is not None]
+
+
 def settle_stale(s: Session, *, before: datetime) -> int:
     """Rows still `running` that no server touched since `before`: their server died. Their tokens were
     billed as they were written; the status says what happened."""

@@ -165,15 +165,11 @@ class Ledger:
                     work.append((m, produced, m.final))
         if not work:
             return
-        at = self.now()
-        written: list[tuple[Meter, int, str | None, int]] = []
         with self.db.session() as s:
-            for m, produced, final in work:
-                latency = int((mono - m.started) * 1000)
-                row_id = usage.write_progress(s, usage=m.identity, row_id=m.row_id, completion_tokens=produced,
-                                              billed=max(m.committed, 0), status=final or "running",
-                                              latency_ms=latency, at=at)
-                written.append((m, produced, final, row_id))
+            ids = usage.write_batch(s, rows=[
+                usage.Progress(m.identity, m.row_id, produced, max(m.committed, 0), final or "running",
+                               int((mono - m.started) * 1000)) for m, produced, final in work], at=self.now())
+        written = [(m, produced, final, row_id) for (m, produced, final), row_id in zip(work, ids, strict=True)]
         self.commits += 1
         with self._lock:
             for m, produced, final, row_id in written:
