@@ -169,6 +169,7 @@ async def metered(platform: Platform, model: LoadedModel, request: Request, mete
     """The engine's deltas for a stream, each committed to the meter before it is yielded (write-ahead). The
     meter is closed however this ends: finished, failed (APIError re-raised), or closed early by a client
     that went away (the request is cancelled and what it generated is billed). Use with `aclosing`."""
+    meter.begun = True
     try:
         async for d in stream_engine(model, request):
             meter.add(len(d.token_ids), d.finish_reason.value if d.finish_reason else None)
@@ -189,6 +190,7 @@ async def collect(platform: Platform, model: LoadedModel, request: Request, mete
     """The whole answer, its usage committed before this returns; None when the client went away first
     (the request is cancelled at once and what it generated is billed)."""
     choices = [Choice() for _ in range(request.params.n)]
+    meter.begun = True
 
     async def consume() -> None:
         async for d in stream_engine(model, request):

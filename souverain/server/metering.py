@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 
 TOUCH_EVERY = 20.0  # seconds: open rows are touched at least this often, so they never look stale
 COMMIT_TIMEOUT = 30.0  # seconds a stream waits for its tokens' commit before it ends with a 503
+NEVER_BEGUN_AFTER = 30.0  # seconds after which a meter whose response never began is closed as cancelled
 IDLE_EXIT = 30.0  # seconds without an open meter after which the writer thread ends (the next one restarts it)
 
 
@@ -42,6 +43,7 @@ class Meter:
     delivered: int = 0  # completion tokens handed to the client so far
     status: str = "stop"
     closed: bool = False
+    begun: bool = False  # its response started consuming the engine (a stream the server never began is swept)
     # Written by the ledger's thread only:
     row_id: int | None = None
     committed: int = -1  # completion tokens in the database; -1 before the row exists
@@ -156,6 +158,15 @@ class Ledger:
 
     def _flush(self) -> None:
         mono = time.monotonic()
+        with self._lock:
+            # A streamed response whose client left before the server began it never runs its generator, so
+            # nothing would close its meter (nor give back its reservation): swept here.
+            never = [m for m in self._open.values() if not m.begun and not m.closed
+                     and mono - m.started > NEVER_BEGUN_AFTER]
+            for m in never:
+                m.closed, m.final = True, "cancelled"
+        for m in never:
+            m.on_close(m.produced())
         with self._lock:
             work = []
             for m in self._open.values():

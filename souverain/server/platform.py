@@ -1,7 +1,8 @@
-"""Who is calling, and what they may do: keys, plans, private models, rate limits, quotas and metering.
+"""Who is calling, and what they may do: keys, plans, private models, rate limits, quotas and fair shares.
 
-The request path touches the database twice: once to authenticate (key, plan, role and the month's tokens in
-one short transaction) and once to record usage, committed before the response ends.
+The request path reads the database once, in a worker thread, to authenticate (key, plan, role, the month's
+tokens and the private models it may not see, in one read-only transaction); admission (`gate`, `charge`,
+`hold`) is in memory; usage is written by the ledger (`metering.py`), ahead of what a stream sends.
 """
 
 from __future__ import annotations

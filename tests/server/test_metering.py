@@ -23,7 +23,7 @@ import pytest
 
 from souverain.db import accounts, keys, usage
 from souverain.db.database import Database, open_database
-from souverain.db.tables import UsageRecord
+from souverain.db.tables import UsageRecord, utcnow
 from souverain.server.registry import Registry
 from tests.server.platform_app import ROOT, FakeClock, call, serve, tiny_registry
 from tests.serving import free_port
@@ -254,3 +254,29 @@ def test_a_prompt_refused_after_tokenising_still_costs_its_tokens(url: str) -> N
     status, headers, _ = call(url, "POST", "/v1/completions", key, {"model": "tiny", "prompt": "hi", "max_tokens": 1,
                                                                      "temperature": 0})
     assert status == 200 and int(headers["x-ratelimit-remaining-tokens"]) == 5000 - 601
+
+
+def test_a_stream_the_server_never_began_is_swept(db: Database) -> None:
+    """A client that leaves before its streamed response starts: the generator never runs, so the ledger
+    closes the meter itself (cancelled, reservation given back) instead of keeping the row open forever."""
+    from souverain.server.metering import NEVER_BEGUN_AFTER, Ledger, Meter
+
+    with db.session() as s:
+        org = accounts.create_org(s, name="acme", actor="t")
+    closed: list[int] = []
+    ledger = Ledger(db, utcnow)
+    meter = Meter(ledger, usage.Usage("never", "m", "chat", 5, 0, 0, "running", org.id), lambda: 0, closed.append,
+                  started=time.monotonic() - NEVER_BEGUN_AFTER - 1)
+    ledger.open(meter)
+    deadline = time.monotonic() + 10
+    while not (rows := [r for r in _all_rows(db) if r.status != "running"]):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert [(r.request_id, r.status, r.completion_tokens) for r in rows] == [("never", "cancelled", 0)]
+    assert closed == [0] and meter.closed
+    ledger.shutdown()
+
+
+def _all_rows(db: Database) -> list[UsageRecord]:
+    with db.session() as s:
+        return usage.records(s)
