@@ -9,6 +9,7 @@ import socket
 import threading
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -109,3 +110,35 @@ def test_announced_length_over_the_limit_is_refused_at_once(server: str) -> None
         sock.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {KEY}\r\n"
                      f"Content-Type: application/json\r\nContent-Length: {100 << 20}\r\n\r\n".encode())
         assert sock.recv(4096).startswith(b"HTTP/1.1 413")
+
+
+def test_health_answers_while_a_57mb_upload_is_checked_and_stored(tmp_path: Path) -> None:
+    """The JSONL check, the write and the database row of an upload run in a worker thread."""
+    from souverain.db.database import open_database, sqlite_url
+    from souverain.server.app import create_app
+    from souverain.server.registry import Registry
+    from souverain.server.settings import Settings
+    from tests.serving import running
+
+    db = open_database(sqlite_url(tmp_path / "souverain.db"))
+    settings = Settings(api_keys=["sk-up"], data_dir=str(tmp_path / "data"))
+    line = b'{"text": "' + b"x" * 1000 + b'"}\n'
+    try:
+        with running(lambda port: create_app(settings, Registry(), db)) as url:
+            def upload(data: bytes) -> int:
+                boundary = "b0undary"
+                body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nfine-tune\r\n"
+                        f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.jsonl\"\r\n"
+                        "Content-Type: application/jsonl\r\n\r\n").encode() + data + f"\r\n--{boundary}--\r\n".encode()
+                req = urllib.request.Request(url + "/v1/files", body, {
+                    "Authorization": "Bearer sk-up", "Content-Type": f"multipart/form-data; boundary={boundary}"})
+                with urllib.request.urlopen(req, timeout=300) as r:
+                    return int(r.status)
+
+            assert upload(line * 10) == 200  # first use: the modules it needs are imported
+            outcome: list[int] = []
+            slowest, count = _health_while(url, threading.Thread(target=lambda: outcome.append(upload(line * 60_000))))
+    finally:
+        db.close()
+    print(f"57 MiB upload: {count} health checks meanwhile, slowest {slowest:.3f} s")
+    assert outcome == [200] and slowest < 0.5
