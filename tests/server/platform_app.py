@@ -78,6 +78,14 @@ def serve(registry: Registry, db: Database, clock: FakeClock) -> Iterator[str]:
         yield url
 
 
+def org_key(url: str, name: str, plan: str = "pro") -> str:
+    """An organisation made through the admin API, and a key for it."""
+    assert call(url, "POST", "/v1/admin/organisations", ROOT, {"name": name, "plan": plan})[0] == 201
+    status, _, body = call(url, "POST", f"/v1/admin/keys?org={name}", ROOT, {"name": "k"})
+    assert status == 201
+    return str(body["key"])
+
+
 class Browser:
     """A signed-in browser: the session cookie and the CSRF header, over plain urllib."""
 

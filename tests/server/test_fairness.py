@@ -5,31 +5,9 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
 
-import pytest
-
-from souverain.db.database import Database
 from souverain.server.registry import Registry
-from tests.server.platform_app import ROOT, FakeClock, call, serve, tiny_registry
-
-
-@pytest.fixture(scope="module")
-def registry() -> Iterator[Registry]:
-    reg = tiny_registry()
-    yield reg
-    reg.shutdown()
-
-
-@pytest.fixture
-def url(registry: Registry, db: Database) -> Iterator[str]:
-    with serve(registry, db, FakeClock()) as u:
-        yield u
-
-
-def new_key(url: str, name: str, plan: str) -> str:
-    assert call(url, "POST", "/v1/admin/organisations", ROOT, {"name": name, "plan": plan})[0] == 201
-    return str(call(url, "POST", f"/v1/admin/keys?org={name}", ROOT, {"name": "k"})[2]["key"])
+from tests.server.platform_app import ROOT, call, org_key
 
 
 def test_free_flood_with_n16_while_pro_gets_every_answer(url: str, registry: Registry) -> None:
@@ -37,7 +15,7 @@ def test_free_flood_with_n16_while_pro_gets_every_answer(url: str, registry: Reg
     # flood is held back by the caps alone.
     assert call(url, "PUT", "/v1/admin/plans/free", ROOT, {"requests_per_second": 1000, "tokens_per_minute": None,
                                                            "tokens_per_month": None})[0] == 200
-    free, pro = new_key(url, "free-co", "free"), new_key(url, "pro-co", "pro")
+    free, pro = org_key(url, "free-co", "free"), org_key(url, "pro-co", "pro")
     engine = registry.models["tiny"].engine.engine
     stop = threading.Event()
     codes: Counter[object] = Counter()
@@ -81,7 +59,7 @@ def test_free_flood_with_n16_while_pro_gets_every_answer(url: str, registry: Reg
 
 
 def test_n_beyond_the_plans_allowance_is_a_400_not_a_retry(url: str) -> None:
-    free = new_key(url, "free-co", "free")
+    free = org_key(url, "free-co", "free")
     assert call(url, "PUT", "/v1/admin/plans/free", ROOT, {"max_concurrent": 2, "max_queued": 2})[0] == 200
     status, _, body = call(url, "POST", "/v1/completions", free, {"model": "tiny", "prompt": "x", "n": 5,
                                                                    "max_tokens": 1})

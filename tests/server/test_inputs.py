@@ -12,29 +12,13 @@ import sys
 import time
 import urllib.request
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from souverain.db import accounts, keys
 from souverain.db.database import Database
 from souverain.server.registry import Registry
-from tests.server.platform_app import ROOT, FakeClock, call, serve, tiny_registry
+from tests.server.platform_app import ROOT, call
 from tests.serving import free_port
-
-
-@pytest.fixture(scope="module")
-def registry() -> Iterator[Registry]:
-    reg = tiny_registry()
-    yield reg
-    reg.shutdown()
-
-
-@pytest.fixture
-def url(registry: Registry, db: Database) -> Iterator[str]:
-    with serve(registry, db, FakeClock()) as u:
-        yield u
 
 
 def member_keys(db: Database, org_name: str, plan: str = "pro") -> tuple[str, str]:

@@ -6,34 +6,14 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
 
 import pytest
 
 from souverain.db import accounts, keys
 from souverain.db.database import Database
-from souverain.server.registry import Registry
-from tests.server.platform_app import Browser, FakeClock, call, serve, tiny_registry
+from tests.server.platform_app import Browser, FakeClock, call
 
 EMAIL, PASSWORD = "ann@acme.example", "correct horse battery"
-
-
-@pytest.fixture(scope="module")
-def registry() -> Iterator[Registry]:
-    reg = tiny_registry()
-    yield reg
-    reg.shutdown()
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
-def url(registry: Registry, db: Database, clock: FakeClock) -> Iterator[str]:
-    with serve(registry, db, clock) as u:
-        yield u
 
 
 @pytest.fixture

@@ -15,38 +15,17 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-
-import pytest
 
 from souverain.db import accounts, keys, usage
 from souverain.db.database import Database, open_database
 from souverain.db.tables import UsageRecord, utcnow
 from souverain.server.registry import Registry
-from tests.server.platform_app import ROOT, FakeClock, call, serve, tiny_registry
+from tests.server.platform_app import ROOT, call, org_key
 from tests.serving import free_port
 
 LONG = {"model": "tiny", "prompt": "go", "max_tokens": 480, "min_tokens": 480, "temperature": 1.0, "logprobs": 0}
-
-
-@pytest.fixture(scope="module")
-def registry() -> Iterator[Registry]:
-    reg = tiny_registry()
-    yield reg
-    reg.shutdown()
-
-
-@pytest.fixture
-def url(registry: Registry, db: Database) -> Iterator[str]:
-    with serve(registry, db, FakeClock()) as u:
-        yield u
-
-
-def new_key(url: str, name: str) -> str:
-    assert call(url, "POST", "/v1/admin/organisations", ROOT, {"name": name, "plan": "pro"})[0] == 201
-    return str(call(url, "POST", f"/v1/admin/keys?org={name}", ROOT, {"name": "k"})[2]["key"])
 
 
 def final_row(db: Database, org: str, timeout: float = 10.0) -> UsageRecord:
@@ -94,7 +73,7 @@ def read_tokens(response: http.client.HTTPResponse, count: int) -> int:
 
 def test_streamed_disconnect_at_token_40_bills_what_was_generated(url: str, db: Database, registry: Registry
                                                                   ) -> None:
-    key = new_key(url, "acme")
+    key = org_key(url, "acme")
     idle(registry)
     stats = registry.models["tiny"].engine.engine.stats
     before = stats.generation_tokens
@@ -115,7 +94,7 @@ def test_streamed_disconnect_at_token_40_bills_what_was_generated(url: str, db: 
 
 def test_unstreamed_disconnect_cancels_and_bills_what_was_generated(url: str, db: Database, registry: Registry
                                                                     ) -> None:
-    key = new_key(url, "acme")
+    key = org_key(url, "acme")
     idle(registry)
     stats = registry.models["tiny"].engine.engine.stats
     before = stats.generation_tokens
@@ -136,7 +115,7 @@ def test_unstreamed_disconnect_cancels_and_bills_what_was_generated(url: str, db
 
 
 def test_tokens_per_minute_reserves_n_times_max_tokens_and_refunds_the_rest(url: str, db: Database) -> None:
-    key = new_key(url, "acme")
+    key = org_key(url, "acme")
     assert call(url, "PUT", "/v1/admin/plans/pro", ROOT, {"tokens_per_minute": 5000})[0] == 200
     small = {"model": "tiny", "prompt": "hello", "max_tokens": 5, "temperature": 0}
     status, _, answer = call(url, "POST", "/v1/completions", key, small)
@@ -262,7 +241,7 @@ def test_rows_left_running_are_settled_only_when_stale(db: Database) -> None:
 
 def test_a_prompt_refused_after_tokenising_still_costs_its_tokens(url: str) -> None:
     """Tokenising is the expensive part: a tenant cannot burn CPU for free with prompts that cannot fit."""
-    key = new_key(url, "acme")
+    key = org_key(url, "acme")
     assert call(url, "PUT", "/v1/admin/plans/pro", ROOT, {"tokens_per_minute": 5000})[0] == 200
     too_long = {"model": "tiny", "prompt": "x" * 600, "max_tokens": 1}  # 601 byte tokens; the context is 512
     status, _, body = call(url, "POST", "/v1/completions", key, too_long)

@@ -10,47 +10,18 @@ import json
 import threading
 import time
 import urllib.parse
-from collections.abc import Iterator
 from typing import Any
-
-import pytest
 
 from souverain.db import accounts, keys, usage
 from souverain.db.database import Database
 from souverain.server.registry import Registry
-from tests.server.platform_app import ROOT, FakeClock, call, serve, sse_events, tiny_registry
+from tests.server.platform_app import ROOT, FakeClock, call, org_key, sse_events
 
 COMPLETION = {"model": "tiny", "prompt": "hello", "max_tokens": 4, "temperature": 0}
 
 
-@pytest.fixture(scope="module")
-def registry() -> Iterator[Registry]:
-    reg = tiny_registry()
-    yield reg
-    reg.shutdown()
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
-def url(registry: Registry, db: Database, clock: FakeClock) -> Iterator[str]:
-    with serve(registry, db, clock) as u:
-        yield u
-
-
-def new_org(url: str, name: str, plan: str = "pro") -> str:
-    """An organisation made through the admin API, and a key for it."""
-    assert call(url, "POST", "/v1/admin/organisations", ROOT, {"name": name, "plan": plan})[0] == 201
-    status, _, body = call(url, "POST", f"/v1/admin/keys?org={name}", ROOT, {"name": "k"})
-    assert status == 201
-    return str(body["key"])
-
-
 def test_key_lifecycle_over_http(url: str, clock: FakeClock) -> None:
-    key = new_org(url, "acme")
+    key = org_key(url, "acme")
     assert call(url, "GET", "/v1/models", key)[0] == 200
     assert call(url, "GET", "/v1/models", None)[0] == 401
     assert call(url, "GET", "/v1/models", key[:-2])[0] == 401
@@ -68,7 +39,7 @@ def test_key_lifecycle_over_http(url: str, clock: FakeClock) -> None:
 
 
 def test_roles_guard_the_admin_api(url: str, db: Database) -> None:
-    member_key = new_org(url, "acme")
+    member_key = org_key(url, "acme")
     assert call(url, "GET", "/v1/admin/keys", member_key)[0] == 403  # a key without an admin behind it
     with db.session() as s:
         org = accounts.get_org(s, name="acme")
@@ -92,7 +63,7 @@ def test_roles_guard_the_admin_api(url: str, db: Database) -> None:
 
 
 def test_private_model_is_invisible_to_other_organisations(url: str) -> None:
-    owner, stranger = new_org(url, "acme"), new_org(url, "globex")
+    owner, stranger = org_key(url, "acme"), org_key(url, "globex")
     assert call(url, "PUT", "/v1/admin/models/secret/private", ROOT, {"org": "acme"})[0] == 200
     ids = {m["id"] for m in call(url, "GET", "/v1/models", stranger)[2]["data"]}
     assert "secret" not in ids and "tiny" in ids
@@ -106,7 +77,7 @@ def test_private_model_is_invisible_to_other_organisations(url: str) -> None:
 
 
 def test_rate_limit_trips_and_recovers(url: str, clock: FakeClock) -> None:
-    key = new_org(url, "small", plan="free")  # 1 request/s
+    key = org_key(url, "small", plan="free")  # 1 request/s
     status, headers, _ = call(url, "POST", "/v1/completions", key, COMPLETION)
     assert status == 200 and headers["x-ratelimit-limit-requests"] == "1/s"
     assert headers["x-ratelimit-remaining-requests"] == "0" and "x-ratelimit-remaining-tokens" in headers
@@ -119,7 +90,7 @@ def test_rate_limit_trips_and_recovers(url: str, clock: FakeClock) -> None:
 
 def test_tokens_per_minute_count_the_answers(url: str, clock: FakeClock) -> None:
     assert call(url, "PUT", "/v1/admin/plans/trickle", ROOT, {"tokens_per_minute": 60, "priority": 2})[0] == 200
-    key = new_org(url, "small", plan="trickle")  # 1 token/s
+    key = org_key(url, "small", plan="trickle")  # 1 token/s
     body = {**COMPLETION, "max_tokens": 60, "min_tokens": 60}
     assert call(url, "POST", "/v1/completions", key, body)[0] == 200  # 6 prompt + 60 answer tokens: 6 in debt
     status, headers, _ = call(url, "POST", "/v1/completions", key, body)
@@ -130,7 +101,7 @@ def test_tokens_per_minute_count_the_answers(url: str, clock: FakeClock) -> None
 
 def test_monthly_quota_stops_requests(url: str, db: Database) -> None:
     assert call(url, "PUT", "/v1/admin/plans/tiny-month", ROOT, {"tokens_per_month": 40})[0] == 200
-    key = new_org(url, "small", plan="tiny-month")
+    key = org_key(url, "small", plan="tiny-month")
     spent = 0
     for _ in range(10):
         status, headers, body = call(url, "POST", "/v1/completions", key, {**COMPLETION, "max_tokens": 8,
@@ -148,7 +119,7 @@ def test_monthly_quota_stops_requests(url: str, db: Database) -> None:
 def test_plan_and_key_model_lists_and_context(url: str) -> None:
     assert call(url, "PUT", "/v1/admin/plans/narrow", ROOT,
                 {"allowed_models": ["tiny"], "max_context": 32, "priority": 2})[0] == 200
-    key = new_org(url, "small", plan="narrow")
+    key = org_key(url, "small", plan="narrow")
     status, _, body = call(url, "POST", "/v1/completions", key, {**COMPLETION, "model": "serial"})
     assert status == 403 and body["param"] == "model" and "plan" in body["message"]
     status, _, body = call(url, "POST", "/v1/completions", key, {**COMPLETION, "max_tokens": 100})
@@ -159,7 +130,7 @@ def test_plan_and_key_model_lists_and_context(url: str) -> None:
 
 
 def test_usage_rows_equal_what_clients_were_told(url: str, db: Database) -> None:
-    key = new_org(url, "acme")
+    key = org_key(url, "acme")
     told: dict[str, dict[str, int]] = {}
     _, _, body = call(url, "POST", "/v1/completions", key, COMPLETION)
     told[body["id"]] = body["usage"]
@@ -185,7 +156,7 @@ def test_usage_rows_equal_what_clients_were_told(url: str, db: Database) -> None
 
 
 def test_disconnect_cancels_and_is_still_billed(url: str, db: Database) -> None:
-    key = new_org(url, "acme")
+    key = org_key(url, "acme")
     host, port = url.removeprefix("http://").split(":")
     conn = http.client.HTTPConnection(host, int(port), timeout=30)
     body = {"model": "tiny", "prompt": "go", "max_tokens": 400, "min_tokens": 400, "stream": True}
@@ -207,7 +178,7 @@ def test_disconnect_cancels_and_is_still_billed(url: str, db: Database) -> None:
 
 
 def test_pro_outranks_free_in_the_engine_queue(url: str, registry: Registry) -> None:
-    free, pro = new_org(url, "free-co", plan="free"), new_org(url, "pro-co", plan="pro")
+    free, pro = org_key(url, "free-co", plan="free"), org_key(url, "pro-co", plan="pro")
     stats = registry.models["serial"].engine.engine.stats
     finished: list[str] = []
 
@@ -240,7 +211,7 @@ def test_pro_outranks_free_in_the_engine_queue(url: str, registry: Registry) -> 
 
 def test_former_500_inputs_are_400s(url: str) -> None:
     """Inputs that once raised inside the server: each is a 4xx naming the problem now."""
-    new_org(url, "odd")
+    org_key(url, "odd")
     for ref in ("²", "٣", "99999999999999999999999"):  # str.isdigit() digits int() refuses; a BIGINT overflow
         assert call(url, "DELETE", f"/v1/admin/keys/{urllib.parse.quote(ref)}?org=odd", ROOT)[0] == 404, ref
     for days in (1e300, 1e6):

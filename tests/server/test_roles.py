@@ -4,29 +4,13 @@ PostgreSQL."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 
 from souverain.db import accounts, keys
 from souverain.db.database import Database
-from souverain.server.registry import Registry
-from tests.server.platform_app import Browser, FakeClock, call, serve, tiny_registry
+from tests.server.platform_app import Browser, call
 
 PW = "a long password"
-
-
-@pytest.fixture(scope="module")
-def registry() -> Iterator[Registry]:
-    reg = tiny_registry()
-    yield reg
-    reg.shutdown()
-
-
-@pytest.fixture
-def url(registry: Registry, db: Database) -> Iterator[str]:
-    with serve(registry, db, FakeClock()) as u:
-        yield u
 
 
 @pytest.fixture
