@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.structured import free_port, start_server
+from bench.structured import free_port, link_model_store, start_server
 
 KEY = "sk-bench"  # the operator's static key, as bench/structured.py starts the server
 
@@ -73,9 +73,7 @@ def main() -> None:
     a = ap.parse_args()
     port = free_port()
     with tempfile.TemporaryDirectory() as home:
-        store = Path.home() / ".local/share/souverain/models"
-        if store.exists():
-            (Path(home) / "models").symlink_to(store)
+        link_model_store(home)
         proc = start_server(port, home)
         try:
             text = (Path(home) / "first-start.txt").read_text()

@@ -43,6 +43,13 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def link_model_store(home: str) -> None:
+    """The packaged models are read from the user's store: a throw-away home then only holds the database."""
+    store = Path.home() / ".local/share/souverain/models"
+    if store.exists():
+        (Path(home) / "models").symlink_to(store)
+
+
 def start_server(port: int, home: str) -> subprocess.Popen[bytes]:
     env = {**os.environ, "SOUVERAIN_HOME": home}
     exe = Path(sys.executable).with_name("souverain")
@@ -132,10 +139,7 @@ def main() -> None:
     a = ap.parse_args()
     port = free_port()
     with tempfile.TemporaryDirectory() as home:
-        # The packaged models are read from the user's store: the throw-away home only holds the database.
-        store = Path.home() / ".local/share/souverain/models"
-        if store.exists():
-            (Path(home) / "models").symlink_to(store)
+        link_model_store(home)
         proc = start_server(port, home)
         try:
             rows = asyncio.run(serve_bench(port, [int(x) for x in a.concurrency.split(",")], a.tokens, a.rounds))

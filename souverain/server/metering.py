@@ -85,7 +85,6 @@ class Ledger:
     _wake: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
     _stop: bool = False
-    commits: int = 0
 
     def open(self, meter: Meter) -> None:
         with self._lock:
@@ -181,7 +180,6 @@ class Ledger:
                 usage.Progress(m.identity, m.row_id, produced, max(m.committed, 0), final or "running",
                                int((mono - m.started) * 1000)) for m, produced, final in work], at=self.now())
         written = [(m, produced, final, row_id) for (m, produced, final), row_id in zip(work, ids, strict=True)]
-        self.commits += 1
         with self._lock:
             for m, produced, final, row_id in written:
                 m.row_id, m.committed, m.touched = row_id, produced, mono

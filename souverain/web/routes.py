@@ -155,7 +155,7 @@ def _open_session(db: Database, user_id: int, organisation: str | None, now: dat
 class Acceptance(BaseModel):
     token: str = Field(..., min_length=8, max_length=128)
     password: str = Field(..., min_length=1, max_length=1024)
-    name: str = Field("", max_length=128)
+    name: str = Field("", max_length=128, description="the new account's display name (an existing one keeps its own)")
 
 
 class PasswordChange(BaseModel):

@@ -103,17 +103,8 @@ class Browser:
         return status, answer
 
     def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> tuple[int, Any, Any]:
-        h = {"Content-Type": "application/json", "x-csrf-token": self.csrf}
-        if self.cookie:
-            h["Cookie"] = self.cookie
-        req = urllib.request.Request(self.url + path, method=method, headers=h,
-                                     data=json.dumps(body).encode() if body is not None else None)
-        try:
-            with urllib.request.urlopen(req, timeout=60) as r:
-                status, headers, raw = r.status, r.headers, r.read().decode()
-        except urllib.error.HTTPError as e:
-            status, headers, raw = e.code, e.headers, e.read().decode()
-        answer = json.loads(raw) if raw.startswith(("{", "[")) else raw
+        h = {"x-csrf-token": self.csrf, **({"Cookie": self.cookie} if self.cookie else {})}
+        status, headers, answer = _send(self.url + path, method, h, body)
         if status == 200 and headers.get("set-cookie"):  # a new session (password change, organisation switch)
             self.cookie = headers["set-cookie"].split(";", 1)[0]
             self.csrf = answer.get("csrf", self.csrf) if isinstance(answer, dict) else self.csrf
@@ -123,20 +114,21 @@ class Browser:
 def call(url: str, method: str, path: str, key: str | None, body: dict[str, Any] | None = None
          ) -> tuple[int, Any, Any]:
     """(status, headers, parsed JSON or text)."""
-    h = {"Content-Type": "application/json"}
-    if key:
-        h["Authorization"] = f"Bearer {key}"
-    req = urllib.request.Request(url + path, method=method, headers=h,
+    return _send(url + path, method, {"Authorization": f"Bearer {key}"} if key else {}, body)
+
+
+def _send(url: str, method: str, headers: dict[str, str], body: dict[str, Any] | None) -> tuple[int, Any, Any]:
+    req = urllib.request.Request(url, method=method, headers={"Content-Type": "application/json", **headers},
                                  data=json.dumps(body).encode() if body is not None else None)
     try:
         with urllib.request.urlopen(req, timeout=60) as r:
-            status, headers, raw = r.status, r.headers, r.read().decode()
+            status, got, raw = r.status, r.headers, r.read().decode()
     except urllib.error.HTTPError as e:
-        status, headers, raw = e.code, e.headers, e.read().decode()
+        status, got, raw = e.code, e.headers, e.read().decode()
     try:
-        return status, headers, json.loads(raw)
+        return status, got, json.loads(raw)
     except json.JSONDecodeError:
-        return status, headers, raw
+        return status, got, raw
 
 
 def sse_events(raw: str) -> list[Any]:

@@ -17,13 +17,10 @@ import typer
 from souverain.cli_finetune import upload_file
 from souverain.db import accounts, finetune, keys, usage
 from souverain.db.database import Database
-from souverain.server.app import create_app
-from souverain.server.loader import load_models
 from souverain.server.registry import Registry
-from souverain.server.settings import Settings
 from souverain.train.runner import JobRunner
 from tests.server.platform_app import call
-from tests.serving import running
+from tests.train.site import jobs_site
 
 ROOT = "sk-root-limits"
 DATA = b"".join(json.dumps({"text": f"sample {i} about the sea"}).encode() + b"\n" for i in range(8))
@@ -31,12 +28,8 @@ DATA = b"".join(json.dumps({"text": f"sample {i} about the sea"}).encode() + b"\
 
 @pytest.fixture
 def site(tmp_path: Path, tiny_llama_folder: Path, db: Database) -> Iterator[dict[str, Any]]:
-    settings = Settings(models=[f"tiny={tiny_llama_folder}"], api_keys=[ROOT], kv_cache_memory=8 << 20,
-                        dtype="float32", data_dir=str(tmp_path / "data"))
-    registry = load_models(settings, say=lambda m: None)
-    with running(lambda port: create_app(settings, registry, db)) as url:
-        yield {"url": url, "db": db, "registry": registry, "settings": settings}
-    registry.shutdown()
+    with jobs_site(db, tmp_path, tiny_llama_folder, ROOT) as found:
+        yield found
 
 
 def org_key(db: Database, name: str, plan: str) -> str:

@@ -18,13 +18,10 @@ import pytest
 from souverain.cli_finetune import upload_file
 from souverain.db import finetune
 from souverain.db.database import Database, open_database, sqlite_url
-from souverain.server.app import create_app
-from souverain.server.loader import load_models
 from souverain.server.registry import Registry
-from souverain.server.settings import Settings
 from souverain.train.runner import JobRunner
 from tests.server.platform_app import call
-from tests.serving import running
+from tests.train.site import jobs_site
 
 ROOT = "sk-root-jobs"
 TEXTS = b"".join(json.dumps({"text": f"sample number {i} about the sea and the wind"}).encode() + b"\n"
@@ -34,12 +31,8 @@ TEXTS = b"".join(json.dumps({"text": f"sample number {i} about the sea and the w
 @pytest.fixture
 def site(tmp_path: Path, tiny_llama_folder: Path) -> Iterator[dict[str, Any]]:
     db = open_database(sqlite_url(tmp_path / "souverain.db"))
-    settings = Settings(models=[f"tiny={tiny_llama_folder}"], api_keys=[ROOT], kv_cache_memory=8 << 20,
-                        dtype="float32", data_dir=str(tmp_path / "data"))
-    registry = load_models(settings, say=lambda m: None)
-    with running(lambda port: create_app(settings, registry, db)) as url:
-        yield {"url": url, "db": db, "registry": registry, "settings": settings}
-    registry.shutdown()
+    with jobs_site(db, tmp_path, tiny_llama_folder, ROOT) as found:
+        yield found
     db.close()
 
 
