@@ -34,6 +34,7 @@ from souverain.embed import Embedder
 from souverain.engine.async_engine import AsyncEngine
 from souverain.engine.engine import EngineConfig, LLMEngine
 from souverain.hub import pull_packaged_model
+from souverain.kernels.backend import choose
 from souverain.model import ModelArgs, Transformer
 from souverain.server.app import create_app
 from souverain.server.registry import LoadedEmbedder, LoadedModel, Registry
@@ -54,7 +55,7 @@ def registry() -> Registry:
     model = Transformer(ModelArgs(dim=64, n_layers=1, n_heads=4, n_kv_heads=2, hidden_dim=128, vocab_size=32768,
                                   max_seq_len=256)).eval()
     reg = Registry()
-    engine = LLMEngine(model, tok, EngineConfig(kv_cache_memory=16 << 20, max_waiting=64))
+    engine = LLMEngine(model, tok, EngineConfig(kv_cache_memory=16 << 20, max_waiting=64), backend=choose())
     reg.add(LoadedModel("tiny", AsyncEngine(engine), tok, {"capabilities": ["chat", "fim"]}))
     minilm = pull_packaged_model("minilm")
     reg.add_embedder(LoadedEmbedder("minilm", Embedder(minilm), describe(minilm)))

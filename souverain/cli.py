@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+import itertools
 import os
 import sys
 import time
@@ -17,8 +19,7 @@ from souverain import cli_finetune, cli_platform
 from souverain.cli_platform import Db, default_db_url
 
 if TYPE_CHECKING:
-    from souverain.model.transformer import Transformer
-    from souverain.tokenizer.base import Tokenizer
+    from souverain.engine.engine import LLMEngine
 
 app = typer.Typer(help="Souverain: self-hosted, open-weight AI.", no_args_is_help=True, add_completion=False)
 err = Console(stderr=True)
@@ -38,10 +39,12 @@ def _errors() -> tuple[type[Exception], ...]:
     from souverain.hub.names import NameError_
     from souverain.hub.sources import PullError
     from souverain.hub.store import StoreError
+    from souverain.kernels.backend import BackendUnavailable
     from souverain.tokenizer.chat import ChatTemplateError
     from souverain.weights.errors import WeightsError
 
-    return (PullError, StoreError, NameError_, IndexError_, WeightsError, ChatTemplateError, ValueError, OSError)
+    return (PullError, StoreError, NameError_, IndexError_, WeightsError, ChatTemplateError, BackendUnavailable,
+            ValueError, OSError)
 
 
 # -- the store --------------------------------------------------------------------------------------
@@ -172,15 +175,17 @@ def _count(n: int | None) -> str | None:
 
 
 # -- running models -----------------------------------------------------------------------------------
-def _load(model: str | None, dtype: str, bits: str, *,
-          pull_missing: bool = True) -> tuple[Transformer, Tokenizer, Path]:
+def _load(model: str | None, dtype: str, bits: str, *, pull_missing: bool = True) -> tuple[LLMEngine, Path]:
+    """The model behind the engine `serve` runs (same kernels, batching and sampling code)."""
     import torch
 
+    from souverain.engine.engine import EngineConfig, LLMEngine
     from souverain.hub import resolve
     from souverain.hub.catalogue import CATALOGUE, DEFAULT_CHAT_MODEL
     from souverain.hub.describe import describe
     from souverain.hub.store import Store
-    from souverain.model.quant import resolve_bits
+    from souverain.kernels.backend import choose
+    from souverain.model.quant import prepare, resolve_bits
     from souverain.tokenizer import load_tokenizer
     from souverain.weights import load_model
 
@@ -195,36 +200,51 @@ def _load(model: str | None, dtype: str, bits: str, *,
         with err.status(f"loading {path.name}"):
             tokenizer = load_tokenizer(path)
             net = load_model(path, dtype=getattr(torch, dtype), bits=n_bits)
+        backend = choose(next(net.parameters()).device)
+        engine = LLMEngine(prepare(net, backend), tokenizer, EngineConfig(kv_cache_memory=256 << 20),
+                           backend=backend)
     except _errors() as e:
         raise _fail(str(e)) from None
-    err.print(f"[dim]loaded {path.name} in {time.perf_counter() - start:.1f}s[/dim]", highlight=False)
-    return net, tokenizer, path
+    err.print(f"[dim]loaded {path.name} in {time.perf_counter() - start:.1f}s ({backend} kernels)[/dim]",
+              highlight=False)
+    return engine, path
 
 
-def _stream(net: Transformer, tokenizer: Tokenizer, ids: list[int], *, max_tokens: int, temperature: float,
-            top_p: float, seed: int | None) -> str:
-    """Print the continuation of `ids` as it is generated; return its text."""
-    from souverain.engine.simple import generate_tokens
-    from souverain.tokenizer import IncrementalDecoder
+_turns = itertools.count()
 
-    decoder = IncrementalDecoder(tokenizer, prompt_ids=ids)
-    text: list[str] = []
-    count, start = 0, time.perf_counter()
+
+def _stream(engine: LLMEngine, ids: list[int], *, max_tokens: int, temperature: float, top_p: float,
+            seed: int | None) -> str:
+    """Print the continuation of `ids` as the engine generates it; return its text."""
+    from souverain.engine.request import Request, SamplingParams
+
+    request = Request(f"cli-{next(_turns)}", ids, SamplingParams(max_tokens=max_tokens, temperature=temperature,
+                                                                 top_p=top_p, seed=seed))
     try:
-        for token in generate_tokens(net, ids, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                                     stop_ids=tokenizer.eos_ids, seed=seed):
-            count += 1
-            piece = decoder.push(token)
-            text.append(piece)
-            sys.stdout.write(piece)
-            sys.stdout.flush()
+        engine.add_request(request)
+    except ValueError as e:
+        raise _fail(str(e)) from None
+    text: list[str] = []
+    count, first = 0, None
+    try:
+        while engine.has_unfinished():
+            for delta in engine.step():
+                if delta.error:
+                    raise _fail(delta.error)
+                first = first or time.perf_counter()
+                count += len(delta.token_ids)
+                text.append(delta.text)
+                sys.stdout.write(delta.text)
+                sys.stdout.flush()
     except KeyboardInterrupt:
+        engine.cancel(request.request_id)
+        while engine.has_unfinished():
+            engine.step()
         err.print("\n[dim](stopped)[/dim]")
-    tail = decoder.flush()
-    text.append(tail)
-    sys.stdout.write(tail + "\n")
-    elapsed = max(time.perf_counter() - start, 1e-9)
-    err.print(f"[dim]{count} tokens, {count / elapsed:.1f} tok/s[/dim]", highlight=False)
+    sys.stdout.write("\n")
+    # Decode speed, as servers report it: the tokens after the first over the time after the first.
+    rate = (count - 1) / (time.perf_counter() - first) if first and count > 1 else 0.0
+    err.print(f"[dim]{count} tokens, {rate:.1f} tok/s[/dim]", highlight=False)
     return "".join(text)
 
 
@@ -238,11 +258,12 @@ def generate(
     seed: Annotated[int | None, typer.Option(help="Seed for sampling")] = None,
     chat: Annotated[bool, typer.Option("--chat", help="Apply the model's chat template")] = False,
     system: Annotated[str | None, typer.Option(help="System message (with --chat)")] = None,
-    dtype: Annotated[str, typer.Option(help=f"Compute dtype: {', '.join(DTYPES)}")] = "float32",
-    bits: Bits = "0",
+    dtype: Annotated[str, typer.Option(help=f"Compute dtype: {', '.join(DTYPES)}")] = "bfloat16",
+    bits: Bits = "auto",
 ) -> None:
     """Stream a completion of PROMPT to the terminal."""
-    net, tokenizer, _ = _load(model, dtype, bits, pull_missing=False)
+    engine, _ = _load(model, dtype, bits, pull_missing=False)
+    tokenizer = engine.tokenizer
     try:
         if chat:
             messages = ([{"role": "system", "content": system}] if system else []) + [
@@ -253,7 +274,7 @@ def generate(
             sys.stdout.write(prompt)
     except _errors() as e:
         raise _fail(str(e)) from None
-    _stream(net, tokenizer, ids, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    _stream(engine, ids, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
 
 
 @app.command()
@@ -266,11 +287,12 @@ def run(
     top_p: Annotated[float, typer.Option(min=0.0, max=1.0)] = 0.9,
     seed: Annotated[int | None, typer.Option()] = None,
     system: Annotated[str | None, typer.Option(help="System message")] = None,
-    dtype: Annotated[str, typer.Option(help=f"Compute dtype: {', '.join(DTYPES)}")] = "float32",
+    dtype: Annotated[str, typer.Option(help=f"Compute dtype: {', '.join(DTYPES)}")] = "bfloat16",
     bits: Bits = "auto",
 ) -> None:
     """Chat with a model: one question with PROMPT, else an interactive session (/bye, /clear)."""
-    net, tokenizer, _ = _load(model, dtype, bits)
+    engine, _ = _load(model, dtype, bits)
+    tokenizer = engine.tokenizer
     history: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
 
     def answer(question: str) -> None:
@@ -279,8 +301,7 @@ def run(
             ids = tokenizer.apply_chat_template(history, add_generation_prompt=True)
         except _errors() as e:
             raise _fail(str(e)) from None
-        reply = _stream(net, tokenizer, ids, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                        seed=seed)
+        reply = _stream(engine, ids, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
         history.append({"role": "assistant", "content": reply})
 
     if prompt is not None:
@@ -401,6 +422,11 @@ def serve(
         registry = load_models(settings, say=lambda m: err.print(f"[dim]{m}[/dim]", highlight=False))
     except _errors() as e:
         raise _fail(str(e)) from None
+    # The imports, models and tokenizers leave ~330k long-lived objects (SmolLM2); a full collection walks
+    # them all (~0.2 s here), stalling every stream mid-generation. Collect once now and keep them out of
+    # later collections (vLLM does the same after start-up).
+    gc.collect()
+    gc.freeze()
     from souverain.train.runner import JobRunner
 
     def trainable(model_id: str) -> Path | None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import gc
 import logging
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -14,7 +13,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from souverain import kernels
 from souverain.engine.adapters import AdapterCache
 from souverain.engine.blocks import BlockManager
 from souverain.engine.fused import build_decoder
@@ -32,6 +30,7 @@ from souverain.engine.runner import ModelRunner
 from souverain.engine.scheduler import Batch, Scheduler, SchedulerConfig
 from souverain.engine.stats import EngineStats
 from souverain.engine.stops import StopMatcher
+from souverain.kernels.backend import TORCH, Backend
 from souverain.model.lora import LoraWeights
 from souverain.model.quant import QuantLinear
 from souverain.model.transformer import Transformer
@@ -68,18 +67,22 @@ class _SeqState:
 
 class LLMEngine:
     def __init__(self, model: Transformer, tokenizer: Tokenizer, config: EngineConfig | None = None,
-                 adapters: AdapterCache | None = None) -> None:
+                 adapters: AdapterCache | None = None, backend: Backend = TORCH) -> None:
+        """`backend`: the kernels to run on (souverain.kernels.backend.choose()), for which the wiring code
+        prepared the model (souverain.model.quant.prepare); the default runs PyTorch ops only."""
         self.config = config = config or EngineConfig()
         self.model = model
         self.adapters = adapters
         self.tokenizer = tokenizer
+        self.backend = backend
         args = model.args
         p = next(model.parameters())
-        fast = kernels.load() if p.device.type == "cpu" else None  # built once per machine; else PyTorch ops
-        if fast is not None and fast.amx_available():
-            for module in model.modules():
-                if isinstance(module, QuantLinear):
-                    module.pack_for_amx()
+        if backend.device != p.device.type:
+            raise ValueError(f"backend {backend} runs on the {backend.device}, the model is on {p.device.type}")
+        packed = {m.backend for m in model.modules() if isinstance(m, QuantLinear)} - {TORCH, backend}
+        if packed:
+            raise ValueError(f"the model's weights are packed for {', '.join(map(str, packed))}, not {backend}")
+        fast = backend.ops
         num_blocks = PagedKVCache.blocks_for_memory(config.kv_cache_memory, args.n_layers, config.block_size,
                                                     args.n_kv_heads, args.hd, p.dtype)
         if num_blocks < 2:
@@ -96,13 +99,14 @@ class LLMEngine:
         transposed = fast is not None and p.dtype in (torch.bfloat16, torch.float32) and fast.decode_supported(
             args.n_heads, args.n_kv_heads, args.hd, config.block_size)
         self.cache = PagedKVCache(args.n_layers, num_blocks, config.block_size, args.n_kv_heads, args.hd,
-                                  p.dtype, p.device, k_transposed=transposed)
+                                  p.dtype, p.device, k_transposed=transposed, ops=fast if transposed else None,
+                                  amx=backend.amx)
         self.blocks = BlockManager(num_blocks, config.block_size)
         self.scheduler = Scheduler(self.blocks, SchedulerConfig(
             max_num_seqs=config.max_num_seqs, max_batched_tokens=config.max_batched_tokens,
             max_waiting=config.max_waiting, max_model_len=max_len, sliding_window=args.sliding_window,
         ), tokenizer.eos_ids)
-        decoder = build_decoder(model, fast, config.block_size) if fast is not None and transposed else None
+        decoder = build_decoder(model, backend, config.block_size) if transposed else None
         self.runner = ModelRunner(model, self.cache, tokenizer.eos_ids, decoder)
         self.stats = EngineStats(kv_blocks_total=num_blocks)
         self._ids = count()
@@ -110,11 +114,6 @@ class LLMEngine:
         self._unseeded = torch.Generator().manual_seed(0x5EED)
         self._masks: MaskComputer | None = None  # built on the first constrained step
         self._mask_thread: ThreadPoolExecutor | None = None
-        # The imports, the model and the tokenizer leave ~330k long-lived objects (SmolLM2); a full
-        # collection walks them all (~0.2 s here), stalling every stream mid-generation. Collect once
-        # now and keep them out of later collections (vLLM does the same after start-up).
-        gc.collect()
-        gc.freeze()
 
     # -- intake ---------------------------------------------------------------------------------
     def add_request(self, request: Request) -> None:

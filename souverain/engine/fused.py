@@ -16,13 +16,18 @@ from typing import Any
 import torch
 from torch import nn
 
+from souverain.kernels.backend import Backend
 from souverain.model.layers import FeedForward, TransformerBlock
 from souverain.model.quant import GROUP, QuantLinear
 from souverain.model.transformer import Transformer
 
 
-def build_decoder(model: Transformer, fast: ModuleType, block_size: int) -> Any | None:
-    """The C++ decoder over `model`'s layers (sharing their tensors), or None where it does not apply."""
+def build_decoder(model: Transformer, backend: Backend, block_size: int) -> Any | None:
+    """The C++ decoder over `model`'s layers (sharing their tensors, as `prepare` packed them for
+    `backend`), or None where it does not apply."""
+    fast = backend.ops
+    if fast is None:
+        return None
     args = model.args
     p = next(model.parameters())
     width = fast.vector_width()
@@ -54,7 +59,9 @@ def _linear(fast: ModuleType, m: nn.Module | None) -> Any | None:
         return fast.Linear(weight=m.weight.detach(), bias=None if m.bias is None else m.bias.detach())
     if isinstance(m, QuantLinear):
         bias = None if m.bias is None else m.bias.detach()
+        if m.ops is not None and m.ops is not fast:
+            return None  # packed for another backend's kernels
         return fast.Linear(qweight=m.qweight, scales=m.scales, dense_t=m.dense_t, tiles=m.tiles, nibbles=m.nibbles,
-                           nibble_scales=m.nibble_scales, bias=bias, bits=m.bits, dense_rows=m.dense_rows,
-                           group=GROUP)
+                           nibble_scales=m.nibble_scales, codes=m.codes, code_scales=m.code_scales, bias=bias,
+                           bits=m.bits, dense_rows=m.dense_rows, group=GROUP, isa=m.backend.q4_isa)
     return None

@@ -20,10 +20,12 @@ from souverain.model.attention import attend, window_mask
 class PagedKVCache:
     """`k_transposed` stores keys as [layers, blocks, Hkv, hd, block_size], the layout the C++ decode
     kernel reads (a block's keys for a head one contiguous tile, transposed); values, and keys
-    otherwise, are [layers, slots, Hkv, hd]."""
+    otherwise, are [layers, slots, Hkv, hd]. `ops`: the backend's C++ kernels that steps attend with
+    (None: PyTorch), `amx` whether their AMX prefill attention runs."""
 
     def __init__(self, n_layers: int, num_blocks: int, block_size: int, n_kv_heads: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device | str = "cpu", k_transposed: bool = False) -> None:
+                 dtype: torch.dtype, device: torch.device | str = "cpu", k_transposed: bool = False,
+                 ops: ModuleType | None = None, amx: bool = False) -> None:
         slots = num_blocks * block_size
         shape = (n_layers, slots, n_kv_heads, head_dim)
         k_shape = (n_layers, num_blocks, n_kv_heads, head_dim, block_size) if k_transposed else shape
@@ -32,6 +34,7 @@ class PagedKVCache:
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.k_transposed = k_transposed
+        self.ops, self.amx = ops, amx
 
     @staticmethod
     def blocks_for_memory(memory_bytes: int, n_layers: int, block_size: int, n_kv_heads: int, head_dim: int,
@@ -78,7 +81,7 @@ class PagedStep:
                positions: torch.Tensor) -> torch.Tensor:
         kc, vc = self.cache.k[layer], self.cache.v[layer]
         flat_q = q[0]  # [N, H, hd]
-        fast = kernels.usable(flat_q, kc) if self.cache.k_transposed else None
+        fast = kernels.usable(self.cache.ops, flat_q, kc) if self.cache.k_transposed else None
         if fast is not None:
             fast.store_kv(kernels.rows_contiguous(k[0]), kernels.rows_contiguous(v[0]), kc, vc, self.slots)
         elif self.cache.k_transposed:
@@ -95,7 +98,7 @@ class PagedStep:
             return attend(flat_q[:, None], self._keys(kc, g), self._values(vc, g), g.mask).transpose(0, 1)
         out = torch.empty_like(flat_q)
         # The AMX prefill attention (C++), where it runs for this model and cache.
-        amx = kernels.amx() if fast is not None and flat_q.dtype == torch.bfloat16 else None
+        amx = fast if self.cache.amx and fast is not None and flat_q.dtype == torch.bfloat16 else None
         if amx is not None and not amx.prefill_supported(q.shape[2], k.shape[2], q.shape[3]):
             amx = None
         scale = q.shape[-1] ** -0.5

@@ -32,6 +32,7 @@ class ModelRunner:
         self.vocab = model.args.vocab_size
         self.eos_ids = sorted(set(eos_ids))
         self.window = model.args.sliding_window
+        self.ops = cache.ops  # the backend's C++ kernels, or None
 
     @torch.inference_mode()
     def forward(self, items: list[ScheduledSeq], adapter: Callable[[str], LoraWeights] | None = None
@@ -65,10 +66,10 @@ class ModelRunner:
             cos, sin = self.model.rope_tables(torch.tensor(positions, device=dev), h.dtype)
             h = self.decoder.forward(h, cos, sin, self.cache.k, self.cache.v, slot_t, tables, lo, hi,
                                      self.cache.block_size)
-            return self.model.head(h)
+            return self.model.head(h, self.ops)
         step = PagedStep(self.cache, slot_t, self._groups(items, offsets))
         logits = self.model(torch.tensor([tokens], device=dev), torch.tensor([positions], device=dev), step,
-                            output_rows=torch.tensor(out_rows, dtype=torch.long, device=dev), lora=lora)
+                            output_rows=torch.tensor(out_rows, dtype=torch.long, device=dev), lora=lora, ops=self.ops)
         return logits
 
     def _lora(self, items: list[ScheduledSeq], adapter: Callable[[str], LoraWeights] | None) -> LoraBatch | None:
@@ -124,7 +125,7 @@ class ModelRunner:
             # In place unless the raw logits are still needed (log-probabilities) and not copied yet.
             keep_raw = logits is raw and any(w is not None for w in want)
             logits = apply_mask(logits.clone() if keep_raw else logits, *mask)
-        tokens = sample(logits, tensors)
+        tokens = sample(logits, tensors, self.ops)
         logprobs: list[tuple[float, list[tuple[int, float]]] | None] = [None] * len(seqs)
         if any(w is not None for w in want):
             k = max(w or 0 for w in want)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import ModuleType
 
 import torch
 
@@ -55,12 +56,13 @@ def apply_mask(logits: torch.Tensor, rows: torch.Tensor, allowed: torch.Tensor) 
     return logits.masked_fill_(full, float("-inf"))
 
 
-def sample(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
+def sample(logits: torch.Tensor, t: SamplingTensors, ops: ModuleType | None = None) -> torch.Tensor:
     """logits [R, V] (penalties applied) -> token ids [R]. Temperature 0 rows are greedy. Logits may stay
-    in bf16 where every row is greedy (argmax is exact in any dtype); sampling them wants float32."""
+    in bf16 where every row is greedy (argmax is exact in any dtype); sampling them wants float32.
+    `ops`: the backend's C++ kernels (a one-pass argmax), or None."""
     greedy = t.temperature == 0
     if bool(greedy.all()):
-        fast = kernels.usable(logits)
+        fast = kernels.usable(ops, logits)
         return fast.argmax_rows(logits.contiguous()) if fast is not None else logits.argmax(-1)
     temp = torch.where(greedy, torch.ones_like(t.temperature), t.temperature)
     probs = torch.softmax(logits / temp[:, None], dim=-1)

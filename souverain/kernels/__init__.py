@@ -1,16 +1,19 @@
 """Our C++ CPU kernels (cpu.cpp), compiled once per machine with the system's C++ compiler.
 
-`load()` builds them on first call (about 80 s on 2 cores; `scripts/setup.sh` does it ahead
-with `python -m souverain.kernels`) into the user cache, keyed by the source, the torch version and
-the CPU's instruction sets, then imports the result. Without a compiler, or with
-SOUVERAIN_KERNELS=0, `load()` returns None and every op falls back to the plain PyTorch code beside
-its call: same results, slower. Nothing is built at import time.
+`load()` builds them on first call (1.5-4 min on 2 cores, the sources compiled in parallel;
+`scripts/setup.sh` does it ahead with `python -m souverain.kernels`) into the user cache, keyed by the
+torch version and the CPU's instruction sets (ninja rebuilds what changed), then imports the result.
+Without a compiler, or with SOUVERAIN_KERNELS=0, `load()` returns None and every op falls back to the
+plain PyTorch code beside its call: same results, slower. Nothing is built at import time, and nothing
+here decides which kernels a model uses: `backend.choose()` does, once, in the wiring code, and the
+backend is passed to the model (`prepare`) and the engine.
 
 cpu.cpp holds the element-wise and attention kernels, gemm.cpp the AMX matrix product and
 prefill.cpp the AMX causal attention of prefill chunks (both compiled only where the CPU has AMX;
-`amx_available()` says whether it runs here), decoder.cpp a decode step's layers in one call
-(`Decoder`, built by souverain/engine/fused.py); kernels.h declares what they share, amx.h what the
-AMX kernels share.
+`amx_available()` says whether it runs here), q4.cpp the int4 x int8 product for AVX-512 VNNI and
+AVX2, decoder.cpp a decode step's layers in one call (`Decoder`, built by souverain/engine/fused.py),
+pool.cpp the thread pool their parallel loops share;
+kernels.h declares what they share, amx.h what the AMX kernels share.
 """
 
 from __future__ import annotations
@@ -31,7 +34,8 @@ log = logging.getLogger(__name__)
 
 _lock = threading.Lock()
 _state: dict[str, ModuleType | None] = {}
-SOURCES = [Path(__file__).with_name(name) for name in ("cpu.cpp", "gemm.cpp", "prefill.cpp", "decoder.cpp")]
+SOURCES = [Path(__file__).with_name(name)
+           for name in ("cpu.cpp", "gemm.cpp", "prefill.cpp", "decoder.cpp", "q4.cpp", "pool.cpp")]
 HEADERS = [Path(__file__).with_name(name) for name in ("kernels.h", "amx.h")]
 
 
@@ -54,8 +58,8 @@ def build_dir() -> Path:
     import platformdirs
     import torch
 
-    source = b"".join(p.read_bytes() for p in SOURCES + HEADERS)
-    key = hashlib.sha256(source + torch.__version__.encode() + _cpu_flags().encode()).hexdigest()[:16]
+    # Not the sources: ninja rebuilds only what changed since the last build in this folder.
+    key = hashlib.sha256(torch.__version__.encode() + _cpu_flags().encode()).hexdigest()[:16]
     base = os.environ.get("SOUVERAIN_KERNELS_DIR") or platformdirs.user_cache_dir("souverain")
     return Path(base) / "kernels" / key
 
@@ -75,11 +79,6 @@ def load() -> ModuleType | None:
         return module
 
 
-def loaded() -> ModuleType | None:
-    """The kernels if `load()` already succeeded in this process; never builds."""
-    return _state.get("cpu")
-
-
 def _capability() -> list[str]:
     """ATen's vector classes pick their instruction set from these macros (as PyTorch's own
     generated kernels do); without them the portable scalar versions compile."""
@@ -96,15 +95,15 @@ def _build() -> ModuleType:
 
     where = build_dir()
     where.mkdir(parents=True, exist_ok=True)
+    built = where / "souverain_cpu_kernels.so"
+    newest = max(p.stat().st_mtime for p in SOURCES + HEADERS)
+    if not built.exists() or built.stat().st_mtime < newest:
+        # Once per machine (and after an upgrade): say so, it takes minutes.
+        log.warning("building Souverain's C++ kernels for this CPU into %s (1.5-4 min on 2 cores, once; "
+                    "ninja compiles the %d sources in parallel)", where, len(SOURCES))
     flags = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", *_capability()]
     return cpp_extension.load(name="souverain_cpu_kernels", sources=[str(p) for p in SOURCES],
                               build_directory=str(where), extra_cflags=flags, extra_ldflags=["-fopenmp"], verbose=False)
-
-
-def amx() -> ModuleType | None:
-    """The loaded kernels if their AMX matrix product runs on this CPU; never builds."""
-    module = _state.get("cpu")
-    return module if module is not None and module.amx_available() else None
 
 
 def rows_contiguous(x: torch.Tensor) -> torch.Tensor:
@@ -113,11 +112,10 @@ def rows_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(2) == 1 and x.stride(1) == x.shape[2] else x.contiguous()
 
 
-def usable(*tensors: object, multiple: int = 0) -> ModuleType | None:
-    """The loaded kernels if they apply to these tensors: CPU, one dtype (bfloat16 or float32), no
-    autograd (training takes the PyTorch ops, which have gradients), and `multiple` (the rows' length
-    the kernel walks) a multiple of the SIMD width."""
-    module = _state.get("cpu")
+def usable(module: ModuleType | None, *tensors: object, multiple: int = 0) -> ModuleType | None:
+    """`module` (a backend's kernels, or None) if its kernels apply to these tensors: CPU, one dtype
+    (bfloat16 or float32), no autograd (training takes the PyTorch ops, which have gradients), and
+    `multiple` (the rows' length the kernel walks) a multiple of the SIMD width."""
     if module is None or multiple % module.vector_width():
         return None
     import torch

@@ -2,8 +2,8 @@
 //
 // Each one replaces a chain of small ATen ops (one memory pass each, one dispatch each) by a
 // single pass. The bf16 variants round exactly where the PyTorch reference path rounds, so the
-// two paths agree to the last bit (sums and exp aside). Parallel loops use ATen's
-// OpenMP pool, the same threads as every other op.
+// two paths agree to the last bit (sums and exp aside). Parallel loops run on the kernels' own
+// thread pool (pool.cpp).
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -169,7 +169,7 @@ void decode_item(const DecodeArgs& a, const T* qp, const T* kp, const T* vp, T* 
 
 template <typename T, int R, int CH>
 void decode_all(const DecodeArgs& a, const T* qp, const T* kp, const T* vp, T* op, int64_t n) {
-  at::parallel_for(0, n * a.hkv, 1, [&](int64_t begin, int64_t stop) {
+  souverain::parallel_for(0, n * a.hkv, 1, [&](int64_t begin, int64_t stop) {
     std::vector<float> scores;
     for (int64_t item = begin; item < stop; ++item) decode_item<T, R, CH>(a, qp, kp, vp, op, item / a.hkv, item % a.hkv, scores);
   });
@@ -249,7 +249,7 @@ void rms_norm_impl(const torch::Tensor& x, const torch::Tensor& w, double eps, t
   const T* wp = w.data_ptr<T>();
   T* op = out.data_ptr<T>();
   // Small inputs (a decode step's rows) run on the calling thread: waking the pool costs more.
-  at::parallel_for(0, rows, std::max<int64_t>(1, kInlineWork / dim), [&](int64_t begin, int64_t end) {
+  souverain::parallel_for(0, rows, std::max<int64_t>(1, kInlineWork / dim), [&](int64_t begin, int64_t end) {
     std::vector<float> y(dim);
     for (int64_t r = begin; r < end; ++r) {
       const T* xr = xp + r * dim;
@@ -289,7 +289,7 @@ template <typename T>
 void silu_mul_rows(const T* ap, const T* bp, T* op, int64_t rows, int64_t n, int64_t stride) {
   // An exp and a division per value, so the threads split it from fewer values than the other
   // kernels: a 32-row decode step of SmolLM2 (49k values) took 53 us on one thread, 30-46 on two.
-  at::parallel_for(0, rows * n, kInlineWork / 8, [&](int64_t begin, int64_t end) {
+  souverain::parallel_for(0, rows * n, kInlineWork / 8, [&](int64_t begin, int64_t end) {
     float buf[2 * W];
     const fVec one(1.f);
     int64_t i = begin;
@@ -364,7 +364,7 @@ void rope_impl(const torch::Tensor& x, const torch::Tensor& cos, const torch::Te
   const T* cp = cos.data_ptr<T>();
   const T* sp = sin.data_ptr<T>();
   T* op = out.data_ptr<T>();
-  at::parallel_for(0, rows, std::max<int64_t>(1, kInlineWork / (heads * hd)), [&](int64_t begin, int64_t end) {
+  souverain::parallel_for(0, rows, std::max<int64_t>(1, kInlineWork / (heads * hd)), [&](int64_t begin, int64_t end) {
     std::vector<float> y(hd);
     for (int64_t r = begin; r < end; ++r) {
       const T* c = cp + r * hd;
@@ -417,7 +417,7 @@ void store_kv_impl(const torch::Tensor& k, const torch::Tensor& v, torch::Tensor
   T* kc = k_cache.data_ptr<T>();
   T* vc = v_cache.data_ptr<T>();
   const int64_t* sp = slots.data_ptr<int64_t>();
-  at::parallel_for(0, n, std::max<int64_t>(1, kInlineWork / (hkv * hd)), [&](int64_t begin, int64_t end) {
+  souverain::parallel_for(0, n, std::max<int64_t>(1, kInlineWork / (hkv * hd)), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t slot = sp[i], block = slot / bs, off = slot % bs;
       std::copy(vp + i * v_stride, vp + i * v_stride + hkv * hd, vc + slot * hkv * hd);
@@ -458,7 +458,7 @@ void store_kv(torch::Tensor k, torch::Tensor v, torch::Tensor k_cache, torch::Te
 // Greedy sampling: the index of each row's maximum, the first one on ties, NaN above all (as argmax).
 template <typename T>
 void argmax_impl(const T* xp, int64_t* op, int64_t rows, int64_t n) {
-  at::parallel_for(0, rows, std::max<int64_t>(1, kInlineWork / n), [&](int64_t begin, int64_t end) {
+  souverain::parallel_for(0, rows, std::max<int64_t>(1, kInlineWork / n), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const T* row = xp + r * n;
       // Vector pass for the maximum, then the first index holding it.
@@ -535,5 +535,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "(this step's keys stored first); spans are (row, cached keys, rows)", py::arg("q"), py::arg("k_cache"),
         py::arg("v_cache"), py::arg("out"), py::arg("spans"), py::arg("tables"), py::arg("block_size"),
         py::arg("scale"), py::call_guard<py::gil_scoped_release>());
+  m.def("q4_supported", &q4_supported, "whether q4_linear's instructions for isa (512: AVX-512 VNNI, 256: AVX2) run here");
+  m.def("q4_linear", &q4_linear, "x [M, K] bf16 (quantised to int8 per 32 values) times an int4 weight packed by "
+        "pack_q4, as x @ w.T", py::arg("x"), py::arg("codes"), py::arg("sz"), py::arg("isa"),
+        py::call_guard<py::gil_scoped_release>());
+  m.def("q8_linear", &q8_linear, "x [M, K] bf16 (quantised to int8 per 32 values) times an int8 weight packed by "
+        "pack_q8, as x @ w.T", py::arg("x"), py::arg("codes"), py::arg("scales"), py::arg("isa"),
+        py::call_guard<py::gil_scoped_release>());
   bind_decoder(m);
 }

@@ -17,16 +17,19 @@ namespace souverain {
 namespace {
 
 // A projection in whichever forms its module holds, applied as the module's forward applies it:
-// nn.Linear (`weight`), or QuantLinear (int4/int8 kernels up to `dense_rows` rows, else its dense
+// nn.Linear (`weight`), or QuantLinear (q4_linear's codes for every row count, or up to `dense_rows`
+// rows where it also has AMX tiles; torch's int4/int8 kernels up to `dense_rows` rows, else its dense
 // copy or its AMX tiles).
 struct Linear {
-  std::optional<at::Tensor> weight, qweight, scales, dense_t, tiles, nibbles, nibble_scales, bias;
-  int64_t bits = 0, dense_rows = 0, group = 0;  // group: values per int4 scale
+  std::optional<at::Tensor> weight, qweight, scales, dense_t, tiles, nibbles, nibble_scales, codes, code_scales, bias;
+  int64_t bits = 0, dense_rows = 0, group = 0, isa = 0;  // group: values per int4 scale; isa: q4_linear's
 
   at::Tensor operator()(const at::Tensor& x) const {
     if (weight) return at::linear(x, *weight, bias);
     at::Tensor y;
-    if (x.size(0) > dense_rows) {
+    if (codes && ((!nibbles && !tiles) || x.size(0) <= dense_rows)) {
+      y = bits == 4 ? q4_linear(x, *codes, *code_scales, isa) : q8_linear(x, *codes, *code_scales, isa);
+    } else if (x.size(0) > dense_rows) {
       if (dense_t) {
         y = at::matmul(x, *dense_t);
       } else if (nibbles) {
@@ -123,19 +126,24 @@ void bind_decoder(pybind11::module& m) {
       .def(py::init([](std::optional<at::Tensor> weight, std::optional<at::Tensor> qweight,
                        std::optional<at::Tensor> scales, std::optional<at::Tensor> dense_t,
                        std::optional<at::Tensor> tiles, std::optional<at::Tensor> nibbles,
-                       std::optional<at::Tensor> nibble_scales, std::optional<at::Tensor> bias, int64_t bits,
-                       int64_t dense_rows, int64_t group) {
-             TORCH_CHECK(weight || (qweight && scales && (dense_t || tiles || (nibbles && nibble_scales)) &&
-                                    (bits == 8 || (bits == 4 && group > 0))),
-                         "Linear: give weight (nn.Linear), or qweight, scales, bits 4 (with group) or 8 and "
-                         "dense_t, tiles or nibbles with nibble_scales (QuantLinear)");
-             return Linear{weight, qweight, scales, dense_t, tiles, nibbles, nibble_scales, bias, bits, dense_rows,
-                           group};
+                       std::optional<at::Tensor> nibble_scales, std::optional<at::Tensor> codes,
+                       std::optional<at::Tensor> code_scales, std::optional<at::Tensor> bias, int64_t bits,
+                       int64_t dense_rows, int64_t group, int64_t isa) {
+             const bool q4 = codes && code_scales && q4_supported(isa);
+             TORCH_CHECK(weight || (q4 && !dense_t && (bits == 4 || bits == 8)) ||
+                             (qweight && scales && (dense_t || tiles || (nibbles && nibble_scales)) &&
+                              (bits == 8 || (bits == 4 && group > 0)) && (!nibbles || q4 || qweight->numel())),
+                         "Linear: give weight (nn.Linear), or codes with code_scales and an isa that runs here "
+                         "(and nibbles), or qweight, scales, bits 4 (with group) or 8 and dense_t, tiles or "
+                         "nibbles with nibble_scales (QuantLinear)");
+             return Linear{weight, qweight, scales, dense_t, tiles, nibbles, nibble_scales, codes, code_scales, bias,
+                           bits, dense_rows, group, isa};
            }),
            py::kw_only(), py::arg("weight") = py::none(), py::arg("qweight") = py::none(),
            py::arg("scales") = py::none(), py::arg("dense_t") = py::none(), py::arg("tiles") = py::none(),
-           py::arg("nibbles") = py::none(), py::arg("nibble_scales") = py::none(), py::arg("bias") = py::none(),
-           py::arg("bits") = 0, py::arg("dense_rows") = 0, py::arg("group") = 0)
+           py::arg("nibbles") = py::none(), py::arg("nibble_scales") = py::none(), py::arg("codes") = py::none(),
+           py::arg("code_scales") = py::none(), py::arg("bias") = py::none(), py::arg("bits") = 0,
+           py::arg("dense_rows") = 0, py::arg("group") = 0, py::arg("isa") = 0)
       .def("__call__", &Linear::operator(), py::arg("x"));
   py::class_<Layer>(m, "Layer", "one decoder layer's weights")
       .def(py::init([](at::Tensor attention_norm, at::Tensor ffn_norm, std::vector<Linear> qkv, Linear wo,

@@ -218,7 +218,7 @@ torch::Tensor product(const torch::Tensor& x, int64_t NB, int64_t KB, Panel pane
   const int64_t M = o.M, N = o.N, ldx = o.ldx;
   const int64_t panel_values = KB * kBlock;
   const int64_t group = std::max<int64_t>(1, kGroupBytes / (panel_values * 2 * parts));
-  at::parallel_for(0, outs, 1, [&](int64_t begin, int64_t end) {
+  souverain::parallel_for(0, outs, 1, [&](int64_t begin, int64_t end) {
     alignas(64) float acc[32 * 32];
     alignas(64) float up[32 * 32];
     // Room for a group's dequantised panels, kept by each pool thread across calls.
@@ -290,7 +290,7 @@ torch::Tensor small(const torch::Tensor& x, int64_t NB, int64_t KB, Dequant dequ
   if (o.M == 0) return o.y;
   const int64_t M = o.M, N = o.N, ldx = o.ldx;
   const int rows = static_cast<int>(M);
-  at::parallel_for(0, outs, 1, [&](int64_t begin, int64_t end) {
+  souverain::parallel_for(0, outs, 1, [&](int64_t begin, int64_t end) {
     alignas(64) float acc[32 * 32];
     alignas(64) float up[32 * 32];
     alignas(64) at::BFloat16 ring[kRing * kBlock];

@@ -3,7 +3,12 @@
 
 #include <torch/extension.h>
 
+#include <functional>
+
 namespace souverain {
+
+// pool.cpp: f(chunk begin, chunk end) over the kernels' own thread pool, split as at::parallel_for splits.
+void parallel_for(int64_t begin, int64_t end, int64_t grain, const std::function<void(int64_t, int64_t)>& f);
 
 // cpu.cpp
 bool decode_supported(int64_t n_heads, int64_t n_kv_heads, int64_t head_dim, int64_t block_size);
@@ -30,6 +35,11 @@ void prefill_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch:
 void prefill_attention_cached(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor out,
                               std::vector<std::tuple<int64_t, int64_t, int64_t>> spans, torch::Tensor tables,
                               int64_t block_size, double scale);
+
+// q4.cpp: isa 512 (AVX-512 VNNI) or 256 (AVX2)
+bool q4_supported(int64_t isa);
+torch::Tensor q4_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor sz, int64_t isa);
+torch::Tensor q8_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor scales, int64_t isa);
 
 // decoder.cpp
 void bind_decoder(pybind11::module& m);

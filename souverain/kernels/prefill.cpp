@@ -319,7 +319,7 @@ void attend_spans(const torch::Tensor& q, const torch::Tensor& out, int64_t kv_h
   }
   bf16* const keys = key_space.data();
   bf16* const values = value_space.data();
-  at::parallel_for(0, static_cast<int64_t>(ss.size()) * kv_heads, 1, [&](int64_t begin, int64_t end) {
+  souverain::parallel_for(0, static_cast<int64_t>(ss.size()) * kv_heads, 1, [&](int64_t begin, int64_t end) {
     for (int64_t j = begin; j < end; ++j) {
       const Span& s = ss[j / kv_heads];
       const int64_t g = j % kv_heads, off = s.packed + g * s.blocks * 32 * hd;
@@ -342,7 +342,7 @@ void attend_spans(const torch::Tensor& q, const torch::Tensor& out, int64_t kv_h
   const float sc = static_cast<float>(scale);
   const auto* qp = q.data_ptr<bf16>();
   auto* op = out.data_ptr<bf16>();
-  at::parallel_for(0, static_cast<int64_t>(units.size()), 1, [&](int64_t begin, int64_t end) {
+  souverain::parallel_for(0, static_cast<int64_t>(units.size()), 1, [&](int64_t begin, int64_t end) {
     souverain::amx::configure(16, 16);
     for (int64_t u = begin; u < end; ++u) {
       const auto [si, h, qb] = units[u];

@@ -1,4 +1,5 @@
-"""Weights in the layouts of the AMX products in gemm.cpp, and back (plain PyTorch, no build)."""
+"""Weights in the layouts of our C++ products (the AMX ones in gemm.cpp, `q4_linear` in q4.cpp), and
+back (plain PyTorch, no build)."""
 
 from __future__ import annotations
 
@@ -48,3 +49,65 @@ def unpack_int4_tiles(nibbles: torch.Tensor, sz: torch.Tensor) -> torch.Tensor:
 def unpack_tiles(tiles: torch.Tensor) -> torch.Tensor:
     """The inverse of `pack_tiles`: the weight [N, K] (a copy)."""
     return _row_order(tiles)
+
+
+def pack_q4(q: torch.Tensor, scales_zeros: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """int4 codes q [N, K] (0..15; w = (q - 8) * scale + zero) and their scales and zeros [K/32, N, 2]
+    in `q4_linear`'s layout (souverain/kernels/q4.cpp): codes [N/16, K/32, 4, 64] uint8, byte 4j + i of
+    part t holding row j's codes 4t + i (low nibble) and 16 + 4t + i (high nibble) of the block, and
+    [N/16, K/32, 2 (scale, zero), 16] bfloat16."""
+    n, k = q.shape
+    if n % 16 or k % 32:
+        raise ValueError(f"q4_linear needs N a multiple of 16 and K of 32, got {n} x {k}")
+    c = q.to(torch.uint8).reshape(n // 16, 16, k // 32, 2, 4, 4)  # [T, j, b, half, t, i]
+    nibbles = (c[:, :, :, 0] | (c[:, :, :, 1] << 4)).permute(0, 2, 3, 1, 4)  # [T, b, t, j, i]
+    sz = scales_zeros.to(torch.bfloat16).reshape(k // 32, n // 16, 16, 2).permute(1, 0, 3, 2)
+    return nibbles.reshape(n // 16, k // 32, 4, 64).contiguous(), sz.contiguous()
+
+
+def unpack_q4(codes: torch.Tensor, sz: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The inverse of `pack_q4`: (codes [N, K] int32, scales and zeros [K/32, N, 2] bfloat16)."""
+    t, nb = codes.shape[:2]
+    c = codes.reshape(t, nb, 4, 16, 4).permute(0, 3, 1, 2, 4)  # [T, j, b, t, i]
+    q = torch.stack([c & 15, c >> 4], dim=3).reshape(t * 16, nb * 32)  # [T, j, b, half, t, i]
+    return q.to(torch.int32), sz.permute(1, 0, 3, 2).reshape(nb, t * 16, 2)
+
+
+def quantise_rows_q8(x: torch.Tensor) -> torch.Tensor:
+    """x [M, K] as `q4_linear` sees it: each block of 32 values rounded to int8 steps of amax / 127
+    (fp32 result, the dequantised values)."""
+    m, k = x.shape
+    blocks = x.float().reshape(m, k // 32, 32)
+    amax = blocks.abs().amax(-1, keepdim=True)
+    # 127 / amax as the kernel divides: `127 / tensor` would multiply by a reciprocal (another rounding).
+    inv = torch.where(amax > 0, torch.full_like(amax, 127) / amax, torch.zeros_like(amax))
+    return (torch.round(blocks * inv) * (amax / 127)).reshape(m, k)
+
+
+def q4_reference(x: torch.Tensor, codes: torch.Tensor, sz: torch.Tensor) -> torch.Tensor:
+    """What `q4_linear` computes, in PyTorch (fp32): x's int8 blocks times the dequantised weight."""
+    return quantise_rows_q8(x) @ dequantise_int4(*unpack_q4(codes, sz)).t()
+
+
+def dequantise_int4(q: torch.Tensor, scales_zeros: torch.Tensor) -> torch.Tensor:
+    """int4 codes q [N, K] and scales and zeros [K/32, N, 2] -> the weight [N, K] in fp32."""
+    s, z = (scales_zeros[..., i].float().t().repeat_interleave(32, dim=1) for i in (0, 1))  # [N, K]
+    return (q.float() - 8) * s + z
+
+
+def pack_q8(q: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 weights q [N, K] (-127..127; w = q * scale, one scale per output row) in `q8_linear`'s layout:
+    codes q + 128 [N/16, K/32, 8, 64] uint8, byte 4j + i of part t holding row j's code 4t + i of the
+    block, and the scales [N] float32."""
+    n, k = q.shape
+    if n % 16 or k % 32:
+        raise ValueError(f"q8_linear needs N a multiple of 16 and K of 32, got {n} x {k}")
+    c = (q.to(torch.int16) + 128).to(torch.uint8).reshape(n // 16, 16, k // 32, 8, 4)  # [T, j, b, t, i]
+    return c.permute(0, 2, 3, 1, 4).reshape(n // 16, k // 32, 8, 64).contiguous(), scales.float().contiguous()
+
+
+def unpack_q8(codes: torch.Tensor) -> torch.Tensor:
+    """The inverse of `pack_q8`'s codes: q [N, K] int8."""
+    t, nb = codes.shape[:2]
+    c = codes.reshape(t, nb, 8, 16, 4).permute(0, 3, 1, 2, 4).reshape(t * 16, nb * 32)
+    return (c.to(torch.int16) - 128).to(torch.int8)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +20,8 @@ from souverain.model.rope import apply_rope
 
 @dataclass
 class ForwardContext:
-    """What every layer of one forward pass shares: rotary tables, mask or KV view, positions."""
+    """What every layer of one forward pass shares: rotary tables, mask or KV view, positions, and the
+    backend's C++ kernels (`ops`; None: PyTorch ops)."""
 
     cos: torch.Tensor
     sin: torch.Tensor
@@ -27,6 +29,7 @@ class ForwardContext:
     mask: torch.Tensor | None = None  # plain path only; None means causal
     kv: KVView | None = None
     lora: LoraBatch | None = None
+    ops: ModuleType | None = None
 
     def project(self, layer: int, target: str, proj: nn.Module | None, x: torch.Tensor) -> torch.Tensor:
         """proj(x), plus the LoRA update of the rows that have an adapter."""
@@ -41,8 +44,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        fast = kernels.usable(x, self.weight, multiple=x.shape[-1])
+    def forward(self, x: torch.Tensor, ops: ModuleType | None = None) -> torch.Tensor:
+        fast = kernels.usable(ops, x, self.weight, multiple=x.shape[-1])
         if fast is not None:
             return fast.rms_norm(x.contiguous(), self.weight, self.eps)
         # Normalise in fp32 whatever the compute dtype, as the reference implementations do.
@@ -84,7 +87,7 @@ class Attention(nn.Module):
         q = q.reshape(b, t, self.n_heads, self.head_dim)
         k = k.reshape(b, t, self.n_kv_heads, self.head_dim)
         v = v.reshape(b, t, self.n_kv_heads, self.head_dim)
-        q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
+        q, k = apply_rope(q, ctx.cos, ctx.sin, ctx.ops), apply_rope(k, ctx.cos, ctx.sin, ctx.ops)
         if ctx.kv is None:
             out = attend(q, k, v, ctx.mask)
         else:
@@ -108,40 +111,41 @@ class FeedForward(nn.Module):
         self.w13, self.w1, self.w3 = w13, None, None
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext | None = None) -> torch.Tensor:
-        lora = None if ctx is None else ctx.lora
+        lora, ops = (None, None) if ctx is None else (ctx.lora, ctx.ops)
         if self.w13 is None:
             assert self.w1 is not None and self.w3 is not None
             gate, up = self.w1(x), self.w3(x)
             if lora is not None:
                 gate, up = lora.apply(self.layer, "w1", x, gate), lora.apply(self.layer, "w3", x, up)
-            h = silu_mul(gate, up)
+            h = silu_mul(gate, up, ops)
         elif lora is None:
-            h = gated(self.w13, x)
+            h = gated(self.w13, x, ops)
         else:
             gate, up = self.w13(x).chunk(2, dim=-1)
-            h = silu_mul(lora.apply(self.layer, "w1", x, gate), lora.apply(self.layer, "w3", x, up))
+            h = silu_mul(lora.apply(self.layer, "w1", x, gate), lora.apply(self.layer, "w3", x, up), ops)
         y = self.w2(h)
         return y if lora is None else lora.apply(self.layer, "w2", h, y)
 
 
-def silu_mul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """silu(a) * b, in one pass where the C++ kernels apply."""
-    fast = kernels.usable(a, b)
+def silu_mul(a: torch.Tensor, b: torch.Tensor, ops: ModuleType | None = None) -> torch.Tensor:
+    """silu(a) * b, in one pass where the C++ kernels `ops` apply."""
+    fast = kernels.usable(ops, a, b)
     if fast is not None and a.shape == b.shape:
         return fast.silu_mul(a.contiguous(), b.contiguous())
     return F.silu(a) * b
 
 
-def gated(proj: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def gated(proj: nn.Module, x: torch.Tensor, ops: ModuleType | None = None) -> torch.Tensor:
     """swiglu(proj(x)) for a fused [gate | up] projection; by the projection itself where it has a
     one-pass form (QuantLinear.swiglu, on AMX)."""
     fused = getattr(proj, "swiglu", None)
-    return fused(x) if callable(fused) else swiglu(proj(x))
+    return fused(x) if callable(fused) else swiglu(proj(x), ops)
 
 
-def swiglu(gu: torch.Tensor) -> torch.Tensor:
-    """silu(gate) * up from a fused [gate | up] projection output, without splitting it where the kernels apply."""
-    fast = kernels.usable(gu)
+def swiglu(gu: torch.Tensor, ops: ModuleType | None = None) -> torch.Tensor:
+    """silu(gate) * up from a fused [gate | up] projection output, without splitting it where the
+    kernels `ops` apply."""
+    fast = kernels.usable(ops, gu)
     if fast is not None:
         return fast.swiglu(gu.contiguous())
     gate, up = gu.chunk(2, dim=-1)
@@ -158,7 +162,7 @@ class TransformerBlock(nn.Module):
         self.feed_forward: nn.Module = MoeFeedForward(args) if args.moe else FeedForward(args, layer)
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), ctx)
+        h = x + self.attention(self.attention_norm(x, ctx.ops), ctx)
         if self.moe:  # LoRA adapts attention only in MoE models
-            return h + self.feed_forward(self.ffn_norm(h))
-        return h + self.feed_forward(self.ffn_norm(h), ctx)
+            return h + self.feed_forward(self.ffn_norm(h, ctx.ops))
+        return h + self.feed_forward(self.ffn_norm(h, ctx.ops), ctx)

@@ -5,9 +5,11 @@ speed: int4 (groups of 32, a scale and a zero each) or int8 (one scale per outpu
 activations, through torch's CPU kernels `_weight_int4pack_mm_for_cpu` / `_weight_int8pack_mm`.
 Those kernels are gemv-shaped; batches of more than `dense_rows` rows (prefill, many streams)
 are compute-bound and use a bf16 copy kept alongside, stored transposed ([in, out]: `x @ w_t`
-ran up to 1.5x faster than `F.linear` on these CPUs for prefill-sized batches). On a CPU with AMX
-the engine swaps that copy for weights packed in AMX tiles (`pack_for_amx`: int4 weights stay int4,
-dequantised tile by tile inside our C++ product, souverain/kernels/gemm.cpp).
+ran up to 1.5x faster than `F.linear` on these CPUs for prefill-sized batches). That is the `torch`
+backend; `prepare(model, backend)` packs the weights for the C++ kernels of the others, once: on AMX
+int4 weights go into AMX tiles (dequantised tile by tile inside the product, souverain/kernels/gemm.cpp)
+for wide steps, and on every AVX-512/AVX2 CPU into q4_linear's layout (int4 x int8 dot products,
+souverain/kernels/q4.cpp) for decode steps, and for every step where there is no AMX.
 
 The projections that read the same input are fused, one matmul instead of several: wq/wk/wv into
 `Attention.wqkv` and w1/w3 into `FeedForward.w13` (fewer, larger calls; the outputs are split).
@@ -19,15 +21,19 @@ round to bf16).
 
 from __future__ import annotations
 
+from types import ModuleType
+from typing import TypeVar
+
 import torch
 from torch import nn
 
-from souverain import kernels
 from souverain.kernels import tiles as amx_tiles
+from souverain.kernels.backend import TORCH, Backend
 from souverain.model.layers import Attention, FeedForward, swiglu
 from souverain.model.transformer import Transformer
 
 GROUP = 32
+_M = TypeVar("_M", bound=nn.Module)
 
 
 def _int4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,10 +56,13 @@ def _int4_codes(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 class QuantLinear(nn.Module):
     dense_t: torch.Tensor | None
-    # Once pack_for_amx ran: the dense copy in AMX tiles (bf16), or the int4 weight (nibbles, scales).
+    # Set by `prepare` for the backend: the weight in AMX tiles (bf16), or the int4 weight in AMX tiles
+    # (nibbles, scales); the weight in q4_linear's (int4) or q8_linear's (int8) layout (codes, scales).
     tiles: torch.Tensor | None
     nibbles: torch.Tensor | None
     nibble_scales: torch.Tensor | None
+    codes: torch.Tensor | None
+    code_scales: torch.Tensor | None
 
     @classmethod
     def fused(cls, modules: list[nn.Module | None], bits: int, dense_rows: int) -> QuantLinear:
@@ -83,17 +92,56 @@ class QuantLinear(nn.Module):
             self.qweight = nn.Buffer(torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8))
             self.scales = nn.Buffer(scales.to(torch.bfloat16))
         self.dense_t = nn.Buffer(linear.weight.detach().to(torch.bfloat16).t().contiguous())  # [in, out]
-        self.register_buffer("tiles", None)
-        self.register_buffer("nibbles", None)
-        self.register_buffer("nibble_scales", None)
+        for name in ("tiles", "nibbles", "nibble_scales", "codes", "code_scales"):
+            self.register_buffer(name, None)
         self.bias = linear.bias
         self.dense_rows = dense_rows
         self.out_features = linear.out_features
+        self.backend = TORCH  # what `prepare` packed the weights for
+        self.ops: ModuleType | None = None
+
+    def prepare(self, backend: Backend) -> None:
+        """Pack the weights for `backend`, once, dropping the forms it does not read:
+        amx     AMX tiles (int4, or bf16 for int8 weights) for wide steps (prefill, many streams) and
+                q4_linear's / q8_linear's layout up to `dense_rows` rows
+        avx512, avx2   q4_linear's / q8_linear's layout for every row count
+        torch, cuda    unchanged (torch's int4/int8 kernels up to `dense_rows` rows, the bf16 copy beyond)"""
+        if backend == self.backend:
+            return
+        if self.backend != TORCH:
+            raise RuntimeError(f"this model's weights are packed for {self.backend} already; load it again for "
+                               f"{backend}")
+        dense = self.dense_t
+        if dense is None or dense.device.type != "cpu" or backend.ops is None:
+            return
+        n, k = dense.shape[1], dense.shape[0]
+        use_q4 = backend.q4_isa > 0 and n % 16 == 0 and k % GROUP == 0
+        use_amx = backend.amx and n % 32 == 0 and k % 32 == 0
+        if not (use_q4 or use_amx):
+            return
+        # The codes again, from the bf16 copy: the same as qweight's for a bf16 model.
+        codes = _int4_codes(dense.t().float()) if self.bits == 4 else None
+        # New forms are set before the old ones go: a forward running meanwhile sees one or the other.
+        if use_amx and codes is not None:
+            self.nibbles, self.nibble_scales = amx_tiles.pack_int4_tiles(*codes)
+        elif use_amx:
+            self.tiles = amx_tiles.pack_tiles(dense.t())
+        if use_q4:
+            self.codes, self.code_scales = amx_tiles.pack_q4(*codes) if codes is not None else \
+                amx_tiles.pack_q8(self.qweight, self.scales)
+        self.ops, self.backend = backend.ops, backend
+        if use_q4:
+            self.qweight = self.scales = nn.Buffer(torch.empty(0))  # narrow steps read the codes now
+        self.dense_t = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).to(torch.bfloat16)
-        if x2.shape[0] > self.dense_rows:
+        codes, code_scales = self.codes, self.code_scales
+        if codes is not None and code_scales is not None and \
+                ((self.nibbles is None and self.tiles is None) or x2.shape[0] <= self.dense_rows):
+            y = self._q4(x2, codes, code_scales)
+        elif x2.shape[0] > self.dense_rows:
             y = self._dense(x2)
         elif self.bits == 4:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.qweight, GROUP, self.scales)
@@ -108,48 +156,38 @@ class QuantLinear(nn.Module):
         product itself (the [gate | up] output is never written); else `swiglu(self(x))`. The same bits."""
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        # Read once: another engine may be packing this model now (tiles first, then the copy dropped).
-        dense, nibbles, scales, tiles = self.dense_t, self.nibbles, self.nibble_scales, self.tiles
-        fits = self.bias is None and dense is None and x2.dtype == torch.bfloat16 and self.out_features % 64 == 0 \
-            and x2.shape[0] > self.dense_rows and x2.device.type == "cpu" \
+        nibbles, scales, tiles, fast = self.nibbles, self.nibble_scales, self.tiles, self.ops
+        fits = self.bias is None and (nibbles is not None or tiles is not None) and x2.dtype == torch.bfloat16 \
+            and self.out_features % 64 == 0 and x2.shape[0] > self.dense_rows and fast is not None \
             and not (torch.is_grad_enabled() and x2.requires_grad)
-        fast = kernels.amx() if fits else None
-        if fast is None:
-            return swiglu(self(x))
+        if not fits or fast is None:
+            return swiglu(self(x), self.ops)
         if nibbles is not None and scales is not None:
             y = fast.amx_linear_int4(x2.contiguous(), nibbles, scales, True)
         else:
             y = fast.amx_linear(x2.contiguous(), tiles, True)
         return y.reshape(*shape[:-1], self.out_features // 2)
 
-    def pack_for_amx(self) -> bool:
-        """Swap the bf16 copy for AMX tiles when the kernels' AMX product runs here and the shape
-        fits (both sides multiples of 32): int4 weights become int4 tiles (the bf16 copy is dropped),
-        int8 ones bf16 tiles (the same memory). Returns whether tiles are in use."""
-        if self.tiles is not None or self.nibbles is not None:
-            return True
-        dense = self.dense_t
-        if kernels.amx() is None or dense is None or dense.device.type != "cpu" or dense.shape[0] % 32 \
-                or dense.shape[1] % 32:
-            return False
-        # The tiles are set before the copy goes: a forward running meanwhile sees one or the other.
-        if self.bits == 4:
-            # The codes again, from the bf16 copy: the same as qweight's for a bf16 model.
-            self.nibbles, self.nibble_scales = amx_tiles.pack_int4_tiles(*_int4_codes(dense.t().float()))
-        else:
-            self.tiles = amx_tiles.pack_tiles(dense.t())
-        self.dense_t = None
-        return True
+    def _q4(self, x2: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+        if self.ops is None or (torch.is_grad_enabled() and x2.requires_grad):
+            # Under autograd: the same weights through PyTorch (the activations not quantised).
+            w = amx_tiles.dequantise_int4(*amx_tiles.unpack_q4(codes, scales)) if self.bits == 4 else \
+                amx_tiles.unpack_q8(codes).float() * scales[:, None]
+            return x2 @ w.to(torch.bfloat16).t()
+        if x2.stride(-1) != 1:
+            x2 = x2.contiguous()
+        product = self.ops.q4_linear if self.bits == 4 else self.ops.q8_linear
+        return product(x2, codes, scales, self.backend.q4_isa)
 
     def _dense(self, x2: torch.Tensor) -> torch.Tensor:
-        dense = self.dense_t  # read once: another engine may be packing this model now
+        dense = self.dense_t  # read once: `prepare` may be packing this model now
         if dense is not None:
             return x2 @ dense
         if x2.stride(-1) != 1:
             x2 = x2.contiguous()
-        # None under autograd, on another device or without the kernels: the same weights through PyTorch.
+        # None under autograd: the same weights through PyTorch.
         usable = x2.device.type == "cpu" and not (torch.is_grad_enabled() and x2.requires_grad)
-        fast = kernels.amx() if usable else None
+        fast = self.ops if usable else None
         nibbles, scales, tiles = self.nibbles, self.nibble_scales, self.tiles
         if nibbles is not None and scales is not None:
             if fast is None:
@@ -160,6 +198,15 @@ class QuantLinear(nn.Module):
         if fast is None:
             return x2 @ amx_tiles.unpack_tiles(tiles).t()
         return fast.amx_linear(x2, tiles)
+
+
+def prepare(model: _M, backend: Backend) -> _M:
+    """Pack every QuantLinear of `model` for `backend` (see QuantLinear.prepare), in place; the wiring
+    code calls it once, before building engines on the model."""
+    for module in model.modules():
+        if isinstance(module, QuantLinear):
+            module.prepare(backend)
+    return model
 
 
 def resolve_bits(bits: str | int, quantization: str | None) -> int:

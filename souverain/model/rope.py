@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from types import ModuleType
 
 import torch
 
@@ -47,9 +48,9 @@ def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.d
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, T, H, hd]; cos/sin [B, T, hd]."""
-    fast = kernels.usable(x, cos, sin, multiple=x.shape[-1] // 2)
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ops: ModuleType | None = None) -> torch.Tensor:
+    """x [B, T, H, hd]; cos/sin [B, T, hd]; `ops`: the backend's C++ kernels, if any."""
+    fast = kernels.usable(ops, x, cos, sin, multiple=x.shape[-1] // 2)
     if fast is not None and cos.shape[:2] == x.shape[:2]:
         b, t, h, d = x.shape
         rows = kernels.rows_contiguous(x.reshape(b * t, h, d))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import ModuleType
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -31,26 +33,27 @@ class Transformer(nn.Module):
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
                 kv: KVView | None = None, output_rows: torch.Tensor | None = None,
-                lora: LoraBatch | None = None) -> torch.Tensor:
+                lora: LoraBatch | None = None, ops: ModuleType | None = None) -> torch.Tensor:
         """tokens [B, T] -> logits [B, T, V].
 
         positions [B, T] defaults to 0..T-1. Without `kv` this is plain causal attention over the
         given tokens (positions then must run on without gaps); with `kv` the view stores this
         step's keys/values and attends over what it holds. `output_rows` (indices into the
         flattened B*T tokens) asks for those rows' logits only: [R, V]. `lora` adds adapters' updates
-        to the rows it names.
+        to the rows it names. `ops`: the backend's C++ kernels for the element-wise ops and attention
+        (None: PyTorch ops); the projections use what `prepare` packed them for.
         """
         b, t = tokens.shape
         if positions is None:
             positions = torch.arange(t, device=tokens.device).expand(b, t)
         h = self.tok_embeddings(tokens)
         cos, sin = self.rope_tables(positions, h.dtype)
-        ctx = ForwardContext(cos, sin, positions, self._mask(positions) if kv is None else None, kv, lora)
+        ctx = ForwardContext(cos, sin, positions, self._mask(positions) if kv is None else None, kv, lora, ops)
         for layer in self.layers:
             h = layer(h, ctx)
         if output_rows is not None:
             h = h.reshape(b * t, -1)[output_rows]
-        return self.head(h)
+        return self.head(h, ops)
 
     def rope_tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin [..., head_dim] for integer positions [...]."""
@@ -58,9 +61,9 @@ class Transformer(nn.Module):
             self._inv_freq = self._inv_freq.to(positions.device)
         return rope_cos_sin(self._inv_freq, positions, dtype)
 
-    def head(self, h: torch.Tensor) -> torch.Tensor:
+    def head(self, h: torch.Tensor, ops: ModuleType | None = None) -> torch.Tensor:
         """The last hidden states [..., D] -> logits [..., V]: final norm, output projection."""
-        h = self.norm(h)
+        h = self.norm(h, ops)
         if self.output is None:
             return F.linear(h, self.tok_embeddings.weight)
         return self.output(h)

@@ -11,7 +11,8 @@ from souverain.engine.async_engine import AsyncEngine
 from souverain.engine.engine import EngineConfig, LLMEngine
 from souverain.hub import resolve
 from souverain.hub.describe import describe
-from souverain.model.quant import resolve_bits
+from souverain.kernels.backend import choose
+from souverain.model.quant import prepare, resolve_bits
 from souverain.server.adapters import adapter_cache
 from souverain.server.registry import LoadedEmbedder, LoadedModel, Registry
 from souverain.server.settings import Settings
@@ -33,12 +34,13 @@ def load_models(settings: Settings, say: Callable[[str], None] = print) -> Regis
         bits = resolve_bits(settings.bits, info.get("quantization"))
         model = load_model(path, dtype=getattr(torch, settings.dtype), bits=bits)
         tokenizer = load_tokenizer(path)
-        engine = LLMEngine(model, tokenizer, EngineConfig(kv_cache_memory=settings.kv_cache_memory,
-                                                          max_waiting=settings.max_waiting),
-                           adapters=adapter_cache(registry, name))
+        backend = choose(next(model.parameters()).device)
+        engine = LLMEngine(prepare(model, backend), tokenizer,
+                           EngineConfig(kv_cache_memory=settings.kv_cache_memory, max_waiting=settings.max_waiting),
+                           adapters=adapter_cache(registry, name), backend=backend)
         async_engine = AsyncEngine(engine)
         async_engine.start()
         registry.add(LoadedModel(name, async_engine, tokenizer, info, path=path))
         say(f"loaded {name} ({info.get('architecture')}, {info.get('quantization') or settings.dtype}"
-            f"{f', int{bits} weights' if bits else ''}, context {engine.max_model_len})")
+            f"{f', int{bits} weights' if bits else ''}, context {engine.max_model_len}, {backend} kernels)")
     return registry

@@ -7,7 +7,9 @@ from collections.abc import Sequence
 import torch
 
 from souverain.engine.engine import EngineConfig, LLMEngine
+from souverain.kernels.backend import Backend, choose
 from souverain.model import ModelArgs, MoeArgs, Transformer
+from souverain.model.quant import prepare
 
 BOS, EOS = 256, 257
 
@@ -53,12 +55,15 @@ def tiny_model(name: str, seed: int = 0) -> Transformer:
 
 
 def make_engine(model: Transformer, *, blocks: int = 256, block_size: int = 4, adapters: object = None,
-                **kw: object) -> LLMEngine:
+                backend: Backend | None = None, **kw: object) -> LLMEngine:
+    """An engine on `backend` (default: what SOUVERAIN_KERNELS asks for, else the fastest this machine
+    runs), the model prepared for it."""
     args = model.args
+    backend = backend or choose(next(model.parameters()).device)
     per_block = 2 * args.n_layers * block_size * args.n_kv_heads * args.hd * 4
-    return LLMEngine(model, ByteTokenizer(), EngineConfig(kv_cache_memory=blocks * per_block,  # type: ignore[arg-type]
-                                                          block_size=block_size, **kw),
-                     adapters=adapters)  # type: ignore[arg-type]
+    return LLMEngine(prepare(model, backend), ByteTokenizer(),
+                     EngineConfig(kv_cache_memory=blocks * per_block, block_size=block_size, **kw),  # type: ignore[arg-type]
+                     adapters=adapters, backend=backend)  # type: ignore[arg-type]
 
 
 def run_all(engine: LLMEngine, joins: dict[int, list] | None = None, max_steps: int = 10_000):

@@ -11,10 +11,10 @@ import torch.nn.functional as F
 from souverain import kernels
 from souverain.engine.request import Request, SamplingParams
 from souverain.engine.simple import generate_tokens
+from souverain.kernels.backend import TORCH, Backend, available, choose
 from souverain.model import ModelArgs, Transformer
 from souverain.model.attention import attend
 from souverain.model.layers import RMSNorm, silu_mul
-from souverain.model.quant import quantize
 from souverain.model.rope import apply_rope
 from tests.engine.toy import EOS, make_engine, run_all, tokens_of
 
@@ -23,22 +23,15 @@ pytestmark = pytest.mark.skipif(fast is None, reason="no C++ compiler here: the 
 DTYPES = [torch.float32, torch.bfloat16]
 
 
-def reference(fn, monkeypatch: pytest.MonkeyPatch):
-    """fn() on the PyTorch ops, as on a machine without the kernels."""
-    with monkeypatch.context() as m:
-        m.setitem(kernels._state, "cpu", None)
-        return fn()
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 @torch.inference_mode()
-def test_rms_norm_rounds_as_the_reference(dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_rms_norm_rounds_as_the_reference(dtype: torch.dtype) -> None:
     torch.manual_seed(0)
     norm = RMSNorm(576, 1e-5).to(dtype)
     norm.weight.data = torch.randn(576).to(dtype)
     for rows in (1, 32, 300):  # 300 rows take the threaded path
         x = (torch.randn(rows, 576) * 3).to(dtype)
-        got, want = norm(x), reference(lambda x=x: norm(x), monkeypatch)
+        got, want = norm(x, fast), norm(x)  # the kernel, the PyTorch ops
         # The sum of squares is added in another order: the scale may differ in its last bit.
         if dtype == torch.float32:
             torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
@@ -49,22 +42,22 @@ def test_rms_norm_rounds_as_the_reference(dtype: torch.dtype, monkeypatch: pytes
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @torch.inference_mode()
-def test_swiglu_and_silu_mul_are_exact(dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_swiglu_and_silu_mul_are_exact(dtype: torch.dtype) -> None:
     torch.manual_seed(0)
     for rows in (1, 7, 64):  # 64 x 1536 is past the inline limit: threaded
         gu = (torch.randn(rows, 2 * 1536) * 4).to(dtype)
         gate, up = gu.chunk(2, dim=-1)
         want = F.silu(gate) * up
         assert torch.equal(fast.swiglu(gu), want)
-        assert torch.equal(silu_mul(gate.contiguous(), up.contiguous()), want)
-        assert torch.equal(reference(lambda g=gate, u=up: silu_mul(g, u), monkeypatch), want)
+        assert torch.equal(silu_mul(gate.contiguous(), up.contiguous(), fast), want)
+        assert torch.equal(silu_mul(gate, up), want)
     odd = torch.randn(3, 2 * 37).to(dtype)  # a length with a scalar tail
     assert torch.equal(fast.swiglu(odd), F.silu(odd[:, :37]) * odd[:, 37:])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @torch.inference_mode()
-def test_rope_is_exact(dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_rope_is_exact(dtype: torch.dtype) -> None:
     from souverain.model.rope import rope_cos_sin
 
     torch.manual_seed(0)
@@ -72,8 +65,7 @@ def test_rope_is_exact(dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> N
     positions = torch.randint(0, 4000, (2, 40))
     cos, sin = rope_cos_sin(inv, positions, dtype)
     x = torch.randn(2, 40, 9, 64).to(dtype)
-    got = apply_rope(x, cos, sin)
-    assert torch.equal(got, reference(lambda: apply_rope(x, cos, sin), monkeypatch))
+    assert torch.equal(apply_rope(x, cos, sin, fast), apply_rope(x, cos, sin))
 
 
 def paged_case(n: int, h: int, hkv: int, hd: int, bs: int, dtype: torch.dtype, window: int | None, seed: int):
@@ -163,20 +155,21 @@ def test_engine_on_kernels_equals_alone(window: int | None, blocks: int) -> None
     assert engine.blocks.num_free == engine.blocks.num_blocks
 
 
-def test_engine_gives_the_same_tokens_without_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_engine_gives_the_same_tokens_without_kernels() -> None:
     ps = prompts(5, seed=3)
     params = SamplingParams(temperature=0.0, max_tokens=20)
 
-    def run() -> tuple[list[list[int]], bool]:
-        # Quantised, so the fused projections (wqkv, w13 through swiglu) are on the path too.
-        model = quantize(kernel_model(window=24), bits=8)
-        engine = make_engine(model, block_size=16)
+    def run(backend: Backend) -> tuple[list[list[int]], bool]:
+        # Plain linears (the same products on both): the element-wise and attention kernels against
+        # PyTorch's ops. Quantised products differ by backend (int8 activations on the C++ ones), and
+        # tests/engine/test_backends.py holds each backend to its own reference.
+        model = kernel_model(window=24)
+        engine = make_engine(model, block_size=16, backend=backend)
         out = run_all(engine, {0: [Request(f"r{i}", p, params) for i, p in enumerate(ps)]})
         return [tokens_of(out[(f"r{i}", 0)]) for i in range(len(ps))], engine.cache.k_transposed
 
-    with_kernels, used = run()
-    monkeypatch.setitem(kernels._state, "cpu", None)
-    without, unused = run()
+    with_kernels, used = run(choose(name="avx2" if "avx2" in available(fast) else "torch"))
+    without, unused = run(TORCH)
     assert used and not unused
     assert with_kernels == without
 

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from souverain import kernels
 from souverain.engine.request import Request, SamplingParams
+from souverain.kernels.backend import Backend
 from souverain.model import ModelArgs, Transformer
 from tests.engine.toy import make_engine, run_all, tokens_of
 
@@ -166,7 +167,7 @@ def test_engine_prefill_matches_the_plain_forward_and_is_batch_invariant() -> No
     params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
 
     def run(batch: list[int], budget: int = 512) -> dict[int, list[int]]:
-        engine = make_engine(model, blocks=512, block_size=16, max_batched_tokens=budget)
+        engine = make_engine(model, blocks=512, block_size=16, max_batched_tokens=budget, backend=counting)
         out = run_all(engine, {0: [Request(f"r{i}", prompts[i], params) for i in batch]})
         return {i: tokens_of(out[(f"r{i}", 0)]) for i in batch}
 
@@ -177,12 +178,10 @@ def test_engine_prefill_matches_the_plain_forward_and_is_batch_invariant() -> No
     cached: list[object] = []
     real_cached = fast.prefill_attention_cached  # type: ignore[union-attr]
     names = {"prefill_attention": counted, "prefill_attention_cached": counted_cached}
-    kernels._state["cpu"] = type("Counted", (), {"__getattr__": lambda self, n: names.get(n) or getattr(fast, n)})()
-    try:
-        together = run(list(range(5)))
-        chunked = run(list(range(5)), budget=64)  # prompts split over steps: chunks continuing from the cache
-    finally:
-        kernels._state["cpu"] = fast
+    counting = Backend("amx", type("Counted", (), {"__getattr__": lambda self, n: names.get(n) or getattr(fast, n)})())
+    together = run(list(range(5)))
+    chunked = run(list(range(5)), budget=64)  # prompts split over steps: chunks continuing from the cache
+    counting = Backend("amx", fast)
     assert any(len(spans) == 5 for spans in calls)  # all five prompts' first chunks in one call
     assert cached  # the chunked run read cached keys through the kernel
     # Each query's keys are taken in the same blocks whatever the chunking: the same tokens, to the bit.

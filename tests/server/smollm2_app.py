@@ -31,14 +31,17 @@ def serve_smollm2(smollm2_path: Path, minilm_path: Path) -> Iterator[str]:
 
     from souverain import load_model, load_tokenizer
     from souverain.hub.describe import describe
-    from souverain.model.quant import quantize
+    from souverain.kernels.backend import choose
+    from souverain.model.quant import prepare, quantize
 
-    model = quantize(load_model(smollm2_path, dtype=torch.bfloat16), bits=4)
+    backend = choose()
+    model = prepare(quantize(load_model(smollm2_path, dtype=torch.bfloat16), bits=4), backend)
     tok = load_tokenizer(smollm2_path)
     registry = Registry()
     info = describe(smollm2_path)
     for name, waiting in (("smollm2", 64), ("busy", 0)):
-        engine = AsyncEngine(LLMEngine(model, tok, EngineConfig(kv_cache_memory=256 << 20, max_waiting=waiting)))
+        engine = AsyncEngine(LLMEngine(model, tok, EngineConfig(kv_cache_memory=256 << 20, max_waiting=waiting),
+                                       backend=backend))
         registry.add(LoadedModel(name, engine, tok, info))
     registry.add_embedder(LoadedEmbedder("minilm", Embedder(minilm_path), describe(minilm_path)))
     # A tiny random model with Mistral's v3 tokenizer: FIM and tool-call plumbing (its words are noise).
@@ -49,7 +52,8 @@ def serve_smollm2(smollm2_path: Path, minilm_path: Path) -> Iterator[str]:
     tiny = Transformer(ModelArgs(dim=64, n_layers=1, n_heads=4, n_kv_heads=2, hidden_dim=128, vocab_size=32768,
                                  max_seq_len=512)).eval()
     v3 = load_tokenizer(mistral_file("v3"))
-    registry.add(LoadedModel("tiny-fim", AsyncEngine(LLMEngine(tiny, v3, EngineConfig(kv_cache_memory=8 << 20))), v3,
+    registry.add(LoadedModel("tiny-fim", AsyncEngine(LLMEngine(tiny, v3, EngineConfig(kv_cache_memory=8 << 20),
+                                                               backend=backend)), v3,
                              {"capabilities": ["chat", "fim"], "architecture": "mistral"}))
     # And one with a tekken tokenizer (131k vocabulary): Mistral's tool-call format on both tokenizer kinds.
     tekken = load_tokenizer(mistral_file("tekken"))
@@ -57,7 +61,7 @@ def serve_smollm2(smollm2_path: Path, minilm_path: Path) -> Iterator[str]:
     tiny_tekken = Transformer(ModelArgs(dim=64, n_layers=1, n_heads=4, n_kv_heads=2, hidden_dim=128,
                                         vocab_size=tekken.vocab_size, max_seq_len=512)).eval()
     registry.add(LoadedModel("tiny-tekken", AsyncEngine(LLMEngine(tiny_tekken, tekken, EngineConfig(
-        kv_cache_memory=8 << 20))), tekken, {"capabilities": ["chat"], "architecture": "mistral"}))
+        kv_cache_memory=8 << 20), backend=backend)), tekken, {"capabilities": ["chat"], "architecture": "mistral"}))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

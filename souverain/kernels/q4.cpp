@@ -1,0 +1,325 @@
+// int4 (and int8) weights times int8-quantised activations, for CPUs without AMX (and AMX CPUs' decode).
+//
+// The scheme of llama.cpp's Q4_1 x Q8_1 dot products: each row of x is quantised per block of 32
+// values to int8 (scale amax/127, round to nearest even), the products of the 4-bit codes and the
+// int8 values are summed exactly in int32 by the CPU's integer dot-product instruction, and each
+// block's sum is scaled once in fp32:
+//   y[n] = sum over blocks b, in order: s[n,b] * sa[b] * (sum q*a - 8 * sum a) + z[n,b] * sa[b] * sum a
+// which is x's dequantised block times the weight's dequantised block, w = (q - 8) * s + z. The
+// integer sums are exact and the fp32 steps run in the same order for every row, whatever the number
+// of rows in the call or their neighbours: a row's result is the same alone or in a batch.
+//
+// Layout (`pack_q4` in tiles.py): tiles of 16 output rows. Per tile and K-block: 4 x 64 bytes of
+// codes, byte 4j + i of part t holds row j's codes k = 4t + i (low nibble) and 16 + 4t + i (high
+// nibble), so one 64-byte load gives, after a mask or a shift, the 4 consecutive codes of each of 16
+// rows that `vpdpbusd` (AVX-512 VNNI) multiplies with 4 broadcast activation bytes into 16 int32
+// lanes; then [2, 16] bf16 scales and zeros. AVX2 has no VNNI: `vpmaddubsw` + `vpmaddwd` make the same
+// int32 sums (no saturation: 2 * 15 * 127 < 32767), 8 rows per register.
+//
+// `q8_linear` is the same for int8 weights with one scale per output row (the output projection, whose
+// logits want more than 4 bits): codes w + 128 in 8 parts of 64 bytes per tile and block, no unpacking.
+// The output is rounded to bf16 here (to nearest even), not written in fp32 and converted.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#include "kernels.h"
+
+namespace souverain {
+namespace {
+
+constexpr int64_t kRows = 16;       // output rows per tile
+constexpr int64_t kBlock = 32;      // K values per scale
+constexpr int64_t kRowBlock = 64;   // x rows kept in L2 while a thread's tiles pass
+constexpr int kGroup = 4;           // x rows sharing one unpacking of the codes
+
+// x's rows, quantised: codes [M, K] int8, and per row and block the scale sa, the sum of the codes,
+// and sa times that sum.
+struct Quantised {
+  std::vector<int8_t> q;
+  std::vector<float> scale, zterm;
+  std::vector<int32_t> sum;
+};
+
+Quantised quantise(const at::BFloat16* x, int64_t m, int64_t k, int64_t stride) {
+  const int64_t nb = k / kBlock;
+  Quantised out{std::vector<int8_t>(m * k), std::vector<float>(m * nb), std::vector<float>(m * nb),
+                std::vector<int32_t>(m * nb)};
+  souverain::parallel_for(0, m, 16, [&](int64_t r0, int64_t r1) {
+    float v[kBlock];
+    for (int64_t r = r0; r < r1; ++r) {
+      for (int64_t b = 0; b < nb; ++b) {
+        const at::BFloat16* src = x + r * stride + b * kBlock;
+        float amax = 0.f;
+        for (int64_t i = 0; i < kBlock; ++i) {
+          v[i] = static_cast<float>(src[i]);
+          amax = std::max(amax, std::fabs(v[i]));
+        }
+        const float sa = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
+        int32_t sum = 0;
+        int8_t* q = out.q.data() + r * k + b * kBlock;
+        for (int64_t i = 0; i < kBlock; ++i) {
+          const int32_t c = static_cast<int32_t>(std::nearbyint(v[i] * inv));
+          q[i] = static_cast<int8_t>(c);
+          sum += c;
+        }
+        out.scale[r * nb + b] = sa;
+        out.sum[r * nb + b] = sum;
+        out.zterm[r * nb + b] = sa * static_cast<float>(sum);
+      }
+    }
+  });
+  return out;
+}
+
+struct Rows {  // R rows of a quantised x, for one kernel call
+  const int8_t* q[kGroup];
+  const float* scale[kGroup];
+  const float* zterm[kGroup];
+  const int32_t* sum[kGroup];
+  at::BFloat16* y[kGroup];  // 16 outputs each
+};
+
+// fp32 to bf16, rounding to nearest even as PyTorch does (NaN stays NaN).
+__attribute__((target("avx512f,avx512bw"))) inline __m256i to_bf16(__m512 v) {
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16);
+  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(0x40)));
+  return _mm512_cvtepi32_epi16(r);
+}
+
+__attribute__((target("avx2,fma"))) inline __m128i to_bf16(__m256 v) {
+  const __m256i bits = _mm256_castps_si256(v);
+  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+  __m256i r = _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF))), 16);
+  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  r = _mm256_blendv_epi8(r, _mm256_or_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(0x40)), nan);
+  // 8 x int32 (each < 65536) to 8 x uint16
+  return _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+}
+
+// One tile of 16 output rows for R rows of x. Bits 4: per block 4 x 64 bytes of nibbles, then bf16
+// [scales | zeros] of the tile's rows; y = sum_b s * sa * (sum q*a - 8 sum a) + z * sa * sum a. Bits 8:
+// per block 8 x 64 bytes of codes w + 128 (weights symmetric per output row, scale `row_scale`);
+// y = row_scale * sum_b sa * (sum (w + 128) * a - 128 sum a).
+template <int Bits, int R>
+__attribute__((target("avx512f,avx512bw,avx512vnni"))) void tile_avx512(const uint8_t* w, const uint16_t* sz,
+                                                                         const float* row_scale, int64_t nb,
+                                                                         const Rows& x) {
+  constexpr int kParts = Bits == 4 ? 4 : 8, kShift = Bits == 4 ? 3 : 7;
+  __m512 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  const __m512i low = _mm512_set1_epi8(0x0F);
+  for (int64_t b = 0; b < nb; ++b) {
+    __m512i c[8];  // the block's codes: lane j of c[t] holds row j's codes 4t .. 4t + 3
+    const uint8_t* wb = w + b * kParts * 64;
+    for (int t = 0; t < kParts; ++t) {
+      const __m512i v = _mm512_loadu_si512(wb + t * 64);
+      if constexpr (Bits == 4) {
+        c[t] = _mm512_and_si512(v, low);
+        c[t + 4] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+      } else {
+        c[t] = v;
+      }
+    }
+    __m512 s = _mm512_setzero_ps(), z = s;
+    if constexpr (Bits == 4) {
+      const uint16_t* p = sz + b * 2 * kRows;
+      s = _mm512_castsi512_ps(
+          _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+      z = _mm512_castsi512_ps(_mm512_slli_epi32(
+          _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + kRows))), 16));
+    }
+    for (int r = 0; r < R; ++r) {
+      const int32_t* a = reinterpret_cast<const int32_t*>(x.q[r] + b * kBlock);
+      __m512i s0 = _mm512_setzero_si512(), s1 = _mm512_setzero_si512();
+      for (int t = 0; t < 8; t += 2) {
+        s0 = _mm512_dpbusd_epi32(s0, c[t], _mm512_set1_epi32(a[t]));
+        s1 = _mm512_dpbusd_epi32(s1, c[t + 1], _mm512_set1_epi32(a[t + 1]));
+      }
+      const __m512i sum = _mm512_sub_epi32(_mm512_add_epi32(s0, s1), _mm512_set1_epi32(x.sum[r][b] << kShift));
+      if constexpr (Bits == 4) {
+        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_mul_ps(s, _mm512_set1_ps(x.scale[r][b])), acc[r]);
+        acc[r] = _mm512_fmadd_ps(z, _mm512_set1_ps(x.zterm[r][b]), acc[r]);
+      } else {
+        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_set1_ps(x.scale[r][b]), acc[r]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    if constexpr (Bits == 8) acc[r] = _mm512_mul_ps(acc[r], _mm512_loadu_ps(row_scale));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(x.y[r]), to_bf16(acc[r]));
+  }
+}
+
+__attribute__((target("avx2,fma"))) inline __m256 bf16_to_f32(const uint16_t* p) {
+  return _mm256_castsi256_ps(
+      _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
+}
+
+// Pairs of code x activation products summed in int16 (`vpmaddubsw`, unsigned x signed, saturating): 4-bit
+// codes as they are (2 * 15 * 127 fits); 8-bit ones (w + 128) back to signed w, multiplied as |w| times a
+// with w's sign (2 * 127 * 127 fits; 255 * 127 would not), so their sums need no offset.
+template <int Bits>
+__attribute__((target("avx2,fma"))) inline __m256i product(__m256i codes, __m256i a) {
+  if constexpr (Bits == 4) {
+    return _mm256_maddubs_epi16(codes, a);
+  } else {
+    const __m256i w = _mm256_xor_si256(codes, _mm256_set1_epi8(static_cast<char>(0x80)));
+    return _mm256_maddubs_epi16(_mm256_abs_epi8(w), _mm256_sign_epi8(a, w));
+  }
+}
+
+// The same for AVX2: rows 8h .. 8h + 7 of the tile from bytes 32h .. 32h + 31 of each 64-byte part.
+template <int Bits, int R>
+__attribute__((target("avx2,fma"))) void tile_avx2(const uint8_t* w, const uint16_t* sz, const float* row_scale,
+                                                   int64_t nb, const Rows& x) {
+  constexpr int kParts = Bits == 4 ? 4 : 8, kShift = 3;
+  __m256 acc[R][2];
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+  const __m256i low = _mm256_set1_epi8(0x0F);
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* wb = w + b * kParts * 64;
+    for (int h = 0; h < 2; ++h) {
+      __m256i c[8];
+      for (int t = 0; t < kParts; ++t) {
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + t * 64 + h * 32));
+        if constexpr (Bits == 4) {
+          c[t] = _mm256_and_si256(v, low);
+          c[t + 4] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+        } else {
+          c[t] = v;
+        }
+      }
+      __m256 s = _mm256_setzero_ps(), z = s;
+      if constexpr (Bits == 4) {
+        const uint16_t* p = sz + b * 2 * kRows;
+        s = bf16_to_f32(p + h * 8);
+        z = bf16_to_f32(p + kRows + h * 8);
+      }
+      for (int r = 0; r < R; ++r) {
+        const int32_t* a = reinterpret_cast<const int32_t*>(x.q[r] + b * kBlock);
+        __m256i s0 = _mm256_setzero_si256(), s1 = _mm256_setzero_si256();
+        for (int t = 0; t < 8; t += 2) {
+          s0 = _mm256_add_epi32(s0, _mm256_madd_epi16(product<Bits>(c[t], _mm256_set1_epi32(a[t])), ones));
+          s1 = _mm256_add_epi32(s1, _mm256_madd_epi16(product<Bits>(c[t + 1], _mm256_set1_epi32(a[t + 1])), ones));
+        }
+        // 8-bit codes were multiplied as signed values: no offset to take back.
+        const __m256i sum = Bits == 4 ? _mm256_sub_epi32(_mm256_add_epi32(s0, s1),
+                                                          _mm256_set1_epi32(x.sum[r][b] << kShift))
+                                      : _mm256_add_epi32(s0, s1);
+        if constexpr (Bits == 4) {
+          acc[r][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_mul_ps(s, _mm256_set1_ps(x.scale[r][b])),
+                                      acc[r][h]);
+          acc[r][h] = _mm256_fmadd_ps(z, _mm256_set1_ps(x.zterm[r][b]), acc[r][h]);
+        } else {
+          acc[r][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_set1_ps(x.scale[r][b]), acc[r][h]);
+        }
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    for (int h = 0; h < 2; ++h) {
+      __m256 v = acc[r][h];
+      if constexpr (Bits == 8) v = _mm256_mul_ps(v, _mm256_loadu_ps(row_scale + h * 8));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(x.y[r] + h * 8), to_bf16(v));
+    }
+  }
+}
+
+using TileFn = void (*)(const uint8_t*, const uint16_t*, const float*, int64_t, const Rows&);
+
+template <int Bits>
+TileFn pick(bool avx512, int rows) {
+  static const TileFn wide[] = {tile_avx512<Bits, 1>, tile_avx512<Bits, 2>, tile_avx512<Bits, 3>,
+                                tile_avx512<Bits, 4>};
+  static const TileFn narrow[] = {tile_avx2<Bits, 1>, tile_avx2<Bits, 2>, tile_avx2<Bits, 3>, tile_avx2<Bits, 4>};
+  return (avx512 ? wide : narrow)[rows - 1];
+}
+
+}  // namespace
+
+bool q4_supported(int64_t isa) {
+  __builtin_cpu_init();
+  if (isa == 512) return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                         __builtin_cpu_supports("avx512vnni");
+  if (isa == 256) return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return false;
+}
+
+namespace {
+
+// y [M, N] bf16 = x times the packed weight: tiles of 16 output rows; threads split the tiles only, so
+// each output is computed whole by one thread, the same way whatever M is.
+template <int Bits>
+torch::Tensor linear(const torch::Tensor& x, const uint8_t* w, const uint16_t* sz, const float* row_scale,
+                     int64_t tiles, int64_t nb, int64_t isa) {
+  const int64_t m = x.size(0), k = x.size(1), n = tiles * kRows, tile_bytes = nb * (Bits == 4 ? 4 : 8) * 64;
+  auto y = torch::empty({m, n}, x.options());
+  if (m == 0) return y;
+  const Quantised xq = quantise(x.data_ptr<at::BFloat16>(), m, k, x.stride(0));
+  at::BFloat16* out = y.data_ptr<at::BFloat16>();
+  const bool wide = isa == 512;
+  souverain::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t r0 = 0; r0 < m; r0 += kRowBlock) {  // a block of x's rows stays in L2 while the tiles pass
+      const int64_t r1 = std::min(m, r0 + kRowBlock);
+      for (int64_t t = t0; t < t1; ++t) {
+        for (int64_t r = r0; r < r1; r += kGroup) {
+          const int rows = static_cast<int>(std::min<int64_t>(kGroup, r1 - r));
+          Rows x_rows{};
+          for (int i = 0; i < rows; ++i) {
+            x_rows.q[i] = xq.q.data() + (r + i) * k;
+            x_rows.scale[i] = xq.scale.data() + (r + i) * nb;
+            x_rows.zterm[i] = xq.zterm.data() + (r + i) * nb;
+            x_rows.sum[i] = xq.sum.data() + (r + i) * nb;
+            x_rows.y[i] = out + (r + i) * n + t * kRows;
+          }
+          pick<Bits>(wide, rows)(w + t * tile_bytes, sz ? sz + t * nb * 2 * kRows : nullptr,
+                                 row_scale ? row_scale + t * kRows : nullptr, nb, x_rows);
+        }
+      }
+    }
+  });
+  return y;
+}
+
+void check(const torch::Tensor& x, const torch::Tensor& codes, int64_t parts, int64_t isa, const char* name) {
+  TORCH_CHECK(isa == 512 || isa == 256, name, ": isa must be 512 (AVX-512 VNNI) or 256 (AVX2)");
+  TORCH_CHECK(q4_supported(isa), name, ": this CPU lacks the instructions of isa ", isa);
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.stride(1) == 1,
+              name, ": x must be a CPU bfloat16 [M, K] with contiguous rows");
+  TORCH_CHECK(codes.dim() == 4 && codes.scalar_type() == at::kByte && codes.is_contiguous() &&
+                  codes.size(2) == parts && codes.size(3) == 64,
+              name, ": codes must be uint8 [N/16, K/32, ", parts, ", 64] (tiles.py packs them)");
+  TORCH_CHECK(x.size(1) == codes.size(1) * kBlock, name, ": x has ", x.size(1), " columns, the weight ",
+              codes.size(1) * kBlock);
+}
+
+}  // namespace
+
+torch::Tensor q4_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor sz, int64_t isa) {
+  check(x, codes, 4, isa, "q4_linear");
+  const int64_t tiles = codes.size(0), nb = codes.size(1);
+  TORCH_CHECK(sz.scalar_type() == at::kBFloat16 && sz.is_contiguous() && sz.numel() == tiles * nb * 2 * kRows,
+              "q4_linear: scales must be bfloat16 [N/16, K/32, 2, 16] (pack_q4)");
+  return linear<4>(x, codes.data_ptr<uint8_t>(), reinterpret_cast<const uint16_t*>(sz.data_ptr<at::BFloat16>()),
+                   nullptr, tiles, nb, isa);
+}
+
+torch::Tensor q8_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor scales, int64_t isa) {
+  check(x, codes, 8, isa, "q8_linear");
+  const int64_t tiles = codes.size(0), nb = codes.size(1);
+  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous() && scales.numel() == tiles * kRows,
+              "q8_linear: scales must be float32 [N] (pack_q8)");
+  return linear<8>(x, codes.data_ptr<uint8_t>(), nullptr, scales.data_ptr<float>(), tiles, nb, isa);
+}
+
+}  // namespace souverain
