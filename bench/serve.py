@@ -12,6 +12,7 @@ with fresh prompts each round (no prefix-cache hits), the same prompts for every
   c8/c32 aggregate tok/s: 8 or 32 completions at once (~200-token prompts, 128 new tokens each), generated
          tokens over the wall time from sending to the last answer
   ttft   time to the first streamed token of a ~1,000-token prompt
+  run    Souverain's `souverain run` (no server) answering a short question, 128 tokens, its own decode tok/s
 Fixed lengths: `min_tokens` for Souverain and vLLM, `ignore_eos` for llama-server and vLLM. Prints each
 round, the medians and Souverain's ratios (tok/s: Souverain / peer, higher is better; TTFT: peer /
 Souverain, higher is better). A benchmark, not a test: the machines are noisy, compare within one run.
@@ -176,6 +177,16 @@ async def measure(s: Server, tok: Any, seed: int) -> dict[str, float]:
     return got
 
 
+def cli_run(home: str, kernels: str | None) -> float:
+    """`souverain run` answering one question with 128 tokens: the decode tok/s it prints."""
+    exe = Path(sys.executable).with_name("souverain")
+    env = {**os.environ, "SOUVERAIN_HOME": home, **({"SOUVERAIN_KERNELS": kernels} if kernels else {})}
+    done = subprocess.run([str(exe), "run", "smollm2", "Tell me about the history of France.", "--max-tokens",
+                           str(NEW), "--min-tokens", str(NEW), "--temperature", "0"], env=env, capture_output=True,
+                          text=True, timeout=600, check=True)
+    return float(done.stderr.rsplit(" tok/s", 1)[0].rsplit(" ", 1)[-1])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=2)
@@ -198,7 +209,12 @@ def main() -> None:
                 s.pause(True)
                 print(f"{s.name} up on :{s.port}", flush=True)
             results: dict[str, list[dict[str, float]]] = {s.name: [] for s in group}
+            if "souverain" in results:
+                results["souverain run"] = []
             for r in range(a.rounds):
+                if "souverain" in results:
+                    results["souverain run"].append({"b1": cli_run(home, a.kernels)})
+                    print(f"round {r + 1} souverain run: b1 {results['souverain run'][-1]['b1']:.3g}", flush=True)
                 for s in group:  # the same prompts for every server in a round, new ones each round
                     s.pause(False)
                     time.sleep(2)
@@ -228,16 +244,18 @@ def report(results: dict[str, list[dict[str, float]]]) -> None:
     print("|---" * (len(cols) + 1) + "|")
     med: dict[str, dict[str, float]] = {}
     for name, rounds in results.items():
-        med[name] = {k: statistics.median(r[k] for r in rounds) for k, _ in cols}
+        med[name] = {k: statistics.median(r[k] for r in rounds) for k, _ in cols if k in rounds[0]}
         cells = [f"{med[name][k]:.3g} ({min(r[k] for r in rounds):.3g}-{max(r[k] for r in rounds):.3g})"
-                 for k, _ in cols]
+                 if k in rounds[0] else "" for k, _ in cols]
         print(f"| {name} | " + " | ".join(cells) + " |")
     if "souverain" not in med:
         return
     ours = med["souverain"]
     better: dict[str, Callable[[float, float], float]] = {"ttft": lambda us, them: them / us}
+    if "souverain run" in med:
+        print(f"souverain run / souverain serve, batch-1 decode: {med['souverain run']['b1'] / ours['b1']:.2f}x")
     for name, theirs in med.items():
-        if name == "souverain":
+        if name.startswith("souverain"):
             continue
         ratios = [f"{k} {better.get(k, lambda us, them: us / them)(ours[k], theirs[k]):.2f}x" for k, _ in cols]
         print(f"Souverain vs {name} (higher is better): " + "  ".join(ratios))

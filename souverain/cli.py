@@ -214,12 +214,13 @@ _turns = itertools.count()
 
 
 def _stream(engine: LLMEngine, ids: list[int], *, max_tokens: int, temperature: float, top_p: float,
-            seed: int | None) -> str:
+            seed: int | None, min_tokens: int = 0) -> str:
     """Print the continuation of `ids` as the engine generates it; return its text."""
     from souverain.engine.request import Request, SamplingParams
 
-    request = Request(f"cli-{next(_turns)}", ids, SamplingParams(max_tokens=max_tokens, temperature=temperature,
-                                                                 top_p=top_p, seed=seed))
+    params = SamplingParams(max_tokens=max_tokens, min_tokens=min(min_tokens, max_tokens), temperature=temperature,
+                            top_p=top_p, seed=seed)
+    request = Request(f"cli-{next(_turns)}", ids, params)
     try:
         engine.add_request(request)
     except ValueError as e:
@@ -253,6 +254,7 @@ def generate(
     model: Annotated[str, typer.Argument(help="A model folder, a .gguf file, or an installed model's name")],
     prompt: Annotated[str, typer.Argument(help="The prompt (the user message with --chat)")],
     max_tokens: Annotated[int, typer.Option(min=1, help="Most tokens to generate")] = 64,
+    min_tokens: Annotated[int, typer.Option(min=0, help="At least this many tokens (fixed-length benchmarks)")] = 0,
     temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy")] = 0.0,
     top_p: Annotated[float, typer.Option(min=0.0, max=1.0)] = 1.0,
     seed: Annotated[int | None, typer.Option(help="Seed for sampling")] = None,
@@ -274,7 +276,8 @@ def generate(
             sys.stdout.write(prompt)
     except _errors() as e:
         raise _fail(str(e)) from None
-    _stream(engine, ids, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    _stream(engine, ids, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
+            min_tokens=min_tokens)
 
 
 @app.command()
@@ -282,6 +285,7 @@ def run(
     model: Annotated[str | None, typer.Argument(help="Installed model (default: smollm2, pulled if missing)")] = None,
     prompt: Annotated[str | None, typer.Argument(help="Ask once and exit; without it, chat interactively")] = None,
     max_tokens: Annotated[int, typer.Option(min=1)] = 512,
+    min_tokens: Annotated[int, typer.Option(min=0, help="At least this many tokens (fixed-length benchmarks)")] = 0,
     # Small models wander at the usual 0.7-0.8; 0.2 is SmolLM2's own recommendation.
     temperature: Annotated[float, typer.Option(min=0.0)] = 0.2,
     top_p: Annotated[float, typer.Option(min=0.0, max=1.0)] = 0.9,
@@ -301,7 +305,8 @@ def run(
             ids = tokenizer.apply_chat_template(history, add_generation_prompt=True)
         except _errors() as e:
             raise _fail(str(e)) from None
-        reply = _stream(engine, ids, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
+        reply = _stream(engine, ids, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                        min_tokens=min_tokens)
         history.append({"role": "assistant", "content": reply})
 
     if prompt is not None:
