@@ -25,6 +25,18 @@ app = typer.Typer(help="Souverain: self-hosted, open-weight AI.", no_args_is_hel
 err = Console(stderr=True)
 out = Console()
 
+
+
+@app.callback()
+def _process() -> None:
+    """Souverain: self-hosted, open-weight AI."""
+    # Before torch loads OpenMP (commands import it lazily): its idle threads sleep at once instead of
+    # spinning for a while after each parallel op, which took the cores from the kernels' own pool
+    # (souverain/kernels/pool.cpp) mid-step: SmolLM2's decode on the main thread (`run`) went from ~80 to
+    # ~130 tok/s. An OMP_WAIT_POLICY the user set is kept.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
 DTYPES = ("float32", "bfloat16", "float16")
 Bits = Annotated[str, typer.Option(help="Weight-only quantisation for speed: auto (int4 for 4-bit GGUFs), 0, 4, 8")]
 
