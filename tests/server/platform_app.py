@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import urllib.error
 import urllib.request
@@ -74,6 +75,10 @@ def serve(registry: Registry, db: Database, clock: FakeClock) -> Iterator[str]:
         app.state.login_throttle = LoginThrottle(clock=clock.monotonic)  # sign-in back-off on the same clock
         return app
 
+    # As `souverain serve` does once its models are loaded: the long-lived objects out of the collector's
+    # full passes (a pass over everything the test process holds stalled the event loop ~1 s).
+    gc.collect()
+    gc.freeze()
     with running(make) as url:
         yield url
 
