@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import itertools
 import os
 import sys
@@ -410,7 +409,7 @@ def serve(
     from souverain.db.database import open_database
     from souverain.hub.store import default_home
     from souverain.server.app import create_app
-    from souverain.server.loader import load_models
+    from souverain.server.loader import freeze_heap, load_models
     from souverain.server.settings import Settings
 
     home = default_home()  # models, uploads, adapters, the database: the owner's only
@@ -439,11 +438,7 @@ def serve(
         registry = load_models(settings, say=lambda m: err.print(f"[dim]{m}[/dim]", highlight=False))
     except _errors() as e:
         raise _fail(str(e)) from None
-    # The imports, models and tokenizers leave ~330k long-lived objects (SmolLM2); a full collection walks
-    # them all (~0.2 s here), stalling every stream mid-generation. Collect once now and keep them out of
-    # later collections (vLLM does the same after start-up).
-    gc.collect()
-    gc.freeze()
+    freeze_heap()
     from souverain.train.runner import JobRunner
 
     def trainable(model_id: str) -> Path | None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import json
 import urllib.error
 import urllib.request
@@ -17,6 +16,7 @@ from souverain.db.tables import utcnow
 from souverain.engine.async_engine import AsyncEngine
 from souverain.server.app import create_app
 from souverain.server.limits import RateLimiter
+from souverain.server.loader import freeze_heap
 from souverain.server.platform import Platform
 from souverain.server.registry import LoadedModel, Registry
 from souverain.server.settings import Settings
@@ -75,10 +75,7 @@ def serve(registry: Registry, db: Database, clock: FakeClock) -> Iterator[str]:
         app.state.login_throttle = LoginThrottle(clock=clock.monotonic)  # sign-in back-off on the same clock
         return app
 
-    # As `souverain serve` does once its models are loaded: the long-lived objects out of the collector's
-    # full passes (a pass over everything the test process holds stalled the event loop ~1 s).
-    gc.collect()
-    gc.freeze()
+    freeze_heap()  # as `souverain serve` does (without it a full collection stalled the event loop ~1 s)
     with running(make) as url:
         yield url
 

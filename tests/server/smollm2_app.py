@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import json
 import socket
 import threading
@@ -19,6 +18,7 @@ from souverain.embed import Embedder
 from souverain.engine.async_engine import AsyncEngine
 from souverain.engine.engine import EngineConfig, LLMEngine
 from souverain.server.app import create_app
+from souverain.server.loader import freeze_heap
 from souverain.server.registry import LoadedEmbedder, LoadedModel, Registry
 from souverain.server.settings import Settings
 
@@ -63,8 +63,7 @@ def serve_smollm2(smollm2_path: Path, minilm_path: Path) -> Iterator[str]:
                                         vocab_size=tekken.vocab_size, max_seq_len=512)).eval()
     registry.add(LoadedModel("tiny-tekken", AsyncEngine(LLMEngine(tiny_tekken, tekken, EngineConfig(
         kv_cache_memory=8 << 20), backend=backend)), tekken, {"capabilities": ["chat"], "architecture": "mistral"}))
-    gc.collect()  # as `souverain serve` does once its models are loaded (see platform_app.serve)
-    gc.freeze()
+    freeze_heap()  # as `souverain serve` does once its models are loaded
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
