@@ -98,15 +98,18 @@ class LLMEngine:
         # The C++ decode kernel reads keys stored transposed; the PyTorch path reads either layout.
         transposed = fast is not None and p.dtype in (torch.bfloat16, torch.float32) and fast.decode_supported(
             args.n_heads, args.n_kv_heads, args.hd, config.block_size)
+        # On AMX every query, decoded or prefilled, attends on the tiles (bf16 models, keys from position 0).
+        tiles = transposed and backend.amx and p.dtype == torch.bfloat16 and args.sliding_window is None and \
+            config.block_size % 16 == 0 and fast.prefill_supported(args.n_heads, args.n_kv_heads, args.hd)
         self.cache = PagedKVCache(args.n_layers, num_blocks, config.block_size, args.n_kv_heads, args.hd,
                                   p.dtype, p.device, k_transposed=transposed, ops=fast if transposed else None,
-                                  amx=backend.amx)
+                                  tiles=tiles)
         self.blocks = BlockManager(num_blocks, config.block_size)
         self.scheduler = Scheduler(self.blocks, SchedulerConfig(
             max_num_seqs=config.max_num_seqs, max_batched_tokens=config.max_batched_tokens,
             max_waiting=config.max_waiting, max_model_len=max_len, sliding_window=args.sliding_window,
         ), tokenizer.eos_ids)
-        decoder = build_decoder(model, backend, config.block_size) if transposed else None
+        decoder = build_decoder(model, backend, config.block_size, tiles) if transposed else None
         self.runner = ModelRunner(model, self.cache, tokenizer.eos_ids, decoder)
         self.stats = EngineStats(kv_blocks_total=num_blocks)
         self._ids = count()

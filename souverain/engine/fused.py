@@ -22,9 +22,9 @@ from souverain.model.quant import GROUP, QuantLinear
 from souverain.model.transformer import Transformer
 
 
-def build_decoder(model: Transformer, backend: Backend, block_size: int) -> Any | None:
+def build_decoder(model: Transformer, backend: Backend, block_size: int, tiles: bool = False) -> Any | None:
     """The C++ decoder over `model`'s layers (sharing their tensors, as `prepare` packed them for
-    `backend`), or None where it does not apply."""
+    `backend`), or None where it does not apply. `tiles`: attend on AMX tiles, as the engine's cache does."""
     fast = backend.ops
     if fast is None:
         return None
@@ -48,7 +48,7 @@ def build_decoder(model: Transformer, backend: Backend, block_size: int) -> Any 
         layers.append(fast.Layer(attention_norm=block.attention_norm.weight.detach(),
                                  ffn_norm=block.ffn_norm.weight.detach(), qkv=parts[:n], wo=parts[n],
                                  gate_up=parts[n + 1 : -1], down=parts[-1]))
-    return fast.Decoder(layers, args.n_heads, args.n_kv_heads, args.hd, args.norm_eps)
+    return fast.Decoder(layers, args.n_heads, args.n_kv_heads, args.hd, args.norm_eps, tiles)
 
 
 def _linear(fast: ModuleType, m: nn.Module | None) -> Any | None:
@@ -61,7 +61,7 @@ def _linear(fast: ModuleType, m: nn.Module | None) -> Any | None:
         bias = None if m.bias is None else m.bias.detach()
         if m.ops is not None and m.ops is not fast:
             return None  # packed for another backend's kernels
-        return fast.Linear(qweight=m.qweight, scales=m.scales, dense_t=m.dense_t, tiles=m.tiles, nibbles=m.nibbles,
-                           nibble_scales=m.nibble_scales, codes=m.codes, code_scales=m.code_scales, bias=bias,
+        return fast.Linear(qweight=m.qweight, scales=m.scales, dense_t=m.dense_t, codes=m.codes,
+                           code_scales=m.code_scales, bias=bias,
                            bits=m.bits, dense_rows=m.dense_rows, group=GROUP, isa=m.backend.q4_isa)
     return None

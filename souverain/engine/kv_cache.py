@@ -1,9 +1,10 @@
 """Paged KV tensors, and the per-step view the model's attention reads through.
 
 The cache is one [slots, Hkv, hd] tensor per layer for K and for V (slots = blocks x block_size).
-Each step the runner builds a PagedStep: where this step's tokens are written, and, for each
-group of sequences (decodes; prefill chunks), which slots to gather as keys, padded, with a mask.
-The metadata is built once per step and shared by every layer.
+Each step the runner builds a PagedStep: where this step's tokens are written, and which keys each
+query reads -- for the C++ kernels one kind for every query (`RowKeys`: its block table and key
+range), for PyTorch groups of sequences (decodes; prefill chunks) with the slots to gather as keys,
+padded, and a mask. The metadata is built once per step and shared by every layer.
 """
 
 from __future__ import annotations
@@ -21,11 +22,12 @@ class PagedKVCache:
     """`k_transposed` stores keys as [layers, blocks, Hkv, hd, block_size], the layout the C++ decode
     kernel reads (a block's keys for a head one contiguous tile, transposed); values, and keys
     otherwise, are [layers, slots, Hkv, hd]. `ops`: the backend's C++ kernels that steps attend with
-    (None: PyTorch), `amx` whether their AMX prefill attention runs."""
+    (None: PyTorch); `tiles`: every query attends on AMX tiles (prefill_attention_cached), else through
+    paged_decode_attention."""
 
     def __init__(self, n_layers: int, num_blocks: int, block_size: int, n_kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device | str = "cpu", k_transposed: bool = False,
-                 ops: ModuleType | None = None, amx: bool = False) -> None:
+                 ops: ModuleType | None = None, tiles: bool = False) -> None:
         slots = num_blocks * block_size
         shape = (n_layers, slots, n_kv_heads, head_dim)
         k_shape = (n_layers, num_blocks, n_kv_heads, head_dim, block_size) if k_transposed else shape
@@ -34,7 +36,7 @@ class PagedKVCache:
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.k_transposed = k_transposed
-        self.ops, self.amx = ops, amx
+        self.ops, self.tiles = ops, tiles
 
     @staticmethod
     def blocks_for_memory(memory_bytes: int, n_layers: int, block_size: int, n_kv_heads: int, head_dim: int,
@@ -44,8 +46,22 @@ class PagedKVCache:
 
 
 @dataclass
+class RowKeys:
+    """What the C++ attention reads for the query rows of a step, prefill and decode alike: each row's
+    block table (int32 [N, W]) and the key positions it attends, [lo, hi) (int32 [N]); and per sequence,
+    for the AMX kernel, (first row, keys before it, rows) and its block table (int32 [G, W])."""
+
+    tables: torch.Tensor
+    lo: torch.Tensor
+    hi: torch.Tensor
+    spans: list[tuple[int, int, int]]
+    seq_tables: torch.Tensor
+
+
+@dataclass
 class AttentionGroup:
-    """Sequences attended together: queries [G, T] (rows into the step's flat tokens), keys [G, S]."""
+    """Sequences the PyTorch path attends together: queries [G, T] (rows into the step's flat tokens),
+    keys [G, S] gathered from the cache with a mask."""
 
     q_rows: torch.Tensor  # [G, T] flat row of each query (padding repeats a real row)
     k_blocks: torch.Tensor  # [G * B] the blocks whose slots are the keys, B per sequence
@@ -58,24 +74,19 @@ class AttentionGroup:
     # run of the step's rows, (first row, rows) in `spans`; the tensors above are left empty.
     local: bool = False
     spans: list[tuple[int, int]] = field(default_factory=list)
-    # Chunks continuing their sequences (no sliding window) also carry what the C++ kernel reads: their
-    # `spans`, the keys cached before each (`starts`) and int32 block `tables`.
-    starts: list[int] = field(default_factory=list)
-    # Decode groups (one query per sequence) also carry what the C++ kernel reads the paged cache
-    # with, no gathered copy: int32 block tables [G, W] and key position ranges [lo, hi) [G]. Only
-    # decode groups have key ranges; continuing chunks have tables too.
-    tables: torch.Tensor | None = None
-    key_lo: torch.Tensor | None = None
-    key_hi: torch.Tensor | None = None
 
 
 class PagedStep:
-    """A KVView over the paged cache for one engine step (tokens flattened into one row)."""
+    """A KVView over the paged cache for one engine step (tokens flattened into one row). With the C++
+    kernels every query attends through one kernel (`rows`: each row's keys); else through PyTorch,
+    in `groups`."""
 
-    def __init__(self, cache: PagedKVCache, slots: torch.Tensor, groups: list[AttentionGroup]) -> None:
+    def __init__(self, cache: PagedKVCache, slots: torch.Tensor, groups: list[AttentionGroup],
+                 rows: RowKeys | None = None) -> None:
         self.cache = cache
         self.slots = slots  # [N] where each token's k/v goes
         self.groups = groups
+        self.rows = rows
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                positions: torch.Tensor) -> torch.Tensor:
@@ -91,35 +102,28 @@ class PagedStep:
         else:
             kc.index_copy_(0, self.slots, k[0])
             vc.index_copy_(0, self.slots, v[0])
+        if self.rows is not None:
+            # Every query, decode or prefill, from the cache (this step's keys stored above): a token's
+            # result does not depend on how its sequence was chunked or what else is in the step.
+            r = self.rows
+            if fast is None:
+                raise RuntimeError("this step's attention metadata is for the C++ kernels, which do not take "
+                                   f"{flat_q.dtype} tensors on {flat_q.device}")
+            if self.cache.tiles:
+                out = torch.empty_like(flat_q)
+                fast.prefill_attention_cached(kernels.rows_contiguous(flat_q), kc, vc, out, r.spans, r.seq_tables,
+                                              self.cache.block_size, q.shape[-1] ** -0.5)
+                return out[None]
+            return fast.paged_decode_attention(flat_q.contiguous(), kc, vc, r.tables, r.lo, r.hi,
+                                               self.cache.block_size, q.shape[-1] ** -0.5)[None]
         if len(self.groups) == 1 and self.groups[0].identity:  # all decodes: the common case
             g = self.groups[0]
-            if fast is not None and g.key_lo is not None:
-                return self._paged(fast, flat_q.contiguous(), kc, vc, g)[None]
             return attend(flat_q[:, None], self._keys(kc, g), self._values(vc, g), g.mask).transpose(0, 1)
         out = torch.empty_like(flat_q)
-        # The AMX prefill attention (C++), where it runs for this model and cache.
-        amx = fast if self.cache.amx and fast is not None and flat_q.dtype == torch.bfloat16 else None
-        if amx is not None and not amx.prefill_supported(q.shape[2], k.shape[2], q.shape[3]):
-            amx = None
-        scale = q.shape[-1] ** -0.5
         for g in self.groups:
-            if g.starts:
-                if amx is not None:  # every key, this step's too (stored above), read from the cache
-                    amx.prefill_attention_cached(kernels.rows_contiguous(flat_q), kc, vc, out,
-                                                 [(row, a, n) for (row, n), a in zip(g.spans, g.starts, strict=True)],
-                                                 g.tables, self.cache.block_size, scale)
-                    continue
-            elif fast is not None and g.key_lo is not None:
-                o = self._paged(fast, flat_q.index_select(0, g.out_rows), kc, vc, g)  # [G, H, hd]
-                out.index_copy_(0, g.out_rows, o)
-                continue
             if g.local:
                 # Each sequence's rows are one run of the step's rows: causal attention over that
-                # slice, no padded copy gathered or scattered; all of them in one AMX call where it runs.
-                if amx is not None:
-                    amx.prefill_attention(kernels.rows_contiguous(flat_q), kernels.rows_contiguous(k[0]),
-                                          kernels.rows_contiguous(v[0]), out, g.spans, scale)
-                    continue
+                # slice, no padded copy gathered or scattered.
                 for row, n in g.spans:
                     rows = slice(row, row + n)
                     out[rows] = attend(flat_q[None, rows], k[:, rows], v[:, rows], None)[0]
@@ -127,12 +131,6 @@ class PagedStep:
             o = attend(flat_q[g.q_rows], self._keys(kc, g), self._values(vc, g), g.mask)  # [G, T, H, hd]
             out.index_copy_(0, g.out_rows, o.flatten(0, 1).index_select(0, g.out_picks))
         return out[None]
-
-    def _paged(self, fast: ModuleType, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor,
-               g: AttentionGroup) -> torch.Tensor:
-        """Decode attention read straight from the paged cache (C++): q [G, H, hd] -> [G, H, hd]."""
-        return fast.paged_decode_attention(q, kc, vc, g.tables, g.key_lo, g.key_hi, self.cache.block_size,
-                                           q.shape[-1] ** -0.5)
 
     def _values(self, layer_cache: torch.Tensor, g: AttentionGroup) -> torch.Tensor:
         """[G, S, Hkv, hd]: whole blocks copied at once (rows of block_size * Hkv * hd values)."""
@@ -182,13 +180,7 @@ def build_group(starts: list[int], counts: list[int], row_offsets: list[int], bl
     mask = window_mask(q_pos, k_pos, window)
     picks = q_valid.flatten().nonzero().squeeze(-1)
     identity = t == 1 and row_offsets == list(range(len(row_offsets)))
-    group = AttentionGroup(q_rows, k_blocks, n_blocks * block_size, mask, q_rows.flatten()[picks], picks, identity)
-    if t == 1:
-        group.tables, group.key_lo, group.key_hi = decode_tables(starts, block_tables, window, device)
-    elif window is None:
-        group.spans, group.starts = list(zip(row_offsets, counts, strict=True)), list(starts)
-        group.tables = block_table_tensor(block_tables, device, torch.int32)
-    return group
+    return AttentionGroup(q_rows, k_blocks, n_blocks * block_size, mask, q_rows.flatten()[picks], picks, identity)
 
 
 def block_table_tensor(block_tables: list[list[int]], device: torch.device, dtype: torch.dtype = torch.long
@@ -199,11 +191,20 @@ def block_table_tensor(block_tables: list[list[int]], device: torch.device, dtyp
                         device=device)
 
 
-def decode_tables(positions: list[int], block_tables: list[list[int]], window: int | None, device: torch.device
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """What the C++ decode attention reads for sequences each decoding the token at `positions`: int32
-    block tables [G, W] and key ranges [lo, hi) [G] -- a decode group's `tables`, `key_lo`, `key_hi`
-    without the rest of its metadata (masks, gathered blocks), which only the PyTorch path reads."""
-    lo = [max(0, p - window + 1) if window else 0 for p in positions]
-    return (block_table_tensor(block_tables, device, torch.int32), torch.tensor(lo, dtype=torch.int32, device=device),
-            torch.tensor([p + 1 for p in positions], dtype=torch.int32, device=device))
+def row_keys(starts: list[int], counts: list[int], block_tables: list[list[int]], window: int | None,
+             device: torch.device) -> RowKeys:
+    """The keys of each query row of a step whose sequences compute positions [start, start + count)
+    (rows in order, sequence after sequence): its sequence's keys [lo, hi), the window up to the row's
+    own position."""
+    seq_tables = block_table_tensor(block_tables, device, torch.int32)
+    spans, row = [], 0
+    for a, n in zip(starts, counts, strict=True):
+        spans.append((row, a, n))
+        row += n
+    if row == len(counts):
+        tables, pos = seq_tables, torch.tensor(starts, dtype=torch.int32, device=device)
+    else:
+        tables = seq_tables.repeat_interleave(torch.tensor(counts, device=device), dim=0)
+        pos = torch.cat([torch.arange(a, a + n, dtype=torch.int32, device=device) for _, a, n in spans])
+    lo = (pos - window + 1).clamp(min=0) if window else torch.zeros_like(pos)
+    return RowKeys(tables, lo, pos + 1, spans, seq_tables)

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from souverain.engine.kv_cache import AttentionGroup, PagedKVCache, PagedStep, build_group, decode_tables
+from souverain.engine.kv_cache import AttentionGroup, PagedKVCache, PagedStep, build_group, row_keys
 from souverain.engine.request import Sequence
 from souverain.engine.sampling import SamplingTensors, apply_mask, apply_penalties, logprobs_of, sample
 from souverain.engine.scheduler import ScheduledSeq
@@ -58,16 +58,19 @@ class ModelRunner:
         dev = self.device
         lora = self._lora(items, adapter)
         slot_t = torch.tensor(slots, dtype=torch.long, device=dev)
-        if self.decoder is not None and lora is None and len(tokens) == len(out_rows) == len(items):
-            # One token per sequence, each sampled: the layers in one C++ call, which reads only the
-            # block tables and key ranges of the step's attention metadata.
-            tables, lo, hi = decode_tables(positions, [i.seq.block_table for i in items], self.window, dev)
+        tables = [i.seq.block_table for i in items]
+        counts = [i.num_tokens for i in items]
+        # The C++ kernels attend every query the same way: the block table and key range of each row.
+        rows = None if self.cache.ops is None else row_keys([i.start for i in items], counts, tables, self.window, dev)
+        decodes = len(tokens) == len(out_rows) == len(items)
+        if self.decoder is not None and rows is not None and lora is None and decodes:
+            # One token per sequence, each sampled: the layers in one C++ call.
             h = self.model.tok_embeddings(torch.tensor(tokens, device=dev))
             cos, sin = self.model.rope_tables(torch.tensor(positions, device=dev), h.dtype)
-            h = self.decoder.forward(h, cos, sin, self.cache.k, self.cache.v, slot_t, tables, lo, hi,
+            h = self.decoder.forward(h, cos, sin, self.cache.k, self.cache.v, slot_t, rows.tables, rows.lo, rows.hi,
                                      self.cache.block_size)
             return self.model.head(h, self.ops)
-        step = PagedStep(self.cache, slot_t, self._groups(items, offsets))
+        step = PagedStep(self.cache, slot_t, [] if rows is not None else self._groups(items, offsets), rows)
         logits = self.model(torch.tensor([tokens], device=dev), torch.tensor([positions], device=dev), step,
                             output_rows=torch.tensor(out_rows, dtype=torch.long, device=dev), lora=lora, ops=self.ops)
         return logits

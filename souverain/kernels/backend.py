@@ -1,7 +1,8 @@
 """The kernel backend a model and an engine run on, chosen once by the wiring code and passed down.
 
-    amx     Intel AMX: int4 products in AMX tiles for prefill and wide decode steps (gemm.cpp), AMX
-            causal attention for prefill (prefill.cpp), AVX-512 VNNI int4 x int8 for narrow decode steps
+    amx     Intel AMX: int4 x int8 products on AMX tiles for prefill and wide decode steps (q4.cpp, the
+            same bits as AVX-512 VNNI's, which takes the narrow ones), attention on the tiles for every
+            query (prefill.cpp)
     avx512  AVX-512 with VNNI (AMD Zen 4, Intel Ice Lake and later): every int4 product through
             q4.cpp's 512-bit kernel
     avx2    AVX2 with FMA (older and smaller CPUs): q4.cpp's 256-bit kernel
@@ -43,8 +44,9 @@ class Backend:
 
     @property
     def q4_isa(self) -> int:
-        """The vector width q4_linear runs at on this backend (0: not used)."""
-        return {"amx": 512, "avx512": 512, "avx2": 256}.get(self.name, 0)
+        """q4_linear's `isa` on this backend: 1024 AMX tiles (and AVX-512 VNNI up to 4 rows), 512 AVX-512
+        VNNI, 256 AVX2; 0: not used."""
+        return {"amx": 1024, "avx512": 512, "avx2": 256}.get(self.name, 0)
 
     @property
     def device(self) -> str:

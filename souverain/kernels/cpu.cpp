@@ -63,8 +63,11 @@ void check_cpu(const torch::Tensor& t, const char* name) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Decode attention straight from the paged cache: one query token per sequence, keys read block
-// by block through the sequence's block table (no gathered copy of the keys).
+// Attention straight from the paged cache, for every query of a step: decode tokens and prefill rows
+// alike, each query with its own block table row and key range [lo, hi) (keys read block by block
+// through the table, no gathered copy). A query's result is a function of its own values and keys only,
+// computed the same way whatever else is in the call: a token gets the same bits decoded, prefilled in
+// one chunk or in several, alone or among other sequences (batch invariance).
 //
 // Layouts: k_cache [blocks, Hkv, hd, block_size] (each block's keys stored transposed, one
 // contiguous tile per head, so a score is a sum of vector FMAs over dimensions with no
@@ -167,11 +170,17 @@ void decode_item(const DecodeArgs& a, const T* qp, const T* kp, const T* vp, T* 
   }
 }
 
+// Items are taken in the order 0, n-1, 1, n-2, ... of the queries: a prefill chunk's queries read
+// 1 .. n keys, so each thread's contiguous share of that order holds as many long rows as short ones.
+// Every item is computed whole by one thread, in one way, whatever else is in the call.
 template <typename T, int R, int CH>
 void decode_all(const DecodeArgs& a, const T* qp, const T* kp, const T* vp, T* op, int64_t n) {
   souverain::parallel_for(0, n * a.hkv, 1, [&](int64_t begin, int64_t stop) {
     std::vector<float> scores;
-    for (int64_t item = begin; item < stop; ++item) decode_item<T, R, CH>(a, qp, kp, vp, op, item / a.hkv, item % a.hkv, scores);
+    for (int64_t item = begin; item < stop; ++item) {
+      const int64_t i = item / a.hkv, s = i % 2 == 0 ? i / 2 : n - 1 - i / 2;
+      decode_item<T, R, CH>(a, qp, kp, vp, op, s, item % a.hkv, scores);
+    }
   });
 }
 

@@ -9,6 +9,7 @@
 
 #include <cmath>
 #include <optional>
+#include <tuple>
 #include <vector>
 
 #include "kernels.h"
@@ -17,42 +18,25 @@ namespace souverain {
 namespace {
 
 // A projection in whichever forms its module holds, applied as the module's forward applies it:
-// nn.Linear (`weight`), or QuantLinear (q4_linear's codes for every row count, or up to `dense_rows`
-// rows where it also has AMX tiles; torch's int4/int8 kernels up to `dense_rows` rows, else its dense
-// copy or its AMX tiles).
+// nn.Linear (`weight`), or QuantLinear (q4_linear's / q8_linear's codes for every row count; else torch's
+// int4/int8 kernels up to `dense_rows` rows and its dense copy beyond).
 struct Linear {
-  std::optional<at::Tensor> weight, qweight, scales, dense_t, tiles, nibbles, nibble_scales, codes, code_scales, bias;
+  std::optional<at::Tensor> weight, qweight, scales, dense_t, codes, code_scales, bias;
   int64_t bits = 0, dense_rows = 0, group = 0, isa = 0;  // group: values per int4 scale; isa: q4_linear's
 
   at::Tensor operator()(const at::Tensor& x) const {
     if (weight) return at::linear(x, *weight, bias);
     at::Tensor y;
-    if (codes && ((!nibbles && !tiles) || x.size(0) <= dense_rows)) {
+    if (codes) {
       y = bits == 4 ? q4_linear(x, *codes, *code_scales, isa) : q8_linear(x, *codes, *code_scales, isa);
     } else if (x.size(0) > dense_rows) {
-      if (dense_t) {
-        y = at::matmul(x, *dense_t);
-      } else if (nibbles) {
-        y = amx_linear_int4(x, *nibbles, *nibble_scales);
-      } else {
-        y = amx_linear(x, *tiles);
-      }
+      y = at::matmul(x, *dense_t);
     } else if (bits == 4) {
       y = at::_weight_int4pack_mm_for_cpu(x, *qweight, group, *scales);
     } else {
       y = at::_weight_int8pack_mm(x, *qweight, *scales);
     }
     return bias ? at::add(y, bias->to(y.scalar_type())) : y;
-  }
-
-  // silu(gate) * up of a fused [gate | up] projection: in the AMX product itself where that runs
-  // (the [gate | up] output never written), else swiglu of the output; the same bits either way.
-  at::Tensor glu(const at::Tensor& x) const {
-    if (!weight && !bias && !dense_t && x.size(0) > dense_rows) {  // halves of whole 32-column blocks
-      if (nibbles && nibbles->size(0) % 2 == 0) return amx_linear_int4(x, *nibbles, *nibble_scales, true);
-      if (tiles && tiles->size(0) % 2 == 0) return amx_linear(x, *tiles, true);
-    }
-    return swiglu((*this)(x));
   }
 };
 
@@ -66,8 +50,11 @@ struct Layer {
 
 class Decoder {
  public:
-  Decoder(std::vector<Layer> layers, int64_t n_heads, int64_t n_kv_heads, int64_t head_dim, double eps)
-      : layers_(std::move(layers)), heads_(n_heads), kv_heads_(n_kv_heads), hd_(head_dim), eps_(eps) {
+  // tiles: attend on AMX tiles (prefill_attention_cached, as the backend's prefill does: the same bits
+  // for a token decoded or prefilled), else with paged_decode_attention.
+  Decoder(std::vector<Layer> layers, int64_t n_heads, int64_t n_kv_heads, int64_t head_dim, double eps, bool tiles)
+      : layers_(std::move(layers)), heads_(n_heads), kv_heads_(n_kv_heads), hd_(head_dim), eps_(eps), tiles_(tiles) {
+    TORCH_CHECK(!tiles || prefill_supported(n_heads, n_kv_heads, head_dim), "Decoder: no AMX attention for these shapes");
     for (const auto& l : layers_) {
       TORCH_CHECK(l.qkv.size() == 1 || l.qkv.size() == 3, "Decoder: a layer takes one qkv projection or three");
       TORCH_CHECK(l.gate_up.size() == 1 || l.gate_up.size() == 2, "Decoder: a layer takes one gate_up projection or two");
@@ -85,6 +72,15 @@ class Decoder {
                 "Decoder: the caches must hold one entry per layer");
     const int64_t n = h.size(0), q_width = heads_ * hd_, kv_width = kv_heads_ * hd_;
     const double scale = std::pow(static_cast<double>(hd_), -0.5);
+    std::vector<std::tuple<int64_t, int64_t, int64_t>> spans;  // AMX attention: (row, keys before, 1)
+    if (tiles_) {
+      const auto* l = lo.data_ptr<int32_t>();
+      const auto* e = hi.data_ptr<int32_t>();
+      for (int64_t r = 0; r < n; ++r) {
+        TORCH_CHECK(l[r] == 0, "Decoder: AMX attention reads every key from position 0 (no sliding window)");
+        spans.emplace_back(r, e[r] - 1, 1);
+      }
+    }
     for (size_t i = 0; i < layers_.size(); ++i) {
       const Layer& l = layers_[i];
       const at::Tensor kc = k_cache[i], vc = v_cache[i];
@@ -103,10 +99,16 @@ class Decoder {
       q = rope(q.view({n, heads_, hd_}), cos, sin);
       k = rope(k.view({n, kv_heads_, hd_}), cos, sin);
       store_kv(k, v.view({n, kv_heads_, hd_}), kc, vc, slots);
-      const at::Tensor o = paged_decode_attention(q, kc, vc, tables, lo, hi, block_size, scale);
+      at::Tensor o;
+      if (tiles_) {
+        o = at::empty_like(q);
+        prefill_attention_cached(q, kc, vc, o, spans, tables, block_size, scale);
+      } else {
+        o = paged_decode_attention(q, kc, vc, tables, lo, hi, block_size, scale);
+      }
       h = at::add(h, l.wo(o.view({n, q_width})));
       const at::Tensor f = rms_norm(h, l.ffn_norm, eps_);
-      const at::Tensor g = l.gate_up.size() == 1 ? l.gate_up[0].glu(f) : silu_mul(l.gate_up[0](f), l.gate_up[1](f));
+      const at::Tensor g = l.gate_up.size() == 1 ? swiglu(l.gate_up[0](f)) : silu_mul(l.gate_up[0](f), l.gate_up[1](f));
       h = at::add(h, l.down(g));
     }
     return h;
@@ -116,6 +118,7 @@ class Decoder {
   std::vector<Layer> layers_;
   int64_t heads_, kv_heads_, hd_;
   double eps_;
+  bool tiles_;
 };
 
 }  // namespace
@@ -125,23 +128,17 @@ void bind_decoder(pybind11::module& m) {
   py::class_<Linear>(m, "Linear", "a projection's forms (nn.Linear or QuantLinear), as its forward applies them")
       .def(py::init([](std::optional<at::Tensor> weight, std::optional<at::Tensor> qweight,
                        std::optional<at::Tensor> scales, std::optional<at::Tensor> dense_t,
-                       std::optional<at::Tensor> tiles, std::optional<at::Tensor> nibbles,
-                       std::optional<at::Tensor> nibble_scales, std::optional<at::Tensor> codes,
-                       std::optional<at::Tensor> code_scales, std::optional<at::Tensor> bias, int64_t bits,
-                       int64_t dense_rows, int64_t group, int64_t isa) {
+                       std::optional<at::Tensor> codes, std::optional<at::Tensor> code_scales,
+                       std::optional<at::Tensor> bias, int64_t bits, int64_t dense_rows, int64_t group, int64_t isa) {
              const bool q4 = codes && code_scales && q4_supported(isa);
-             TORCH_CHECK(weight || (q4 && !dense_t && (bits == 4 || bits == 8)) ||
-                             (qweight && scales && (dense_t || tiles || (nibbles && nibble_scales)) &&
-                              (bits == 8 || (bits == 4 && group > 0)) && (!nibbles || q4 || qweight->numel())),
-                         "Linear: give weight (nn.Linear), or codes with code_scales and an isa that runs here "
-                         "(and nibbles), or qweight, scales, bits 4 (with group) or 8 and dense_t, tiles or "
-                         "nibbles with nibble_scales (QuantLinear)");
-             return Linear{weight, qweight, scales, dense_t, tiles, nibbles, nibble_scales, codes, code_scales, bias,
-                           bits, dense_rows, group, isa};
+             TORCH_CHECK(weight || (q4 && (bits == 4 || bits == 8)) ||
+                             (qweight && scales && dense_t && (bits == 8 || (bits == 4 && group > 0))),
+                         "Linear: give weight (nn.Linear), or codes with code_scales and an isa that runs here, "
+                         "or qweight, scales and dense_t with bits 4 (and group) or 8 (QuantLinear)");
+             return Linear{weight, qweight, scales, dense_t, codes, code_scales, bias, bits, dense_rows, group, isa};
            }),
            py::kw_only(), py::arg("weight") = py::none(), py::arg("qweight") = py::none(),
-           py::arg("scales") = py::none(), py::arg("dense_t") = py::none(), py::arg("tiles") = py::none(),
-           py::arg("nibbles") = py::none(), py::arg("nibble_scales") = py::none(), py::arg("codes") = py::none(),
+           py::arg("scales") = py::none(), py::arg("dense_t") = py::none(), py::arg("codes") = py::none(),
            py::arg("code_scales") = py::none(), py::arg("bias") = py::none(), py::arg("bits") = 0,
            py::arg("dense_rows") = 0, py::arg("group") = 0, py::arg("isa") = 0)
       .def("__call__", &Linear::operator(), py::arg("x"));
@@ -153,8 +150,8 @@ void bind_decoder(pybind11::module& m) {
            py::kw_only(), py::arg("attention_norm"), py::arg("ffn_norm"), py::arg("qkv"), py::arg("wo"),
            py::arg("gate_up"), py::arg("down"));
   py::class_<Decoder>(m, "Decoder", "the decoder layers of a decode step, in one call")
-      .def(py::init<std::vector<Layer>, int64_t, int64_t, int64_t, double>(), py::arg("layers"), py::arg("n_heads"),
-           py::arg("n_kv_heads"), py::arg("head_dim"), py::arg("eps"))
+      .def(py::init<std::vector<Layer>, int64_t, int64_t, int64_t, double, bool>(), py::arg("layers"),
+           py::arg("n_heads"), py::arg("n_kv_heads"), py::arg("head_dim"), py::arg("eps"), py::arg("tiles") = false)
       .def("forward", &Decoder::forward, py::arg("h"), py::arg("cos"), py::arg("sin"), py::arg("k_cache"),
            py::arg("v_cache"), py::arg("slots"), py::arg("tables"), py::arg("lo"), py::arg("hi"),
            py::arg("block_size"), py::call_guard<py::gil_scoped_release>());

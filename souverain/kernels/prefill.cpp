@@ -134,25 +134,37 @@ struct Span {
   int64_t packed;        // where its packed keys (and values) start, in values
 };
 
-// One query head's 32 queries [q0, q0 + 32) of a span against its keys [0, start + q0 + 32): the online
-// softmax over chunks of up to kChunk blocks of 32 keys. Scores leave the tiles, and probabilities
+// 32 query rows of a span against their keys (each row [0, its position + 1)): the online softmax over
+// chunks of up to kChunk blocks of 32 keys. Scores leave the tiles, and probabilities
 // enter them, a chunk at a time: each hand-over between tiles and vector units waits for the other
 // side's stores to drain, and the row maxima, sums and rescaling cost the same for 32 keys as for
 // a chunk.
 constexpr int64_t kChunk = 8;
 constexpr int64_t kWidth = kChunk * 32;  // keys in a chunk
 
+struct QueryRow {
+  const bf16* q;  // the query (head_dim values)
+  bf16* out;      // where its output goes
+  int64_t keys;   // keys it reads: [0, keys)
+};
+
+// Rows are (position, head) pairs: the query heads sharing the kv head side by side, so a decode step's
+// few rows fill one block. A row's result depends on its own query and keys only (tile rows are
+// independent, keys are taken in chunks aligned to position 0, masked keys add exact zeros): the same
+// bits whatever rows share its block -- a token decoded, or prefilled in any chunking.
 class QueryBlock {
  public:
-  QueryBlock(const bf16* q, int64_t ldq, const bf16* kp, const bf16* vp, const Span& s, int64_t qb, int64_t hd,
-             float scale)
-      : kp_(kp), vp_(vp), s_(s), q0_(qb * 32), rows_(std::min<int64_t>(32, s.count - qb * 32)), hd_(hd),
-        steps_(hd / 32), scale_(scale) {
+  QueryBlock(const QueryRow* rows, int64_t n, const bf16* kp, const bf16* vp, const Span& s, int64_t hd, float scale)
+      : kp_(kp), vp_(vp), s_(s), rows_(n), hd_(hd), steps_(hd / 32), scale_(scale) {
     for (int64_t i = 0; i < 32; ++i) {
       if (i < rows_) {
-        std::memcpy(qbuf_ + i * hd, q + (q0_ + i) * ldq, hd * sizeof(bf16));
-      } else {  // queries past the span: zero, computed and dropped
+        std::memcpy(qbuf_ + i * hd, rows[i].q, hd * sizeof(bf16));
+        keys_[i] = rows[i].keys;
+        out_[i] = rows[i].out;
+      } else {  // rows past the block's: zero, computed and dropped
         std::memset(qbuf_ + i * hd, 0, hd * sizeof(bf16));
+        keys_[i] = 1;
+        out_[i] = nullptr;
       }
     }
     std::fill(run_max_, run_max_ + 32, -std::numeric_limits<float>::infinity());
@@ -160,7 +172,6 @@ class QueryBlock {
     std::fill(acc_, acc_ + 32 * hd, 0.f);
   }
 
-  // Key blocks 0 .. last.
   void run(int64_t last) {
     for (int64_t c0 = 0; c0 <= last; c0 += kChunk) {
       const int64_t n = std::min(kChunk, last + 1 - c0);
@@ -171,13 +182,13 @@ class QueryBlock {
     }
   }
 
-  void write(bf16* out, int64_t ldo) const {
+  void write() const {
     for (int64_t i = 0; i < rows_; ++i) {
       const __m512 inv = _mm512_set1_ps(1.f / run_sum_[i]);
       for (int64_t d = 0; d < hd_; d += 32) {
         const __m512 lo = _mm512_mul_ps(_mm512_load_ps(acc_ + i * hd_ + d), inv);
         const __m512 hi = _mm512_mul_ps(_mm512_load_ps(acc_ + i * hd_ + d + 16), inv);
-        _mm512_storeu_si512(out + (q0_ + i) * ldo + d, to_bf16(lo, hi));
+        _mm512_storeu_si512(out_[i] + d, to_bf16(lo, hi));
       }
     }
   }
@@ -201,7 +212,7 @@ class QueryBlock {
     alignas(64) float old_max[32], chunk_sum[32];
     for (int64_t i = 0; i < 32; ++i) {
       // Keys up to the query's own position, and within the span (queries past it see all of its keys).
-      const int64_t limit = std::min(s_.start + q0_ + i + 1, s_.keys) - c0 * 32;  // >= 1: the chunk's first key
+      const int64_t limit = keys_[i] - c0 * 32;  // keys of this chunk the row reads (none: <= 0)
       const float* row = scores_ + i * kWidth;
       __m512 sv[2 * kChunk];
       __mmask16 mv[2 * kChunk];
@@ -265,7 +276,9 @@ class QueryBlock {
 
   const bf16 *kp_, *vp_;
   const Span& s_;
-  const int64_t q0_, rows_, hd_, steps_;
+  const int64_t rows_, hd_, steps_;
+  int64_t keys_[32];
+  bf16* out_[32];
   const float scale_;
   alignas(64) bf16 qbuf_[32 * 256];
   alignas(64) float scores_[32 * kWidth];
@@ -329,28 +342,39 @@ void attend_spans(const torch::Tensor& q, const torch::Tensor& out, int64_t kv_h
   // Units (span, head, block of 32 queries); a block reads the keys up to its last query. Within each
   // head the blocks alternate from both ends (0, last, 1, last - 1, ...), so that the contiguous
   // ranges the threads take hold about the same work.
+  // Units: 32 rows of one span and kv head, rows (position, query head) position-major; a span's units
+  // taken first, last, second, second to last... so each thread gets as many long rows as short ones.
+  const int64_t group = heads / kv_heads;
   std::vector<std::array<int64_t, 3>> units;
   for (int64_t si = 0; si < static_cast<int64_t>(ss.size()); ++si) {
-    for (int64_t h = 0; h < heads; ++h) {
-      for (int64_t lo = 0, hi = (ss[si].count + 31) / 32 - 1; lo <= hi; ++lo, --hi) {
-        units.push_back({si, h, lo});
-        if (hi != lo) units.push_back({si, h, hi});
+    for (int64_t g = 0; g < kv_heads; ++g) {
+      for (int64_t lo = 0, hi = (ss[si].count * group + 31) / 32 - 1; lo <= hi; ++lo, --hi) {
+        units.push_back({si, g, lo});
+        if (hi != lo) units.push_back({si, g, hi});
       }
     }
   }
-  const int64_t group = heads / kv_heads;
   const float sc = static_cast<float>(scale);
   const auto* qp = q.data_ptr<bf16>();
   auto* op = out.data_ptr<bf16>();
   souverain::parallel_for(0, static_cast<int64_t>(units.size()), 1, [&](int64_t begin, int64_t end) {
     souverain::amx::configure(16, 16);
+    QueryRow rows[32];
     for (int64_t u = begin; u < end; ++u) {
-      const auto [si, h, qb] = units[u];
+      const auto [si, g, ub] = units[u];
       const Span& s = ss[si];
-      const int64_t off = s.packed + (h / group) * s.blocks * 32 * hd;
-      QueryBlock block(qp + s.row * q.stride(0) + h * hd, q.stride(0), keys + off, values + off, s, qb, hd, sc);
-      block.run((s.start + std::min(qb * 32 + 31, s.count - 1)) / 32);
-      block.write(op + s.row * out.stride(0) + h * hd, out.stride(0));
+      const int64_t off = s.packed + g * s.blocks * 32 * hd;
+      const int64_t first = ub * 32, n = std::min<int64_t>(32, s.count * group - first);
+      int64_t most = 0;
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t pos = (first + i) / group, head = g * group + (first + i) % group;
+        rows[i] = {qp + (s.row + pos) * q.stride(0) + head * hd, op + (s.row + pos) * out.stride(0) + head * hd,
+                   s.start + pos + 1};
+        most = std::max(most, rows[i].keys);
+      }
+      QueryBlock block(rows, n, keys + off, values + off, s, hd, sc);
+      block.run((most - 1) / 32);
+      block.write();
     }
     _tile_release();
   });

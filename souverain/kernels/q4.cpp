@@ -19,6 +19,10 @@
 // `q8_linear` is the same for int8 weights with one scale per output row (the output projection, whose
 // logits want more than 4 bits): codes w + 128 in 8 parts of 64 bytes per tile and block, no unpacking.
 // The output is rounded to bf16 here (to nearest even), not written in fp32 and converted.
+//
+// isa 1024 (the `amx` backend): more than 4 rows go through AMX tiles (`tiles_amx`: `tdpbsud` makes the
+// same exact block sums, the fp32 steps are the same instructions), fewer through AVX-512 VNNI: one model
+// for every row count, where the AMX products used to dequantise to bf16 (another model than decode's).
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -28,6 +32,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "amx.h"
 #include "kernels.h"
 
 namespace souverain {
@@ -37,6 +42,7 @@ constexpr int64_t kRows = 16;       // output rows per tile
 constexpr int64_t kBlock = 32;      // K values per scale
 constexpr int64_t kRowBlock = 64;   // x rows kept in L2 while a thread's tiles pass
 constexpr int kGroup = 4;           // x rows sharing one unpacking of the codes
+constexpr int64_t kIsaAmx = 1024;   // AMX tiles for more than kGroup rows, AVX-512 VNNI for fewer
 
 // x's rows, quantised: codes [M, K] int8, and per row and block the scale sa, the sum of the codes,
 // and sa times that sum.
@@ -46,10 +52,11 @@ struct Quantised {
   std::vector<int32_t> sum;
 };
 
-Quantised quantise(const at::BFloat16* x, int64_t m, int64_t k, int64_t stride) {
+// `rows` >= m rows are allocated, those past m zero (the AMX path computes whole groups of 16 rows).
+Quantised quantise(const at::BFloat16* x, int64_t m, int64_t k, int64_t stride, int64_t rows) {
   const int64_t nb = k / kBlock;
-  Quantised out{std::vector<int8_t>(m * k), std::vector<float>(m * nb), std::vector<float>(m * nb),
-                std::vector<int32_t>(m * nb)};
+  Quantised out{std::vector<int8_t>(rows * k), std::vector<float>(rows * nb), std::vector<float>(rows * nb),
+                std::vector<int32_t>(rows * nb)};
   souverain::parallel_for(0, m, 16, [&](int64_t r0, int64_t r1) {
     float v[kBlock];
     for (int64_t r = r0; r < r1; ++r) {
@@ -105,6 +112,14 @@ __attribute__((target("avx2,fma"))) inline __m128i to_bf16(__m256 v) {
   return _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
 }
 
+// A tile's 16 bf16 scales and 16 zeros of one block (p: [scales | zeros]), to fp32.
+__attribute__((target("avx512f,avx512bw"))) inline void load_scales(const uint16_t* p, __m512& s, __m512& z) {
+  s = _mm512_castsi512_ps(
+      _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+  z = _mm512_castsi512_ps(
+      _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + kRows))), 16));
+}
+
 // One tile of 16 output rows for R rows of x. Bits 4: per block 4 x 64 bytes of nibbles, then bf16
 // [scales | zeros] of the tile's rows; y = sum_b s * sa * (sum q*a - 8 sum a) + z * sa * sum a. Bits 8:
 // per block 8 x 64 bytes of codes w + 128 (weights symmetric per output row, scale `row_scale`);
@@ -130,13 +145,7 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) void tile_avx512(const ui
       }
     }
     __m512 s = _mm512_setzero_ps(), z = s;
-    if constexpr (Bits == 4) {
-      const uint16_t* p = sz + b * 2 * kRows;
-      s = _mm512_castsi512_ps(
-          _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
-      z = _mm512_castsi512_ps(_mm512_slli_epi32(
-          _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + kRows))), 16));
-    }
+    if constexpr (Bits == 4) load_scales(sz + b * 2 * kRows, s, z);
     for (int r = 0; r < R; ++r) {
       const int32_t* a = reinterpret_cast<const int32_t*>(x.q[r] + b * kBlock);
       __m512i s0 = _mm512_setzero_si512(), s1 = _mm512_setzero_si512();
@@ -245,10 +254,114 @@ TileFn pick(bool avx512, int rows) {
   return (avx512 ? wide : narrow)[rows - 1];
 }
 
+#if defined(SOUVERAIN_AMX) && defined(__AMX_INT8__)
+#define SOUVERAIN_AMX_INT8 1
+
+// Tiles 0, 1: int32 sums (16 rows of x x 16 output rows) of two blocks in flight; 2, 3: x's codes (16 rows
+// x one block of 32); 4, 5: the weight's block, 8 rows of 16 output rows x 4 codes -- pack_q4's layout
+// with the nibbles unpacked (pack_q8's parts as they are).
+inline void configure_int8() {
+  souverain::amx::TileConfig cfg;
+  for (int t = 0; t < 2; ++t) {
+    cfg.rows[t] = 16;
+    cfg.colsb[t] = 64;
+    cfg.rows[2 + t] = 16;
+    cfg.colsb[2 + t] = 32;
+    cfg.rows[4 + t] = 8;
+    cfg.colsb[4 + t] = 64;
+  }
+  _tile_loadconfig(&cfg);
+}
+
+// Output tiles [t0, t1) for every row of x on AMX: per block of 32 values, `tdpbsud` (x's int8 codes
+// signed, the weight's codes unsigned) gives the exact int32 sums `vpdpbusd` gives in tile_avx512, and
+// they are scaled and summed in fp32 by the same instructions in the same order: each row's bits are
+// tile_avx512's, so AMX's wide steps and VNNI's narrow ones are one model (batch invariance). The tiles
+// do the multiply-adds; the fp32 steps per block (5 vector instructions per 16 outputs) are the cost, so
+// a group of 16 rows keeps its accumulators in registers over all blocks, while the tiles compute the
+// next block's sums.
+template <int Bits>
+void tiles_amx(const Quantised& xq, int64_t m, int64_t mpad, int64_t k, const uint8_t* w, const uint16_t* sz,
+               const float* row_scale, int64_t t0, int64_t t1, int64_t nb, at::BFloat16* out, int64_t n) {
+  constexpr int kParts = Bits == 4 ? 4 : 8, kShift = Bits == 4 ? 3 : 7;
+  const int64_t tile_bytes = nb * kParts * 64;
+  thread_local std::vector<uint8_t> space;
+  if (static_cast<int64_t>(space.size()) < nb * 512 + 64) space.resize(nb * 512 + 64);
+  auto* panel = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(space.data()) + 63) & ~uintptr_t(63));
+  alignas(64) int32_t sums[2][16 * 16];
+  const __m512i low = _mm512_set1_epi8(0x0F);
+  configure_int8();
+  for (int64_t t = t0; t < t1; ++t) {
+    const uint8_t* wt = w + t * tile_bytes;
+    const uint8_t* blocks = wt;  // the weight's blocks, 512 bytes each
+    if constexpr (Bits == 4) {
+      for (int64_t b = 0; b < nb; ++b) {
+        for (int part = 0; part < 4; ++part) {
+          const __m512i v = _mm512_loadu_si512(wt + (b * 4 + part) * 64);
+          _mm512_store_si512(panel + b * 512 + part * 64, _mm512_and_si512(v, low));
+          _mm512_store_si512(panel + b * 512 + (part + 4) * 64, _mm512_and_si512(_mm512_srli_epi16(v, 4), low));
+        }
+      }
+      blocks = panel;
+    }
+    const uint16_t* tsz = sz ? sz + t * nb * 2 * kRows : nullptr;
+    for (int64_t r0 = 0; r0 < mpad; r0 += 16) {
+      const int8_t* xr = xq.q.data() + r0 * k;
+      // Block b's sums into tile b % 2, then into sums[b % 2].
+      auto issue = [&](int64_t b) {
+        if (b % 2 == 0) {
+          _tile_loadd(4, blocks + b * 512, 64);
+          _tile_loadd(2, xr + b * kBlock, k);
+          _tile_zero(0);
+          _tile_dpbsud(0, 2, 4);
+          _tile_stored(0, sums[0], 64);
+        } else {
+          _tile_loadd(5, blocks + b * 512, 64);
+          _tile_loadd(3, xr + b * kBlock, k);
+          _tile_zero(1);
+          _tile_dpbsud(1, 3, 5);
+          _tile_stored(1, sums[1], 64);
+        }
+      };
+      __m512 acc[16];
+      for (int r = 0; r < 16; ++r) acc[r] = _mm512_setzero_ps();
+      issue(0);
+      for (int64_t b = 0; b < nb; ++b) {
+        if (b + 1 < nb) issue(b + 1);
+        __m512 s = _mm512_setzero_ps(), z = s;
+        if constexpr (Bits == 4) load_scales(tsz + b * 2 * kRows, s, z);
+        const int32_t* block_sums = sums[b % 2];
+        for (int r = 0; r < 16; ++r) {
+          const int64_t row = (r0 + r) * nb + b;
+          const __m512i sum = _mm512_sub_epi32(_mm512_load_si512(block_sums + r * 16),
+                                               _mm512_set1_epi32(xq.sum[row] << kShift));
+          if constexpr (Bits == 4) {
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_mul_ps(s, _mm512_set1_ps(xq.scale[row])), acc[r]);
+            acc[r] = _mm512_fmadd_ps(z, _mm512_set1_ps(xq.zterm[row]), acc[r]);
+          } else {
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_set1_ps(xq.scale[row]), acc[r]);
+          }
+        }
+      }
+      for (int r = 0; r < 16 && r0 + r < m; ++r) {
+        __m512 a = acc[r];
+        if constexpr (Bits == 8) a = _mm512_mul_ps(a, _mm512_loadu_ps(row_scale + t * kRows));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + (r0 + r) * n + t * kRows), to_bf16(a));
+      }
+    }
+  }
+}
+#endif
+
 }  // namespace
 
 bool q4_supported(int64_t isa) {
   __builtin_cpu_init();
+#ifdef SOUVERAIN_AMX_INT8
+  if (isa == kIsaAmx) return amx_available() && q4_supported(512);
+#else
+  if (isa == kIsaAmx) return false;
+#endif
   if (isa == 512) return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                          __builtin_cpu_supports("avx512vnni");
   if (isa == 256) return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
@@ -265,9 +378,20 @@ torch::Tensor linear(const torch::Tensor& x, const uint8_t* w, const uint16_t* s
   const int64_t m = x.size(0), k = x.size(1), n = tiles * kRows, tile_bytes = nb * (Bits == 4 ? 4 : 8) * 64;
   auto y = torch::empty({m, n}, x.options());
   if (m == 0) return y;
-  const Quantised xq = quantise(x.data_ptr<at::BFloat16>(), m, k, x.stride(0));
+  const bool tiles_path = isa == kIsaAmx && m > kGroup;
+  const int64_t mpad = tiles_path ? (m + 15) / 16 * 16 : m;
+  const Quantised xq = quantise(x.data_ptr<at::BFloat16>(), m, k, x.stride(0), mpad);
   at::BFloat16* out = y.data_ptr<at::BFloat16>();
-  const bool wide = isa == 512;
+#ifdef SOUVERAIN_AMX_INT8
+  if (tiles_path) {
+    souverain::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+      tiles_amx<Bits>(xq, m, mpad, k, w, sz, row_scale, t0, t1, nb, out, n);
+      _tile_release();
+    });
+    return y;
+  }
+#endif
+  const bool wide = isa != 256;
   souverain::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t r0 = 0; r0 < m; r0 += kRowBlock) {  // a block of x's rows stays in L2 while the tiles pass
       const int64_t r1 = std::min(m, r0 + kRowBlock);
@@ -292,7 +416,8 @@ torch::Tensor linear(const torch::Tensor& x, const uint8_t* w, const uint16_t* s
 }
 
 void check(const torch::Tensor& x, const torch::Tensor& codes, int64_t parts, int64_t isa, const char* name) {
-  TORCH_CHECK(isa == 512 || isa == 256, name, ": isa must be 512 (AVX-512 VNNI) or 256 (AVX2)");
+  TORCH_CHECK(isa == 512 || isa == 256 || isa == kIsaAmx, name,
+              ": isa must be 512 (AVX-512 VNNI), 256 (AVX2) or 1024 (AMX tiles, VNNI up to 4 rows)");
   TORCH_CHECK(q4_supported(isa), name, ": this CPU lacks the instructions of isa ", isa);
   TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.stride(1) == 1,
               name, ": x must be a CPU bfloat16 [M, K] with contiguous rows");

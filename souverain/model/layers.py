@@ -136,10 +136,8 @@ def silu_mul(a: torch.Tensor, b: torch.Tensor, ops: ModuleType | None = None) ->
 
 
 def gated(proj: nn.Module, x: torch.Tensor, ops: ModuleType | None = None) -> torch.Tensor:
-    """swiglu(proj(x)) for a fused [gate | up] projection; by the projection itself where it has a
-    one-pass form (QuantLinear.swiglu, on AMX)."""
-    fused = getattr(proj, "swiglu", None)
-    return fused(x) if callable(fused) else swiglu(proj(x), ops)
+    """swiglu(proj(x)) for a fused [gate | up] projection."""
+    return swiglu(proj(x), ops)
 
 
 def swiglu(gu: torch.Tensor, ops: ModuleType | None = None) -> torch.Tensor:

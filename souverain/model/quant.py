@@ -6,10 +6,10 @@ activations, through torch's CPU kernels `_weight_int4pack_mm_for_cpu` / `_weigh
 Those kernels are gemv-shaped; batches of more than `dense_rows` rows (prefill, many streams)
 are compute-bound and use a bf16 copy kept alongside, stored transposed ([in, out]: `x @ w_t`
 ran up to 1.5x faster than `F.linear` on these CPUs for prefill-sized batches). That is the `torch`
-backend; `prepare(model, backend)` packs the weights for the C++ kernels of the others, once: on AMX
-int4 weights go into AMX tiles (dequantised tile by tile inside the product, souverain/kernels/gemm.cpp)
-for wide steps, and on every AVX-512/AVX2 CPU into q4_linear's layout (int4 x int8 dot products,
-souverain/kernels/q4.cpp) for decode steps, and for every step where there is no AMX.
+backend; `prepare(model, backend)` packs the weights for the C++ kernels of the others, once, into
+q4_linear's layout (int4 x int8 dot products, souverain/kernels/q4.cpp: AMX tiles for wide steps where
+the CPU has them, AVX-512 VNNI or AVX2 otherwise), which every step reads whatever its number of rows:
+the same bits for a row alone or in any batch.
 
 The projections that read the same input are fused, one matmul instead of several: wq/wk/wv into
 `Attention.wqkv` and w1/w3 into `FeedForward.w13` (fewer, larger calls; the outputs are split).
@@ -29,7 +29,7 @@ from torch import nn
 
 from souverain.kernels import tiles as amx_tiles
 from souverain.kernels.backend import TORCH, Backend
-from souverain.model.layers import Attention, FeedForward, swiglu
+from souverain.model.layers import Attention, FeedForward
 from souverain.model.transformer import Transformer
 
 GROUP = 32
@@ -56,11 +56,7 @@ def _int4_codes(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 class QuantLinear(nn.Module):
     dense_t: torch.Tensor | None
-    # Set by `prepare` for the backend: the weight in AMX tiles (bf16), or the int4 weight in AMX tiles
-    # (nibbles, scales); the weight in q4_linear's (int4) or q8_linear's (int8) layout (codes, scales).
-    tiles: torch.Tensor | None
-    nibbles: torch.Tensor | None
-    nibble_scales: torch.Tensor | None
+    # Set by `prepare` for the C++ backends: the weight in q4_linear's (int4) or q8_linear's (int8) layout.
     codes: torch.Tensor | None
     code_scales: torch.Tensor | None
 
@@ -92,7 +88,7 @@ class QuantLinear(nn.Module):
             self.qweight = nn.Buffer(torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8))
             self.scales = nn.Buffer(scales.to(torch.bfloat16))
         self.dense_t = nn.Buffer(linear.weight.detach().to(torch.bfloat16).t().contiguous())  # [in, out]
-        for name in ("tiles", "nibbles", "nibble_scales", "codes", "code_scales"):
+        for name in ("codes", "code_scales"):
             self.register_buffer(name, None)
         self.bias = linear.bias
         self.dense_rows = dense_rows
@@ -102,9 +98,8 @@ class QuantLinear(nn.Module):
 
     def prepare(self, backend: Backend) -> None:
         """Pack the weights for `backend`, once, dropping the forms it does not read:
-        amx     AMX tiles (int4, or bf16 for int8 weights) for wide steps (prefill, many streams) and
-                q4_linear's / q8_linear's layout up to `dense_rows` rows
-        avx512, avx2   q4_linear's / q8_linear's layout for every row count
+        amx, avx512, avx2   q4_linear's / q8_linear's layout for every row count: one arithmetic
+                (int4 or int8 weights x int8 activations, exact integer sums) alone or in any batch
         torch, cuda    unchanged (torch's int4/int8 kernels up to `dense_rows` rows, the bf16 copy beyond)"""
         if backend == self.backend:
             return
@@ -115,34 +110,28 @@ class QuantLinear(nn.Module):
         if dense is None or dense.device.type != "cpu" or backend.ops is None:
             return
         n, k = dense.shape[1], dense.shape[0]
-        use_q4 = backend.q4_isa > 0 and n % 16 == 0 and k % GROUP == 0
-        use_amx = backend.amx and n % 32 == 0 and k % 32 == 0
-        if not (use_q4 or use_amx):
+        if not (backend.q4_isa > 0 and n % 16 == 0 and k % GROUP == 0):
             return
         # The codes again, from the bf16 copy: the same as qweight's for a bf16 model.
         codes = _int4_codes(dense.t().float()) if self.bits == 4 else None
         # New forms are set before the old ones go: a forward running meanwhile sees one or the other.
-        if use_amx and codes is not None:
-            self.nibbles, self.nibble_scales = amx_tiles.pack_int4_tiles(*codes)
-        elif use_amx:
-            self.tiles = amx_tiles.pack_tiles(dense.t())
-        if use_q4:
-            self.codes, self.code_scales = amx_tiles.pack_q4(*codes) if codes is not None else \
-                amx_tiles.pack_q8(self.qweight, self.scales)
+        self.codes, self.code_scales = amx_tiles.pack_q4(*codes) if codes is not None else \
+            amx_tiles.pack_q8(self.qweight, self.scales)
         self.ops, self.backend = backend.ops, backend
-        if use_q4:
-            self.qweight = self.scales = nn.Buffer(torch.empty(0))  # narrow steps read the codes now
+        self.qweight = self.scales = nn.Buffer(torch.empty(0))  # every step reads the codes now
         self.dense_t = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).to(torch.bfloat16)
         codes, code_scales = self.codes, self.code_scales
-        if codes is not None and code_scales is not None and \
-                ((self.nibbles is None and self.tiles is None) or x2.shape[0] <= self.dense_rows):
+        if codes is not None and code_scales is not None:
             y = self._q4(x2, codes, code_scales)
         elif x2.shape[0] > self.dense_rows:
-            y = self._dense(x2)
+            dense = self.dense_t
+            if dense is None:
+                raise RuntimeError("QuantLinear has neither its codes nor its dense copy")
+            y = x2 @ dense
         elif self.bits == 4:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.qweight, GROUP, self.scales)
         else:
@@ -150,23 +139,6 @@ class QuantLinear(nn.Module):
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
-
-    def swiglu(self, x: torch.Tensor) -> torch.Tensor:
-        """silu(gate) * up of this fused [gate | up] projection (`FeedForward.w13`): on AMX tiles, in the
-        product itself (the [gate | up] output is never written); else `swiglu(self(x))`. The same bits."""
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1])
-        nibbles, scales, tiles, fast = self.nibbles, self.nibble_scales, self.tiles, self.ops
-        fits = self.bias is None and (nibbles is not None or tiles is not None) and x2.dtype == torch.bfloat16 \
-            and self.out_features % 64 == 0 and x2.shape[0] > self.dense_rows and fast is not None \
-            and not (torch.is_grad_enabled() and x2.requires_grad)
-        if not fits or fast is None:
-            return swiglu(self(x), self.ops)
-        if nibbles is not None and scales is not None:
-            y = fast.amx_linear_int4(x2.contiguous(), nibbles, scales, True)
-        else:
-            y = fast.amx_linear(x2.contiguous(), tiles, True)
-        return y.reshape(*shape[:-1], self.out_features // 2)
 
     def _q4(self, x2: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
         if self.ops is None or (torch.is_grad_enabled() and x2.requires_grad):
@@ -178,26 +150,6 @@ class QuantLinear(nn.Module):
             x2 = x2.contiguous()
         product = self.ops.q4_linear if self.bits == 4 else self.ops.q8_linear
         return product(x2, codes, scales, self.backend.q4_isa)
-
-    def _dense(self, x2: torch.Tensor) -> torch.Tensor:
-        dense = self.dense_t  # read once: `prepare` may be packing this model now
-        if dense is not None:
-            return x2 @ dense
-        if x2.stride(-1) != 1:
-            x2 = x2.contiguous()
-        # None under autograd: the same weights through PyTorch.
-        usable = x2.device.type == "cpu" and not (torch.is_grad_enabled() and x2.requires_grad)
-        fast = self.ops if usable else None
-        nibbles, scales, tiles = self.nibbles, self.nibble_scales, self.tiles
-        if nibbles is not None and scales is not None:
-            if fast is None:
-                return x2 @ amx_tiles.unpack_int4_tiles(nibbles, scales).t()
-            return fast.amx_linear_int4(x2, nibbles, scales)
-        if tiles is None:
-            raise RuntimeError("QuantLinear has neither its dense copy nor its tiles")
-        if fast is None:
-            return x2 @ amx_tiles.unpack_tiles(tiles).t()
-        return fast.amx_linear(x2, tiles)
 
 
 def prepare(model: _M, backend: Backend) -> _M:

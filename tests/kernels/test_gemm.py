@@ -9,7 +9,6 @@ from torch import nn
 from souverain import kernels
 from souverain.kernels import tiles
 from souverain.kernels.backend import Backend
-from souverain.model.layers import swiglu
 from souverain.model.quant import QuantLinear, _int4_codes
 
 fast = kernels.load()
@@ -82,19 +81,6 @@ def test_glu_is_swiglu_of_the_product(form: str) -> None:
         assert torch.equal(got, fast.swiglu(product(x)))
     with pytest.raises(RuntimeError, match="whole 32-column blocks"):
         fast.amx_linear_int4(x, *tiles.pack_int4_tiles(*_int4_codes(w[:96])), True)
-
-
-@torch.inference_mode()
-def test_quant_linear_swiglu_is_swiglu_of_its_output() -> None:
-    torch.manual_seed(4)
-    q = QuantLinear(nn.Linear(64, 256, bias=False).to(torch.bfloat16), 4, dense_rows=4)
-    x = torch.randn(3, 40, 64).to(torch.bfloat16)
-    before = q.swiglu(x)  # the bf16 copy, then swiglu
-    assert torch.equal(before, swiglu(q(x)))
-    q.prepare(AMX)
-    assert q.nibbles is not None
-    assert torch.equal(q.swiglu(x), swiglu(q(x), fast))  # in the product
-    assert q.swiglu(x).shape == (3, 40, 128)
 
 
 def test_amx_refuses_bad_input() -> None:
