@@ -99,8 +99,9 @@ class LLMEngine:
         transposed = fast is not None and p.dtype in (torch.bfloat16, torch.float32) and fast.decode_supported(
             args.n_heads, args.n_kv_heads, args.hd, config.block_size)
         # On AMX every query, decoded or prefilled, attends on the tiles (bf16 models, keys from position 0).
-        tiles = transposed and backend.amx and p.dtype == torch.bfloat16 and args.sliding_window is None and \
-            config.block_size % 16 == 0 and fast.prefill_supported(args.n_heads, args.n_kv_heads, args.hd)
+        tiles = fast is not None and transposed and backend.amx and p.dtype == torch.bfloat16 and \
+            args.sliding_window is None and config.block_size % 16 == 0 and \
+            fast.prefill_supported(args.n_heads, args.n_kv_heads, args.hd)
         self.cache = PagedKVCache(args.n_layers, num_blocks, config.block_size, args.n_kv_heads, args.hd,
                                   p.dtype, p.device, k_transposed=transposed, ops=fast if transposed else None,
                                   tiles=tiles)

@@ -43,34 +43,41 @@ inline __m512i to_bf16(__m512 lo, __m512 hi) {
   return reinterpret_cast<const __m512i&>(v);
 }
 
-inline void zero_accumulators() {
+// `two`: both row halves (32 rows); else rows 0-15 only, tiles 2, 3 and 5 untouched (configure(rows, 0)).
+inline void zero_accumulators(bool two = true) {
   _tile_zero(0);
   _tile_zero(1);
-  _tile_zero(2);
-  _tile_zero(3);
+  if (two) {
+    _tile_zero(2);
+    _tile_zero(3);
+  }
 }
 
 // Accumulators += a (32 rows of 32 bf16 values, rows `lda` values apart) times the two tiles at b
 // (32 columns: a packed block, in VNNI order).
-inline void multiply_block(const at::BFloat16* a, int64_t lda, const at::BFloat16* b) {
+inline void multiply_block(const at::BFloat16* a, int64_t lda, const at::BFloat16* b, bool two = true) {
   const int64_t stride = lda * static_cast<int64_t>(sizeof(at::BFloat16));
   _tile_loadd(4, a, stride);
-  _tile_loadd(5, a + 16 * lda, stride);
   _tile_loadd(6, b, 64);
   _tile_loadd(7, b + kTile, 64);
   _tile_dpbf16ps(0, 4, 6);
   _tile_dpbf16ps(1, 4, 7);
-  _tile_dpbf16ps(2, 5, 6);
-  _tile_dpbf16ps(3, 5, 7);
+  if (two) {
+    _tile_loadd(5, a + 16 * lda, stride);
+    _tile_dpbf16ps(2, 5, 6);
+    _tile_dpbf16ps(3, 5, 7);
+  }
 }
 
 // The four accumulator tiles into a 32 x 32 fp32 block of a matrix with rows `ld` floats apart.
-inline void store_accumulators(float* acc, int64_t ld) {
+inline void store_accumulators(float* acc, int64_t ld, bool two = true) {
   const int64_t stride = ld * static_cast<int64_t>(sizeof(float));
   _tile_stored(0, acc, stride);
   _tile_stored(1, acc + 16, stride);
-  _tile_stored(2, acc + 16 * ld, stride);
-  _tile_stored(3, acc + 16 * ld + 16, stride);
+  if (two) {
+    _tile_stored(2, acc + 16 * ld, stride);
+    _tile_stored(3, acc + 16 * ld + 16, stride);
+  }
 }
 
 }  // namespace souverain::amx

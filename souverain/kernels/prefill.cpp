@@ -155,7 +155,8 @@ struct QueryRow {
 class QueryBlock {
  public:
   QueryBlock(const QueryRow* rows, int64_t n, const bf16* kp, const bf16* vp, const Span& s, int64_t hd, float scale)
-      : kp_(kp), vp_(vp), s_(s), rows_(n), hd_(hd), steps_(hd / 32), scale_(scale) {
+      : kp_(kp), vp_(vp), s_(s), rows_(n), two_(n > 16), live_(n > 16 ? 32 : 16), hd_(hd), steps_(hd / 32),
+        scale_(scale) {
     for (int64_t i = 0; i < 32; ++i) {
       if (i < rows_) {
         std::memcpy(qbuf_ + i * hd, rows[i].q, hd * sizeof(bf16));
@@ -197,9 +198,11 @@ class QueryBlock {
   // S = Q K^T for key blocks c0 .. c0 + n - 1, into scores_ (rows kWidth apart).
   void scores(int64_t c0, int64_t n) {
     for (int64_t j = 0; j < n; ++j) {
-      zero_accumulators();
-      for (int64_t ks = 0; ks < steps_; ++ks) multiply_block(qbuf_ + ks * 32, hd_, kp_ + ((c0 + j) * steps_ + ks) * kBlock);
-      store_accumulators(scores_ + j * 32, kWidth);
+      zero_accumulators(two_);
+      for (int64_t ks = 0; ks < steps_; ++ks) {
+        multiply_block(qbuf_ + ks * 32, hd_, kp_ + ((c0 + j) * steps_ + ks) * kBlock, two_);
+      }
+      store_accumulators(scores_ + j * 32, kWidth, two_);
     }
   }
 
@@ -210,7 +213,7 @@ class QueryBlock {
     const __m512 scl = _mm512_set1_ps(scale_), neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
     const int64_t vectors = 2 * n;
     alignas(64) float old_max[32], chunk_sum[32];
-    for (int64_t i = 0; i < 32; ++i) {
+    for (int64_t i = 0; i < live_; ++i) {
       // Keys up to the query's own position, and within the span (queries past it see all of its keys).
       const int64_t limit = keys_[i] - c0 * 32;  // keys of this chunk the row reads (none: <= 0)
       const float* row = scores_ + i * kWidth;
@@ -237,7 +240,7 @@ class QueryBlock {
       old_max[i] = run_max_[i];
       run_max_[i] = mx;
     }
-    for (int64_t i = 0; i < 32; i += 16) {
+    for (int64_t i = 0; i < live_; i += 16) {
       // exp(old max - new max): 0 for the first chunk (nothing summed yet), else in (0, 1].
       const __m512 a = c0 == 0 ? _mm512_setzero_ps()
                                : static_cast<__m512>(fVec(_mm512_sub_ps(_mm512_load_ps(old_max + i),
@@ -250,15 +253,17 @@ class QueryBlock {
   // P V for the chunk's n key blocks, 32 columns of the output at a time, summed in the tiles, into pv_.
   void products(int64_t c0, int64_t n) {
     for (int64_t db = 0; db < steps_; ++db) {
-      zero_accumulators();
-      for (int64_t j = 0; j < n; ++j) multiply_block(probs_ + j * 32, kWidth, vp_ + (db * s_.blocks + c0 + j) * kBlock);
-      store_accumulators(pv_ + db * 1024, 32);
+      zero_accumulators(two_);
+      for (int64_t j = 0; j < n; ++j) {
+        multiply_block(probs_ + j * 32, kWidth, vp_ + (db * s_.blocks + c0 + j) * kBlock, two_);
+      }
+      store_accumulators(pv_ + db * 1024, 32, two_);
     }
   }
 
   // acc = acc * alpha + P V, row by row (the first chunk: acc = P V).
   void accumulate(bool first) {
-    for (int64_t i = 0; i < 32; ++i) {
+    for (int64_t i = 0; i < live_; ++i) {
       const __m512 al = _mm512_set1_ps(alpha_[i]);
       for (int64_t db = 0; db < steps_; ++db) {
         float* a = acc_ + i * hd_ + db * 32;
@@ -276,7 +281,10 @@ class QueryBlock {
 
   const bf16 *kp_, *vp_;
   const Span& s_;
-  const int64_t rows_, hd_, steps_;
+  const int64_t rows_;
+  const bool two_;      // rows 16-31 in use (the tiles configured for both halves); else rows 0-15 only
+  const int64_t live_;  // rows computed: 32 or 16
+  const int64_t hd_, steps_;
   int64_t keys_[32];
   bf16* out_[32];
   const float scale_;
@@ -358,7 +366,7 @@ void attend_spans(const torch::Tensor& q, const torch::Tensor& out, int64_t kv_h
   const auto* qp = q.data_ptr<bf16>();
   auto* op = out.data_ptr<bf16>();
   souverain::parallel_for(0, static_cast<int64_t>(units.size()), 1, [&](int64_t begin, int64_t end) {
-    souverain::amx::configure(16, 16);
+    int configured = -1;  // rows of the second half the tiles are configured for
     QueryRow rows[32];
     for (int64_t u = begin; u < end; ++u) {
       const auto [si, g, ub] = units[u];
@@ -371,6 +379,11 @@ void attend_spans(const torch::Tensor& q, const torch::Tensor& out, int64_t kv_h
         rows[i] = {qp + (s.row + pos) * q.stride(0) + head * hd, op + (s.row + pos) * out.stride(0) + head * hd,
                    s.start + pos + 1};
         most = std::max(most, rows[i].keys);
+      }
+      const int half = n > 16 ? 16 : 0;
+      if (half != configured) {
+        souverain::amx::configure(16, half);
+        configured = half;
       }
       QueryBlock block(rows, n, keys + off, values + off, s, hd, sc);
       block.run((most - 1) / 32);

@@ -52,12 +52,46 @@ struct Quantised {
   std::vector<int32_t> sum;
 };
 
+// One row's blocks, as the scalar loop below computes them, 32 values at a time: the same bits (the
+// maximum is exact, the scale and products are the same IEEE operations, cvtps rounds to nearest even as
+// nearbyint does, and a NaN is skipped by the maximum as std::max skips it).
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void quantise_row_avx512(const at::BFloat16* src, int64_t nb,
+                                                                               int8_t* q, float* scale, float* zterm,
+                                                                               int32_t* sum) {
+  const __m512 sign = _mm512_castsi512_ps(_mm512_set1_epi32(0x7FFFFFFF));
+  for (int64_t b = 0; b < nb; ++b) {
+    const __m512i raw = _mm512_loadu_si512(src + b * kBlock);
+    const __m512 v0 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(raw)), 16));
+    const __m512 v1 =
+        _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(raw, 1)), 16));
+    __m512 top = _mm512_max_ps(_mm512_and_ps(v0, sign), _mm512_setzero_ps());
+    top = _mm512_max_ps(_mm512_and_ps(v1, sign), top);
+    const float amax = _mm512_reduce_max_ps(top);
+    const float sa = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
+    const __m512i c0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, _mm512_set1_ps(inv)));
+    const __m512i c1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, _mm512_set1_ps(inv)));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + b * kBlock), _mm512_cvtepi32_epi8(c0));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + b * kBlock + 16), _mm512_cvtepi32_epi8(c1));
+    const int32_t total = _mm512_reduce_add_epi32(_mm512_add_epi32(c0, c1));
+    scale[b] = sa;
+    sum[b] = total;
+    zterm[b] = sa * static_cast<float>(total);
+  }
+}
+
 // `rows` >= m rows are allocated, those past m zero (the AMX path computes whole groups of 16 rows).
-Quantised quantise(const at::BFloat16* x, int64_t m, int64_t k, int64_t stride, int64_t rows) {
+Quantised quantise(const at::BFloat16* x, int64_t m, int64_t k, int64_t stride, int64_t rows, bool avx512) {
   const int64_t nb = k / kBlock;
   Quantised out{std::vector<int8_t>(rows * k), std::vector<float>(rows * nb), std::vector<float>(rows * nb),
                 std::vector<int32_t>(rows * nb)};
   souverain::parallel_for(0, m, 16, [&](int64_t r0, int64_t r1) {
+    if (avx512) {
+      for (int64_t r = r0; r < r1; ++r) {
+        quantise_row_avx512(x + r * stride, nb, out.q.data() + r * k, out.scale.data() + r * nb,
+                            out.zterm.data() + r * nb, out.sum.data() + r * nb);
+      }
+      return;
+    }
     float v[kBlock];
     for (int64_t r = r0; r < r1; ++r) {
       for (int64_t b = 0; b < nb; ++b) {
@@ -380,7 +414,7 @@ torch::Tensor linear(const torch::Tensor& x, const uint8_t* w, const uint16_t* s
   if (m == 0) return y;
   const bool tiles_path = isa == kIsaAmx && m > kGroup;
   const int64_t mpad = tiles_path ? (m + 15) / 16 * 16 : m;
-  const Quantised xq = quantise(x.data_ptr<at::BFloat16>(), m, k, x.stride(0), mpad);
+  const Quantised xq = quantise(x.data_ptr<at::BFloat16>(), m, k, x.stride(0), mpad, isa != 256);
   at::BFloat16* out = y.data_ptr<at::BFloat16>();
 #ifdef SOUVERAIN_AMX_INT8
   if (tiles_path) {
