@@ -45,85 +45,106 @@ constexpr int kGroup = 4;           // x rows sharing one unpacking of the codes
 constexpr int64_t kIsaAmx = 1024;   // AMX tiles for more than kGroup rows, AVX-512 VNNI for fewer
 
 // x's rows, quantised: codes [M, K] int8, and per row and block the scale sa, the sum of the codes,
-// and sa times that sum.
+// and sa times that sum. With two parts (`fine`), each row is followed by its residual's: x - sa * q,
+// quantised the same way per block (rows r * 2 and r * 2 + 1), so x is read to ~15 bits instead of 8.
 struct Quantised {
   std::vector<int8_t> q;
   std::vector<float> scale, zterm;
   std::vector<int32_t> sum;
 };
 
-// One row's blocks, as the scalar loop below computes them, 32 values at a time: the same bits (the
-// maximum is exact, the scale and products are the same IEEE operations, cvtps rounds to nearest even as
-// nearbyint does, and a NaN is skipped by the maximum as std::max skips it).
-__attribute__((target("avx512f,avx512bw,avx512vl"))) void quantise_row_avx512(const at::BFloat16* src, int64_t nb,
-                                                                               int8_t* q, float* scale, float* zterm,
-                                                                               int32_t* sum) {
+// One block of 32 values: codes round(v * 127 / amax), the scale amax / 127 and the codes' sum; the
+// residual v - scale * code into `rest` if given.
+inline void quantise_block(const float* v, int8_t* q, float& scale, float& zterm, int32_t& sum, float* rest) {
+  float amax = 0.f;
+  for (int64_t i = 0; i < kBlock; ++i) amax = std::max(amax, std::fabs(v[i]));
+  const float sa = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
+  int32_t total = 0;
+  for (int64_t i = 0; i < kBlock; ++i) {
+    const int32_t c = static_cast<int32_t>(std::nearbyint(v[i] * inv));
+    q[i] = static_cast<int8_t>(c);
+    total += c;
+    if (rest) rest[i] = v[i] - sa * static_cast<float>(c);
+  }
+  scale = sa;
+  sum = total;
+  zterm = sa * static_cast<float>(total);
+}
+
+// The same, 32 values at a time: the same bits (the maximum is exact, the scale, products and residual
+// are the same IEEE operations, cvtps rounds to nearest even as nearbyint does, and a NaN is skipped by
+// the maximum as std::max skips it).
+__attribute__((target("avx512f,avx512bw,avx512vl"))) inline void quantise_block_avx512(
+    __m512& v0, __m512& v1, int8_t* q, float& scale, float& zterm, int32_t& sum, bool rest) {
   const __m512 sign = _mm512_castsi512_ps(_mm512_set1_epi32(0x7FFFFFFF));
+  __m512 top = _mm512_max_ps(_mm512_and_ps(v0, sign), _mm512_setzero_ps());
+  top = _mm512_max_ps(_mm512_and_ps(v1, sign), top);
+  const float amax = _mm512_reduce_max_ps(top);
+  const float sa = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
+  const __m512i c0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, _mm512_set1_ps(inv)));
+  const __m512i c1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, _mm512_set1_ps(inv)));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(q), _mm512_cvtepi32_epi8(c0));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(q + 16), _mm512_cvtepi32_epi8(c1));
+  const int32_t total = _mm512_reduce_add_epi32(_mm512_add_epi32(c0, c1));
+  scale = sa;
+  sum = total;
+  zterm = sa * static_cast<float>(total);
+  if (rest) {  // v becomes the residual
+    v0 = _mm512_sub_ps(v0, _mm512_mul_ps(_mm512_set1_ps(sa), _mm512_cvtepi32_ps(c0)));
+    v1 = _mm512_sub_ps(v1, _mm512_mul_ps(_mm512_set1_ps(sa), _mm512_cvtepi32_ps(c1)));
+  }
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void quantise_row_avx512(const at::BFloat16* src, int64_t nb,
+                                                                               int parts, int64_t k, int8_t* q,
+                                                                               float* scale, float* zterm,
+                                                                               int32_t* sum) {
   for (int64_t b = 0; b < nb; ++b) {
     const __m512i raw = _mm512_loadu_si512(src + b * kBlock);
-    const __m512 v0 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(raw)), 16));
-    const __m512 v1 =
-        _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(raw, 1)), 16));
-    __m512 top = _mm512_max_ps(_mm512_and_ps(v0, sign), _mm512_setzero_ps());
-    top = _mm512_max_ps(_mm512_and_ps(v1, sign), top);
-    const float amax = _mm512_reduce_max_ps(top);
-    const float sa = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
-    const __m512i c0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, _mm512_set1_ps(inv)));
-    const __m512i c1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, _mm512_set1_ps(inv)));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + b * kBlock), _mm512_cvtepi32_epi8(c0));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + b * kBlock + 16), _mm512_cvtepi32_epi8(c1));
-    const int32_t total = _mm512_reduce_add_epi32(_mm512_add_epi32(c0, c1));
-    scale[b] = sa;
-    sum[b] = total;
-    zterm[b] = sa * static_cast<float>(total);
+    __m512 v0 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(raw)), 16));
+    __m512 v1 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(raw, 1)), 16));
+    for (int p = 0; p < parts; ++p) {
+      quantise_block_avx512(v0, v1, q + p * k + b * kBlock, scale[p * nb + b], zterm[p * nb + b], sum[p * nb + b],
+                            p + 1 < parts);
+    }
   }
 }
 
 // `rows` >= m rows are allocated, those past m zero (the AMX path computes whole groups of 16 rows).
-Quantised quantise(const at::BFloat16* x, int64_t m, int64_t k, int64_t stride, int64_t rows, bool avx512) {
-  const int64_t nb = k / kBlock;
-  Quantised out{std::vector<int8_t>(rows * k), std::vector<float>(rows * nb), std::vector<float>(rows * nb),
-                std::vector<int32_t>(rows * nb)};
+Quantised quantise(const at::BFloat16* x, int64_t m, int64_t k, int64_t stride, int64_t rows, bool avx512,
+                   int parts) {
+  const int64_t nb = k / kBlock, vrows = rows * parts;
+  Quantised out{std::vector<int8_t>(vrows * k), std::vector<float>(vrows * nb), std::vector<float>(vrows * nb),
+                std::vector<int32_t>(vrows * nb)};
   souverain::parallel_for(0, m, 16, [&](int64_t r0, int64_t r1) {
-    if (avx512) {
-      for (int64_t r = r0; r < r1; ++r) {
-        quantise_row_avx512(x + r * stride, nb, out.q.data() + r * k, out.scale.data() + r * nb,
-                            out.zterm.data() + r * nb, out.sum.data() + r * nb);
-      }
-      return;
-    }
-    float v[kBlock];
     for (int64_t r = r0; r < r1; ++r) {
+      const int64_t v = r * parts;
+      if (avx512) {
+        quantise_row_avx512(x + r * stride, nb, parts, k, out.q.data() + v * k, out.scale.data() + v * nb,
+                            out.zterm.data() + v * nb, out.sum.data() + v * nb);
+        continue;
+      }
+      float vals[kBlock], rest[kBlock];
       for (int64_t b = 0; b < nb; ++b) {
-        const at::BFloat16* src = x + r * stride + b * kBlock;
-        float amax = 0.f;
-        for (int64_t i = 0; i < kBlock; ++i) {
-          v[i] = static_cast<float>(src[i]);
-          amax = std::max(amax, std::fabs(v[i]));
+        for (int64_t i = 0; i < kBlock; ++i) vals[i] = static_cast<float>(x[r * stride + b * kBlock + i]);
+        for (int p = 0; p < parts; ++p) {
+          const int64_t at = (v + p) * nb + b;
+          quantise_block(p == 0 ? vals : rest, out.q.data() + (v + p) * k + b * kBlock, out.scale[at], out.zterm[at],
+                         out.sum[at], p + 1 < parts ? (p == 0 ? rest : nullptr) : nullptr);
         }
-        const float sa = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
-        int32_t sum = 0;
-        int8_t* q = out.q.data() + r * k + b * kBlock;
-        for (int64_t i = 0; i < kBlock; ++i) {
-          const int32_t c = static_cast<int32_t>(std::nearbyint(v[i] * inv));
-          q[i] = static_cast<int8_t>(c);
-          sum += c;
-        }
-        out.scale[r * nb + b] = sa;
-        out.sum[r * nb + b] = sum;
-        out.zterm[r * nb + b] = sa * static_cast<float>(sum);
       }
     }
   });
   return out;
 }
 
-struct Rows {  // R rows of a quantised x, for one kernel call
-  const int8_t* q[kGroup];
-  const float* scale[kGroup];
-  const float* zterm[kGroup];
-  const int32_t* sum[kGroup];
-  at::BFloat16* y[kGroup];  // 16 outputs each
+struct Rows {  // R rows of a quantised x (P parts each: entry r * P + p), for one kernel call
+  const int8_t* q[2 * kGroup];
+  const float* scale[2 * kGroup];
+  const float* zterm[2 * kGroup];
+  const int32_t* sum[2 * kGroup];
+  at::BFloat16* y[kGroup];  // 16 outputs each, rounded to bf16...
+  float* yf[kGroup];        // ...or in fp32 where set (logits)
 };
 
 // fp32 to bf16, rounding to nearest even as PyTorch does (NaN stays NaN).
@@ -158,7 +179,7 @@ __attribute__((target("avx512f,avx512bw"))) inline void load_scales(const uint16
 // [scales | zeros] of the tile's rows; y = sum_b s * sa * (sum q*a - 8 sum a) + z * sa * sum a. Bits 8:
 // per block 8 x 64 bytes of codes w + 128 (weights symmetric per output row, scale `row_scale`);
 // y = row_scale * sum_b sa * (sum (w + 128) * a - 128 sum a).
-template <int Bits, int R>
+template <int Bits, int R, int P>
 __attribute__((target("avx512f,avx512bw,avx512vnni"))) void tile_avx512(const uint8_t* w, const uint16_t* sz,
                                                                          const float* row_scale, int64_t nb,
                                                                          const Rows& x) {
@@ -180,25 +201,30 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) void tile_avx512(const ui
     }
     __m512 s = _mm512_setzero_ps(), z = s;
     if constexpr (Bits == 4) load_scales(sz + b * 2 * kRows, s, z);
-    for (int r = 0; r < R; ++r) {
-      const int32_t* a = reinterpret_cast<const int32_t*>(x.q[r] + b * kBlock);
+    for (int v = 0; v < R * P; ++v) {  // each row's parts in turn, into its accumulator
+      const int r = v / P;
+      const int32_t* a = reinterpret_cast<const int32_t*>(x.q[v] + b * kBlock);
       __m512i s0 = _mm512_setzero_si512(), s1 = _mm512_setzero_si512();
       for (int t = 0; t < 8; t += 2) {
         s0 = _mm512_dpbusd_epi32(s0, c[t], _mm512_set1_epi32(a[t]));
         s1 = _mm512_dpbusd_epi32(s1, c[t + 1], _mm512_set1_epi32(a[t + 1]));
       }
-      const __m512i sum = _mm512_sub_epi32(_mm512_add_epi32(s0, s1), _mm512_set1_epi32(x.sum[r][b] << kShift));
+      const __m512i sum = _mm512_sub_epi32(_mm512_add_epi32(s0, s1), _mm512_set1_epi32(x.sum[v][b] << kShift));
       if constexpr (Bits == 4) {
-        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_mul_ps(s, _mm512_set1_ps(x.scale[r][b])), acc[r]);
-        acc[r] = _mm512_fmadd_ps(z, _mm512_set1_ps(x.zterm[r][b]), acc[r]);
+        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_mul_ps(s, _mm512_set1_ps(x.scale[v][b])), acc[r]);
+        acc[r] = _mm512_fmadd_ps(z, _mm512_set1_ps(x.zterm[v][b]), acc[r]);
       } else {
-        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_set1_ps(x.scale[r][b]), acc[r]);
+        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_set1_ps(x.scale[v][b]), acc[r]);
       }
     }
   }
   for (int r = 0; r < R; ++r) {
     if constexpr (Bits == 8) acc[r] = _mm512_mul_ps(acc[r], _mm512_loadu_ps(row_scale));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(x.y[r]), to_bf16(acc[r]));
+    if (x.yf[r]) {
+      _mm512_storeu_ps(x.yf[r], acc[r]);
+    } else {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(x.y[r]), to_bf16(acc[r]));
+    }
   }
 }
 
@@ -221,7 +247,7 @@ __attribute__((target("avx2,fma"))) inline __m256i product(__m256i codes, __m256
 }
 
 // The same for AVX2: rows 8h .. 8h + 7 of the tile from bytes 32h .. 32h + 31 of each 64-byte part.
-template <int Bits, int R>
+template <int Bits, int R, int P>
 __attribute__((target("avx2,fma"))) void tile_avx2(const uint8_t* w, const uint16_t* sz, const float* row_scale,
                                                    int64_t nb, const Rows& x) {
   constexpr int kParts = Bits == 4 ? 4 : 8, kShift = 3;
@@ -248,8 +274,9 @@ __attribute__((target("avx2,fma"))) void tile_avx2(const uint8_t* w, const uint1
         s = bf16_to_f32(p + h * 8);
         z = bf16_to_f32(p + kRows + h * 8);
       }
-      for (int r = 0; r < R; ++r) {
-        const int32_t* a = reinterpret_cast<const int32_t*>(x.q[r] + b * kBlock);
+      for (int v = 0; v < R * P; ++v) {
+        const int r = v / P;
+        const int32_t* a = reinterpret_cast<const int32_t*>(x.q[v] + b * kBlock);
         __m256i s0 = _mm256_setzero_si256(), s1 = _mm256_setzero_si256();
         for (int t = 0; t < 8; t += 2) {
           s0 = _mm256_add_epi32(s0, _mm256_madd_epi16(product<Bits>(c[t], _mm256_set1_epi32(a[t])), ones));
@@ -257,14 +284,14 @@ __attribute__((target("avx2,fma"))) void tile_avx2(const uint8_t* w, const uint1
         }
         // 8-bit codes were multiplied as signed values: no offset to take back.
         const __m256i sum = Bits == 4 ? _mm256_sub_epi32(_mm256_add_epi32(s0, s1),
-                                                          _mm256_set1_epi32(x.sum[r][b] << kShift))
+                                                          _mm256_set1_epi32(x.sum[v][b] << kShift))
                                       : _mm256_add_epi32(s0, s1);
         if constexpr (Bits == 4) {
-          acc[r][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_mul_ps(s, _mm256_set1_ps(x.scale[r][b])),
+          acc[r][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_mul_ps(s, _mm256_set1_ps(x.scale[v][b])),
                                       acc[r][h]);
-          acc[r][h] = _mm256_fmadd_ps(z, _mm256_set1_ps(x.zterm[r][b]), acc[r][h]);
+          acc[r][h] = _mm256_fmadd_ps(z, _mm256_set1_ps(x.zterm[v][b]), acc[r][h]);
         } else {
-          acc[r][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_set1_ps(x.scale[r][b]), acc[r][h]);
+          acc[r][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_set1_ps(x.scale[v][b]), acc[r][h]);
         }
       }
     }
@@ -273,7 +300,11 @@ __attribute__((target("avx2,fma"))) void tile_avx2(const uint8_t* w, const uint1
     for (int h = 0; h < 2; ++h) {
       __m256 v = acc[r][h];
       if constexpr (Bits == 8) v = _mm256_mul_ps(v, _mm256_loadu_ps(row_scale + h * 8));
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(x.y[r] + h * 8), to_bf16(v));
+      if (x.yf[r]) {
+        _mm256_storeu_ps(x.yf[r] + h * 8, v);
+      } else {
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(x.y[r] + h * 8), to_bf16(v));
+      }
     }
   }
 }
@@ -281,24 +312,27 @@ __attribute__((target("avx2,fma"))) void tile_avx2(const uint8_t* w, const uint1
 using TileFn = void (*)(const uint8_t*, const uint16_t*, const float*, int64_t, const Rows&);
 
 template <int Bits>
-TileFn pick(bool avx512, int rows) {
-  static const TileFn wide[] = {tile_avx512<Bits, 1>, tile_avx512<Bits, 2>, tile_avx512<Bits, 3>,
-                                tile_avx512<Bits, 4>};
-  static const TileFn narrow[] = {tile_avx2<Bits, 1>, tile_avx2<Bits, 2>, tile_avx2<Bits, 3>, tile_avx2<Bits, 4>};
-  return (avx512 ? wide : narrow)[rows - 1];
+TileFn pick(bool avx512, int rows, int parts) {
+  static const TileFn wide[2][4] = {
+      {tile_avx512<Bits, 1, 1>, tile_avx512<Bits, 2, 1>, tile_avx512<Bits, 3, 1>, tile_avx512<Bits, 4, 1>},
+      {tile_avx512<Bits, 1, 2>, tile_avx512<Bits, 2, 2>, tile_avx512<Bits, 3, 2>, tile_avx512<Bits, 4, 2>}};
+  static const TileFn narrow[2][4] = {
+      {tile_avx2<Bits, 1, 1>, tile_avx2<Bits, 2, 1>, tile_avx2<Bits, 3, 1>, tile_avx2<Bits, 4, 1>},
+      {tile_avx2<Bits, 1, 2>, tile_avx2<Bits, 2, 2>, tile_avx2<Bits, 3, 2>, tile_avx2<Bits, 4, 2>}};
+  return (avx512 ? wide : narrow)[parts - 1][rows - 1];
 }
 
 #if defined(SOUVERAIN_AMX) && defined(__AMX_INT8__)
 #define SOUVERAIN_AMX_INT8 1
 
-// Tiles 0, 1: int32 sums (16 rows of x x 16 output rows) of two blocks in flight; 2, 3: x's codes (16 rows
-// x one block of 32); 4, 5: the weight's block, 8 rows of 16 output rows x 4 codes -- pack_q4's layout
-// with the nibbles unpacked (pack_q8's parts as they are).
+// Tiles 0, 1 (and 6, 7 for x's second parts): int32 sums (16 rows of x x 16 output rows) of two blocks
+// in flight; 2, 3: x's codes (16 rows x one block of 32); 4, 5: the weight's block, 8 rows of 16 output
+// rows x 4 codes -- pack_q4's layout with the nibbles unpacked (pack_q8's parts as they are).
 inline void configure_int8() {
   souverain::amx::TileConfig cfg;
   for (int t = 0; t < 2; ++t) {
-    cfg.rows[t] = 16;
-    cfg.colsb[t] = 64;
+    cfg.rows[t] = cfg.rows[6 + t] = 16;
+    cfg.colsb[t] = cfg.colsb[6 + t] = 64;
     cfg.rows[2 + t] = 16;
     cfg.colsb[2 + t] = 32;
     cfg.rows[4 + t] = 8;
@@ -307,22 +341,41 @@ inline void configure_int8() {
   _tile_loadconfig(&cfg);
 }
 
+// One block's int32 sums for 16 rows of x (P parts: every P-th row of x's codes from xb, rows ldx bytes
+// apart, part 2 from xb + k) into[p]: tiles C (C2 for part 2), A for x, B for the weight's block wb.
+// (A macro: the tile intrinsics take their tile numbers as literals.)
+#define SOUVERAIN_BLOCK_SUMS(C, C2, A, B, wb, xb, into) \
+  do {                                                  \
+    _tile_loadd(B, wb, 64);                             \
+    _tile_loadd(A, xb, ldx);                            \
+    _tile_zero(C);                                      \
+    _tile_dpbsud(C, A, B);                              \
+    _tile_stored(C, (into)[0], 64);                     \
+    if constexpr (P == 2) {                             \
+      _tile_loadd(A, (xb) + k, ldx);                    \
+      _tile_zero(C2);                                   \
+      _tile_dpbsud(C2, A, B);                           \
+      _tile_stored(C2, (into)[1], 64);                  \
+    }                                                   \
+  } while (0)
+
 // Output tiles [t0, t1) for every row of x on AMX: per block of 32 values, `tdpbsud` (x's int8 codes
 // signed, the weight's codes unsigned) gives the exact int32 sums `vpdpbusd` gives in tile_avx512, and
 // they are scaled and summed in fp32 by the same instructions in the same order: each row's bits are
 // tile_avx512's, so AMX's wide steps and VNNI's narrow ones are one model (batch invariance). The tiles
 // do the multiply-adds; the fp32 steps per block (5 vector instructions per 16 outputs) are the cost, so
 // a group of 16 rows keeps its accumulators in registers over all blocks, while the tiles compute the
-// next block's sums.
-template <int Bits>
+// next block's sums. P: parts per row of x (see Quantised).
+template <int Bits, int P>
 void tiles_amx(const Quantised& xq, int64_t m, int64_t mpad, int64_t k, const uint8_t* w, const uint16_t* sz,
-               const float* row_scale, int64_t t0, int64_t t1, int64_t nb, at::BFloat16* out, int64_t n) {
+               const float* row_scale, int64_t t0, int64_t t1, int64_t nb, at::BFloat16* out, float* out32,
+               int64_t n) {
   constexpr int kParts = Bits == 4 ? 4 : 8, kShift = Bits == 4 ? 3 : 7;
   const int64_t tile_bytes = nb * kParts * 64;
   thread_local std::vector<uint8_t> space;
   if (static_cast<int64_t>(space.size()) < nb * 512 + 64) space.resize(nb * 512 + 64);
   auto* panel = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(space.data()) + 63) & ~uintptr_t(63));
-  alignas(64) int32_t sums[2][16 * 16];
+  alignas(64) int32_t sums[3][P][16 * 16];
   const __m512i low = _mm512_set1_epi8(0x0F);
   configure_int8();
   for (int64_t t = t0; t < t1; ++t) {
@@ -340,47 +393,50 @@ void tiles_amx(const Quantised& xq, int64_t m, int64_t mpad, int64_t k, const ui
     }
     const uint16_t* tsz = sz ? sz + t * nb * 2 * kRows : nullptr;
     for (int64_t r0 = 0; r0 < mpad; r0 += 16) {
-      const int8_t* xr = xq.q.data() + r0 * k;
-      // Block b's sums into tile b % 2, then into sums[b % 2].
+      // Part p of rows r0 .. r0 + 15: every P-th row of the codes from row r0 * P + p.
+      const int8_t* xr = xq.q.data() + r0 * P * k;
+      const int64_t ldx = P * k;
+      // Block b's sums into tile b % 2 (6 + b % 2 for second parts), then into sums[b % 3]: the tiles work
+      // two blocks ahead of the vector units.
       auto issue = [&](int64_t b) {
+        const uint8_t* wb = blocks + b * 512;
+        const int8_t* xb = xr + b * kBlock;
         if (b % 2 == 0) {
-          _tile_loadd(4, blocks + b * 512, 64);
-          _tile_loadd(2, xr + b * kBlock, k);
-          _tile_zero(0);
-          _tile_dpbsud(0, 2, 4);
-          _tile_stored(0, sums[0], 64);
+          SOUVERAIN_BLOCK_SUMS(0, 6, 2, 4, wb, xb, sums[b % 3]);
         } else {
-          _tile_loadd(5, blocks + b * 512, 64);
-          _tile_loadd(3, xr + b * kBlock, k);
-          _tile_zero(1);
-          _tile_dpbsud(1, 3, 5);
-          _tile_stored(1, sums[1], 64);
+          SOUVERAIN_BLOCK_SUMS(1, 7, 3, 5, wb, xb, sums[b % 3]);
         }
       };
       __m512 acc[16];
       for (int r = 0; r < 16; ++r) acc[r] = _mm512_setzero_ps();
       issue(0);
+      if (nb > 1) issue(1);
       for (int64_t b = 0; b < nb; ++b) {
-        if (b + 1 < nb) issue(b + 1);
+        if (b + 2 < nb) issue(b + 2);
         __m512 s = _mm512_setzero_ps(), z = s;
         if constexpr (Bits == 4) load_scales(tsz + b * 2 * kRows, s, z);
-        const int32_t* block_sums = sums[b % 2];
         for (int r = 0; r < 16; ++r) {
-          const int64_t row = (r0 + r) * nb + b;
-          const __m512i sum = _mm512_sub_epi32(_mm512_load_si512(block_sums + r * 16),
-                                               _mm512_set1_epi32(xq.sum[row] << kShift));
-          if constexpr (Bits == 4) {
-            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_mul_ps(s, _mm512_set1_ps(xq.scale[row])), acc[r]);
-            acc[r] = _mm512_fmadd_ps(z, _mm512_set1_ps(xq.zterm[row]), acc[r]);
-          } else {
-            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_set1_ps(xq.scale[row]), acc[r]);
+          for (int p = 0; p < P; ++p) {
+            const int64_t row = ((r0 + r) * P + p) * nb + b;
+            const __m512i sum = _mm512_sub_epi32(_mm512_load_si512(sums[b % 3][p] + r * 16),
+                                                 _mm512_set1_epi32(xq.sum[row] << kShift));
+            if constexpr (Bits == 4) {
+              acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_mul_ps(s, _mm512_set1_ps(xq.scale[row])), acc[r]);
+              acc[r] = _mm512_fmadd_ps(z, _mm512_set1_ps(xq.zterm[row]), acc[r]);
+            } else {
+              acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_set1_ps(xq.scale[row]), acc[r]);
+            }
           }
         }
       }
       for (int r = 0; r < 16 && r0 + r < m; ++r) {
         __m512 a = acc[r];
         if constexpr (Bits == 8) a = _mm512_mul_ps(a, _mm512_loadu_ps(row_scale + t * kRows));
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + (r0 + r) * n + t * kRows), to_bf16(a));
+        if (out32) {
+          _mm512_storeu_ps(out32 + (r0 + r) * n + t * kRows, a);
+        } else {
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + (r0 + r) * n + t * kRows), to_bf16(a));
+        }
       }
     }
   }
@@ -408,18 +464,23 @@ namespace {
 // each output is computed whole by one thread, the same way whatever M is.
 template <int Bits>
 torch::Tensor linear(const torch::Tensor& x, const uint8_t* w, const uint16_t* sz, const float* row_scale,
-                     int64_t tiles, int64_t nb, int64_t isa) {
+                     int64_t tiles, int64_t nb, int64_t isa, int parts, bool fp32) {
   const int64_t m = x.size(0), k = x.size(1), n = tiles * kRows, tile_bytes = nb * (Bits == 4 ? 4 : 8) * 64;
-  auto y = torch::empty({m, n}, x.options());
+  auto y = torch::empty({m, n}, x.options().dtype(fp32 ? at::kFloat : at::kBFloat16));
   if (m == 0) return y;
   const bool tiles_path = isa == kIsaAmx && m > kGroup;
   const int64_t mpad = tiles_path ? (m + 15) / 16 * 16 : m;
-  const Quantised xq = quantise(x.data_ptr<at::BFloat16>(), m, k, x.stride(0), mpad, isa != 256);
-  at::BFloat16* out = y.data_ptr<at::BFloat16>();
+  const Quantised xq = quantise(x.data_ptr<at::BFloat16>(), m, k, x.stride(0), mpad, isa != 256, parts);
+  at::BFloat16* out = fp32 ? nullptr : y.data_ptr<at::BFloat16>();
+  float* out32 = fp32 ? y.data_ptr<float>() : nullptr;
 #ifdef SOUVERAIN_AMX_INT8
   if (tiles_path) {
     souverain::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
-      tiles_amx<Bits>(xq, m, mpad, k, w, sz, row_scale, t0, t1, nb, out, n);
+      if (parts == 2) {
+        tiles_amx<Bits, 2>(xq, m, mpad, k, w, sz, row_scale, t0, t1, nb, out, out32, n);
+      } else {
+        tiles_amx<Bits, 1>(xq, m, mpad, k, w, sz, row_scale, t0, t1, nb, out, out32, n);
+      }
       _tile_release();
     });
     return y;
@@ -434,13 +495,17 @@ torch::Tensor linear(const torch::Tensor& x, const uint8_t* w, const uint16_t* s
           const int rows = static_cast<int>(std::min<int64_t>(kGroup, r1 - r));
           Rows x_rows{};
           for (int i = 0; i < rows; ++i) {
-            x_rows.q[i] = xq.q.data() + (r + i) * k;
-            x_rows.scale[i] = xq.scale.data() + (r + i) * nb;
-            x_rows.zterm[i] = xq.zterm.data() + (r + i) * nb;
-            x_rows.sum[i] = xq.sum.data() + (r + i) * nb;
-            x_rows.y[i] = out + (r + i) * n + t * kRows;
+            for (int p = 0; p < parts; ++p) {
+              const int64_t v = (r + i) * parts + p;
+              x_rows.q[i * parts + p] = xq.q.data() + v * k;
+              x_rows.scale[i * parts + p] = xq.scale.data() + v * nb;
+              x_rows.zterm[i * parts + p] = xq.zterm.data() + v * nb;
+              x_rows.sum[i * parts + p] = xq.sum.data() + v * nb;
+            }
+            x_rows.y[i] = fp32 ? nullptr : out + (r + i) * n + t * kRows;
+            x_rows.yf[i] = fp32 ? out32 + (r + i) * n + t * kRows : nullptr;
           }
-          pick<Bits>(wide, rows)(w + t * tile_bytes, sz ? sz + t * nb * 2 * kRows : nullptr,
+          pick<Bits>(wide, rows, parts)(w + t * tile_bytes, sz ? sz + t * nb * 2 * kRows : nullptr,
                                  row_scale ? row_scale + t * kRows : nullptr, nb, x_rows);
         }
       }
@@ -464,21 +529,21 @@ void check(const torch::Tensor& x, const torch::Tensor& codes, int64_t parts, in
 
 }  // namespace
 
-torch::Tensor q4_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor sz, int64_t isa) {
+torch::Tensor q4_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor sz, int64_t isa, bool fine, bool fp32) {
   check(x, codes, 4, isa, "q4_linear");
   const int64_t tiles = codes.size(0), nb = codes.size(1);
   TORCH_CHECK(sz.scalar_type() == at::kBFloat16 && sz.is_contiguous() && sz.numel() == tiles * nb * 2 * kRows,
               "q4_linear: scales must be bfloat16 [N/16, K/32, 2, 16] (pack_q4)");
   return linear<4>(x, codes.data_ptr<uint8_t>(), reinterpret_cast<const uint16_t*>(sz.data_ptr<at::BFloat16>()),
-                   nullptr, tiles, nb, isa);
+                   nullptr, tiles, nb, isa, fine ? 2 : 1, fp32);
 }
 
-torch::Tensor q8_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor scales, int64_t isa) {
+torch::Tensor q8_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor scales, int64_t isa, bool fp32) {
   check(x, codes, 8, isa, "q8_linear");
   const int64_t tiles = codes.size(0), nb = codes.size(1);
   TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous() && scales.numel() == tiles * kRows,
               "q8_linear: scales must be float32 [N] (pack_q8)");
-  return linear<8>(x, codes.data_ptr<uint8_t>(), nullptr, scales.data_ptr<float>(), tiles, nb, isa);
+  return linear<8>(x, codes.data_ptr<uint8_t>(), nullptr, scales.data_ptr<float>(), tiles, nb, isa, 1, fp32);
 }
 
 }  // namespace souverain

@@ -73,20 +73,23 @@ def unpack_q4(codes: torch.Tensor, sz: torch.Tensor) -> tuple[torch.Tensor, torc
     return q.to(torch.int32), sz.permute(1, 0, 3, 2).reshape(nb, t * 16, 2)
 
 
-def quantise_rows_q8(x: torch.Tensor) -> torch.Tensor:
+def quantise_rows_q8(x: torch.Tensor, fine: bool = False) -> torch.Tensor:
     """x [M, K] as `q4_linear` sees it: each block of 32 values rounded to int8 steps of amax / 127
-    (fp32 result, the dequantised values)."""
+    (fp32 result, the dequantised values); `fine`: plus its residual, rounded the same way."""
     m, k = x.shape
     blocks = x.float().reshape(m, k // 32, 32)
     amax = blocks.abs().amax(-1, keepdim=True)
     # 127 / amax as the kernel divides: `127 / tensor` would multiply by a reciprocal (another rounding).
     inv = torch.where(amax > 0, torch.full_like(amax, 127) / amax, torch.zeros_like(amax))
-    return (torch.round(blocks * inv) * (amax / 127)).reshape(m, k)
+    first = torch.round(blocks * inv) * (amax / 127)
+    if fine:
+        return first.reshape(m, k) + quantise_rows_q8((blocks - first).reshape(m, k))
+    return first.reshape(m, k)
 
 
-def q4_reference(x: torch.Tensor, codes: torch.Tensor, sz: torch.Tensor) -> torch.Tensor:
+def q4_reference(x: torch.Tensor, codes: torch.Tensor, sz: torch.Tensor, fine: bool = False) -> torch.Tensor:
     """What `q4_linear` computes, in PyTorch (fp32): x's int8 blocks times the dequantised weight."""
-    return quantise_rows_q8(x) @ dequantise_int4(*unpack_q4(codes, sz)).t()
+    return quantise_rows_q8(x, fine) @ dequantise_int4(*unpack_q4(codes, sz)).t()
 
 
 def dequantise_int4(q: torch.Tensor, scales_zeros: torch.Tensor) -> torch.Tensor:
