@@ -115,7 +115,8 @@ class PagedStep:
                                               self.cache.block_size, q.shape[-1] ** -0.5)
                 return out[None]
             return fast.paged_decode_attention(flat_q.contiguous(), kc, vc, r.tables, r.lo, r.hi,
-                                               self.cache.block_size, q.shape[-1] ** -0.5)[None]
+                                               self.cache.block_size, q.shape[-1] ** -0.5,
+                                               [(row, n) for row, _, n in r.spans if n > 1])[None]
         if len(self.groups) == 1 and self.groups[0].identity:  # all decodes: the common case
             g = self.groups[0]
             return attend(flat_q[:, None], self._keys(kc, g), self._values(vc, g), g.mask).transpose(0, 1)

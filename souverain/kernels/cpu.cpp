@@ -83,20 +83,57 @@ struct DecodeArgs {
   float scale;
 };
 
-template <typename T, int R, int CH>
-void decode_item(const DecodeArgs& a, const T* qp, const T* kp, const T* vp, T* op, int64_t s, int64_t g,
-                 std::vector<float>& scores) {
-  constexpr int64_t hd = CH * W;
-  const int64_t bs = a.block_size, lo = a.starts[s], hi = a.ends[s];
-  const int64_t first = lo / bs, last = (hi - 1) / bs, span = (last - first + 1) * bs;
-  const int32_t* blocks = a.table + s * a.width;
-  float qf[R][hd];
-  for (int r = 0; r < R; ++r) {
-    const T* src = qp + (s * a.h + g * R + r) * hd;
-    for (int c = 0; c < CH; ++c) (loadv(src + c * W) * fVec(a.scale)).store(&qf[r][c * W]);
+// Softmax over one query's scores sr[0, n), in place (exp(s - max)); returns their sum. The same
+// operations in the same order for a query whatever shares its call (the maximum is exact in any order).
+inline float softmax_row(float* sr, int64_t n) {
+  fVec top(-INFINITY);
+  int64_t j = 0;
+  for (; j + W <= n; j += W) top = at::vec::maximum(top, fVec::loadu(sr + j));
+  float lanes[W];
+  top.store(lanes);
+  float mx = -INFINITY;
+  for (int64_t i = 0; i < W; ++i) mx = std::max(mx, lanes[i]);
+  for (; j < n; ++j) mx = std::max(mx, sr[j]);
+  fVec sumv(0.f);
+  for (j = 0; j + W <= n; j += W) {
+    const fVec e = (fVec::loadu(sr + j) - fVec(mx)).exp_u20();
+    e.store(sr + j);
+    sumv = sumv + e;
   }
-  // Scores for every slot of the blocks in reach, W keys per vector (the few outside [lo, hi) unused).
-  scores.resize(R * span);
+  float sum = sumv.reduce_add();
+  for (; j < n; ++j) {
+    sr[j] = std::exp(sr[j] - mx);
+    sum += sr[j];
+  }
+  return sum;
+}
+
+// NQ consecutive query rows s0 .. s0 + NQ - 1 of one sequence (they share s0's block table; NQ = 1 for a
+// decode) and kv head g. Each row's arithmetic is a lone row's: its scores key by key as chains of FMAs
+// over the dimensions, its softmax over its own keys [lo, hi), its values summed in key order; the rows
+// only share the loads of the keys and the values' addresses.
+template <typename T, int R, int CH, int NQ>
+void attend_item(const DecodeArgs& a, const T* qp, const T* kp, const T* vp, T* op, int64_t s0, int64_t g,
+                 std::vector<float>& scores, std::vector<const T*>& values) {
+  constexpr int64_t hd = CH * W;
+  constexpr int RQ = R * NQ;
+  const int64_t bs = a.block_size;
+  int64_t lo = a.starts[s0], hi = a.ends[s0];
+  for (int q = 1; q < NQ; ++q) {
+    lo = std::min<int64_t>(lo, a.starts[s0 + q]);
+    hi = std::max<int64_t>(hi, a.ends[s0 + q]);
+  }
+  const int64_t first = lo / bs, last = (hi - 1) / bs, span = (last - first + 1) * bs;
+  const int32_t* blocks = a.table + s0 * a.width;
+  float qf[RQ][hd];  // row q * R + r: query head g * R + r of row s0 + q
+  for (int q = 0; q < NQ; ++q) {
+    for (int r = 0; r < R; ++r) {
+      const T* src = qp + ((s0 + q) * a.h + g * R + r) * hd;
+      for (int c = 0; c < CH; ++c) (loadv(src + c * W) * fVec(a.scale)).store(&qf[q * R + r][c * W]);
+    }
+  }
+  // Scores for every slot of the blocks in reach, W keys per vector (the few outside a row's range unused).
+  scores.resize(RQ * span);
   constexpr int64_t line = 64 / sizeof(T);  // values per cache line
   auto tile_of = [&](int64_t b) { return kp + (static_cast<int64_t>(blocks[b]) * a.hkv + g) * hd * bs; };
   // Blocks lie anywhere in the pool: tiles are fetched two blocks ahead of the one computed.
@@ -107,106 +144,121 @@ void decode_item(const DecodeArgs& a, const T* qp, const T* kp, const T* vp, T* 
     const T* tile = tile_of(b);  // [hd, bs]
     const T* next = b + 2 <= last ? tile_of(b + 2) : nullptr;
     for (int64_t o = 0; o < bs; o += W) {
-      fVec acc[R];
-      for (int r = 0; r < R; ++r) acc[r] = fVec(0.f);
+      fVec acc[RQ];
+      for (int i = 0; i < RQ; ++i) acc[i] = fVec(0.f);
       const T* col = tile + o;
       for (int64_t d = 0; d < hd; ++d) {
         if (next != nullptr && o == 0 && (d * bs) % line == 0) __builtin_prefetch(next + d * bs);
         const fVec k = loadv(col + d * bs);
-        for (int r = 0; r < R; ++r) acc[r] = at::vec::fmadd(fVec(qf[r][d]), k, acc[r]);
+        for (int i = 0; i < RQ; ++i) acc[i] = at::vec::fmadd(fVec(qf[i][d]), k, acc[i]);
       }
-      for (int r = 0; r < R; ++r) acc[r].store(scores.data() + r * span + (b - first) * bs + o);
+      for (int i = 0; i < RQ; ++i) acc[i].store(scores.data() + i * span + (b - first) * bs + o);
     }
   }
-  // Softmax over [lo, hi).
-  const int64_t j0 = lo - first * bs, j1 = hi - first * bs;
-  float total[R];
-  for (int r = 0; r < R; ++r) {
-    float* sr = scores.data() + r * span;
-    float mx = -INFINITY;
-    for (int64_t j = j0; j < j1; ++j) mx = std::max(mx, sr[j]);
-    fVec sumv(0.f);
-    int64_t j = j0;
-    for (; j + W <= j1; j += W) {
-      const fVec e = (fVec::loadu(sr + j) - fVec(mx)).exp_u20();
-      e.store(sr + j);
-      sumv = sumv + e;
-    }
-    float sum = sumv.reduce_add();
-    for (; j < j1; ++j) {
-      sr[j] = std::exp(sr[j] - mx);
-      sum += sr[j];
-    }
-    total[r] = sum;
-  }
-  fVec out[R][CH];
-  for (int r = 0; r < R; ++r)
-    for (int c = 0; c < CH; ++c) out[r][c] = fVec(0.f);
-  auto value_row = [&](int64_t j) {
+  // Where each key's values are.
+  values.resize(span);
+  for (int64_t j = lo - first * bs; j < hi - first * bs; ++j) {
     const int64_t pos = first * bs + j;
     const int64_t slot = static_cast<int64_t>(blocks[pos / bs]) * bs + pos % bs;
-    return vp + (slot * a.hkv + g) * hd;
-  };
+    values[j] = vp + (slot * a.hkv + g) * hd;
+  }
   constexpr int64_t ahead = 12;  // value rows fetched this many keys ahead
-  for (int64_t j = j0; j < std::min(j1, j0 + ahead); ++j) {
-    for (int64_t k = 0; k < hd; k += line) __builtin_prefetch(value_row(j) + k);
-  }
-  for (int64_t j = j0; j < j1; ++j) {
-    if (j + ahead < j1) {
-      const T* later = value_row(j + ahead);
-      for (int64_t k = 0; k < hd; k += line) __builtin_prefetch(later + k);
+  for (int q = 0; q < NQ; ++q) {
+    const int64_t j0 = a.starts[s0 + q] - first * bs, j1 = a.ends[s0 + q] - first * bs;
+    float total[R];
+    for (int r = 0; r < R; ++r) total[r] = softmax_row(scores.data() + (q * R + r) * span + j0, j1 - j0);
+    fVec out[R][CH];
+    for (int r = 0; r < R; ++r)
+      for (int c = 0; c < CH; ++c) out[r][c] = fVec(0.f);
+    if (q == 0) {
+      for (int64_t j = j0; j < std::min(j1, j0 + ahead); ++j) {
+        for (int64_t k = 0; k < hd; k += line) __builtin_prefetch(values[j] + k);
+      }
     }
-    const T* vrow = value_row(j);
-    for (int c = 0; c < CH; ++c) {
-      const fVec v = loadv(vrow + c * W);
-      for (int r = 0; r < R; ++r) out[r][c] = at::vec::fmadd(fVec(scores[r * span + j]), v, out[r][c]);
+    const float* sq = scores.data() + q * R * span;
+    for (int64_t j = j0; j < j1; ++j) {
+      if (q == 0 && j + ahead < j1) {
+        for (int64_t k = 0; k < hd; k += line) __builtin_prefetch(values[j + ahead] + k);
+      }
+      const T* vrow = values[j];
+      for (int c = 0; c < CH; ++c) {
+        const fVec v = loadv(vrow + c * W);
+        for (int r = 0; r < R; ++r) out[r][c] = at::vec::fmadd(fVec(sq[r * span + j]), v, out[r][c]);
+      }
     }
-  }
-  for (int r = 0; r < R; ++r) {
-    float row[hd];
-    const fVec inv(1.f / total[r]);
-    for (int c = 0; c < CH; ++c) (out[r][c] * inv).store(row + c * W);
-    store_row(row, op + (s * a.h + g * R + r) * hd, hd);
+    for (int r = 0; r < R; ++r) {
+      float row[hd];
+      const fVec inv(1.f / total[r]);
+      for (int c = 0; c < CH; ++c) (out[r][c] * inv).store(row + c * W);
+      store_row(row, op + ((s0 + q) * a.h + g * R + r) * hd, hd);
+    }
   }
 }
 
-// Items are taken in the order 0, n-1, 1, n-2, ... of the queries: a prefill chunk's queries read
-// 1 .. n keys, so each thread's contiguous share of that order holds as many long rows as short ones.
-// Every item is computed whole by one thread, in one way, whatever else is in the call.
+// Work items: runs of up to kRun rows of one span (where the accumulators fit: R <= 4), else single rows;
+// taken in the order first, last, second, second to last... so each thread's contiguous share of the
+// items holds as many long rows (many keys) as short ones. Every item is computed whole by one thread.
+constexpr int kRun = 4;
+
 template <typename T, int R, int CH>
-void decode_all(const DecodeArgs& a, const T* qp, const T* kp, const T* vp, T* op, int64_t n) {
-  souverain::parallel_for(0, n * a.hkv, 1, [&](int64_t begin, int64_t stop) {
+void decode_all(const DecodeArgs& a, const T* qp, const T* kp, const T* vp, T* op, int64_t n,
+                const std::vector<std::pair<int64_t, int64_t>>& runs) {
+  std::vector<std::pair<int64_t, int64_t>> items;  // (first row, rows)
+  size_t next = 0;  // runs are in row order
+  for (int64_t s = 0; s < n;) {
+    if (next < runs.size() && runs[next].first == s) {
+      const int64_t end = s + runs[next++].second;
+      if (R <= 4) {
+        for (; s + kRun <= end; s += kRun) items.emplace_back(s, kRun);
+      }
+      for (; s < end; ++s) items.emplace_back(s, 1);
+    } else {
+      items.emplace_back(s++, 1);
+    }
+  }
+  const int64_t m = static_cast<int64_t>(items.size());
+  souverain::parallel_for(0, m * a.hkv, 1, [&](int64_t begin, int64_t stop) {
     std::vector<float> scores;
-    for (int64_t item = begin; item < stop; ++item) {
-      const int64_t i = item / a.hkv, s = i % 2 == 0 ? i / 2 : n - 1 - i / 2;
-      decode_item<T, R, CH>(a, qp, kp, vp, op, s, item % a.hkv, scores);
+    std::vector<const T*> values;
+    for (int64_t unit = begin; unit < stop; ++unit) {
+      const int64_t i = unit / a.hkv, pick = i % 2 == 0 ? i / 2 : m - 1 - i / 2, g = unit % a.hkv;
+      const auto [s0, rows] = items[pick];
+      if constexpr (R <= 4) {
+        if (rows == kRun) {
+          attend_item<T, R, CH, kRun>(a, qp, kp, vp, op, s0, g, scores, values);
+          continue;
+        }
+      }
+      attend_item<T, R, CH, 1>(a, qp, kp, vp, op, s0, g, scores, values);
     }
   });
 }
 
 template <typename T, int CH>
-bool decode_rep(const DecodeArgs& a, const T* qp, const T* kp, const T* vp, T* op, int64_t n, int64_t rep) {
+bool decode_rep(const DecodeArgs& a, const T* qp, const T* kp, const T* vp, T* op, int64_t n, int64_t rep,
+                const std::vector<std::pair<int64_t, int64_t>>& runs) {
   switch (rep) {
-    case 1: decode_all<T, 1, CH>(a, qp, kp, vp, op, n); return true;
-    case 2: decode_all<T, 2, CH>(a, qp, kp, vp, op, n); return true;
-    case 3: decode_all<T, 3, CH>(a, qp, kp, vp, op, n); return true;
-    case 4: decode_all<T, 4, CH>(a, qp, kp, vp, op, n); return true;
-    case 5: decode_all<T, 5, CH>(a, qp, kp, vp, op, n); return true;
-    case 6: decode_all<T, 6, CH>(a, qp, kp, vp, op, n); return true;
-    case 7: decode_all<T, 7, CH>(a, qp, kp, vp, op, n); return true;
-    case 8: decode_all<T, 8, CH>(a, qp, kp, vp, op, n); return true;
+    case 1: decode_all<T, 1, CH>(a, qp, kp, vp, op, n, runs); return true;
+    case 2: decode_all<T, 2, CH>(a, qp, kp, vp, op, n, runs); return true;
+    case 3: decode_all<T, 3, CH>(a, qp, kp, vp, op, n, runs); return true;
+    case 4: decode_all<T, 4, CH>(a, qp, kp, vp, op, n, runs); return true;
+    case 5: decode_all<T, 5, CH>(a, qp, kp, vp, op, n, runs); return true;
+    case 6: decode_all<T, 6, CH>(a, qp, kp, vp, op, n, runs); return true;
+    case 7: decode_all<T, 7, CH>(a, qp, kp, vp, op, n, runs); return true;
+    case 8: decode_all<T, 8, CH>(a, qp, kp, vp, op, n, runs); return true;
     default: return false;
   }
 }
 
 template <typename T>
-bool decode_dispatch(const DecodeArgs& a, const T* qp, const T* kp, const T* vp, T* op, int64_t n) {
+bool decode_dispatch(const DecodeArgs& a, const T* qp, const T* kp, const T* vp, T* op, int64_t n,
+                     const std::vector<std::pair<int64_t, int64_t>>& runs) {
   const int64_t rep = a.h / a.hkv;
   switch (a.hd / W) {
-    case 2: return decode_rep<T, 2>(a, qp, kp, vp, op, n, rep);
-    case 4: return decode_rep<T, 4>(a, qp, kp, vp, op, n, rep);
-    case 8: return decode_rep<T, 8>(a, qp, kp, vp, op, n, rep);
-    case 16: return decode_rep<T, 16>(a, qp, kp, vp, op, n, rep);
+    case 2: return decode_rep<T, 2>(a, qp, kp, vp, op, n, rep, runs);
+    case 4: return decode_rep<T, 4>(a, qp, kp, vp, op, n, rep, runs);
+    case 8: return decode_rep<T, 8>(a, qp, kp, vp, op, n, rep, runs);
+    case 16: return decode_rep<T, 16>(a, qp, kp, vp, op, n, rep, runs);
     default: return false;
   }
 }
@@ -219,7 +271,7 @@ bool decode_supported(int64_t n_heads, int64_t n_kv_heads, int64_t head_dim, int
 
 torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
                                      torch::Tensor block_table, torch::Tensor k_start, torch::Tensor k_end,
-                                     int64_t block_size, double scale) {
+                                     int64_t block_size, double scale, std::vector<std::pair<int64_t, int64_t>> runs) {
   for (auto* t : {&q, &k_cache, &v_cache, &block_table, &k_start, &k_end}) check_cpu(*t, "paged_decode_attention input");
   TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && v_cache.dim() == 3,
               "q [N, H, hd], k_cache [blocks, Hkv, hd, block_size], v_cache [slots, Hkv, hd]");
@@ -238,13 +290,21 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, tor
                static_cast<float>(scale)};
   const int64_t n = q.size(0);
   for (int64_t i = 0; i < n; ++i) TORCH_CHECK(a.starts[i] >= 0 && a.starts[i] < a.ends[i], "empty key range");
+  int64_t covered = 0;  // rows before the previous run's end
+  for (const auto& [row, count] : runs) {
+    TORCH_CHECK(row >= covered && count > 0 && row + count <= n, "run (", row, ", ", count, ") outside the ", n,
+                " rows, or not after the run before it");
+    covered = row + count;
+    TORCH_CHECK(std::equal(a.table + row * a.width, a.table + (row + 1) * a.width,
+                           a.table + (row + count - 1) * a.width), "the rows of a run must share one block table");
+  }
   if (q.scalar_type() == at::kBFloat16) {
     decode_dispatch<BFloat16>(a, q.data_ptr<BFloat16>(), k_cache.data_ptr<BFloat16>(), v_cache.data_ptr<BFloat16>(),
-                              out.data_ptr<BFloat16>(), n);
+                              out.data_ptr<BFloat16>(), n, runs);
   } else {
     TORCH_CHECK(q.scalar_type() == at::kFloat, "paged_decode_attention takes bfloat16 or float32");
     decode_dispatch<float>(a, q.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(),
-                           out.data_ptr<float>(), n);
+                           out.data_ptr<float>(), n, runs);
   }
   return out;
 }
@@ -522,7 +582,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   namespace py = pybind11;
   m.def("vector_width", [] { return W; }, "floats per SIMD vector: row lengths must be multiples of it");
   m.def("decode_supported", &decode_supported, "whether paged_decode_attention takes these shapes");
-  m.def("paged_decode_attention", &paged_decode_attention, "decode attention over a paged KV cache");
+  m.def("paged_decode_attention", &paged_decode_attention, "attention of each query row over its keys in a paged KV "
+        "cache; runs: (first row, rows) of consecutive rows of one sequence, computed together",
+        py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("block_table"), py::arg("k_start"),
+        py::arg("k_end"), py::arg("block_size"), py::arg("scale"),
+        py::arg("runs") = std::vector<std::pair<int64_t, int64_t>>{});
   m.def("rms_norm", &rms_norm, "RMSNorm");
   m.def("store_kv", &store_kv, "write keys and values into the paged cache");
   m.def("argmax_rows", &argmax_rows, "argmax of each row of a float32 or bfloat16 matrix");

@@ -14,7 +14,8 @@ void parallel_for(int64_t begin, int64_t end, int64_t grain, const std::function
 bool decode_supported(int64_t n_heads, int64_t n_kv_heads, int64_t head_dim, int64_t block_size);
 torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
                                      torch::Tensor block_table, torch::Tensor k_start, torch::Tensor k_end,
-                                     int64_t block_size, double scale);
+                                     int64_t block_size, double scale,
+                                     std::vector<std::pair<int64_t, int64_t>> runs = {});
 torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps);
 torch::Tensor silu_mul(torch::Tensor a, torch::Tensor b);
 torch::Tensor swiglu(torch::Tensor gu);

@@ -343,18 +343,28 @@ inline void configure_int8() {
 
 // One block's int32 sums for 16 rows of x (P parts: every P-th row of x's codes from xb, rows ldx bytes
 // apart, part 2 from xb + k) into[p]: tiles C (C2 for part 2), A for x, B for the weight's block wb.
-// (A macro: the tile intrinsics take their tile numbers as literals.)
+// (A macro: the tile intrinsics take their tile numbers as literals.) int4 codes are unpacked as signed
+// q - 8 (`tdpbssd`: the sum is sum (q - 8) * a, no offset to take back per row); int8 codes stay w + 128
+// (`tdpbsud`, and 128 * sum a taken back as in tile_avx512). The same integers either way.
+#define SOUVERAIN_DP(C, A, B)     \
+  do {                            \
+    if constexpr (Bits == 4) {    \
+      _tile_dpbssd(C, A, B);      \
+    } else {                      \
+      _tile_dpbsud(C, A, B);      \
+    }                             \
+  } while (0)
 #define SOUVERAIN_BLOCK_SUMS(C, C2, A, B, wb, xb, into) \
   do {                                                  \
     _tile_loadd(B, wb, 64);                             \
     _tile_loadd(A, xb, ldx);                            \
     _tile_zero(C);                                      \
-    _tile_dpbsud(C, A, B);                              \
+    SOUVERAIN_DP(C, A, B);                              \
     _tile_stored(C, (into)[0], 64);                     \
     if constexpr (P == 2) {                             \
       _tile_loadd(A, (xb) + k, ldx);                    \
       _tile_zero(C2);                                   \
-      _tile_dpbsud(C2, A, B);                           \
+      SOUVERAIN_DP(C2, A, B);                           \
       _tile_stored(C2, (into)[1], 64);                  \
     }                                                   \
   } while (0)
@@ -376,7 +386,7 @@ void tiles_amx(const Quantised& xq, int64_t m, int64_t mpad, int64_t k, const ui
   if (static_cast<int64_t>(space.size()) < nb * 512 + 64) space.resize(nb * 512 + 64);
   auto* panel = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(space.data()) + 63) & ~uintptr_t(63));
   alignas(64) int32_t sums[3][P][16 * 16];
-  const __m512i low = _mm512_set1_epi8(0x0F);
+  const __m512i low = _mm512_set1_epi8(0x0F), eight = _mm512_set1_epi8(8);
   configure_int8();
   for (int64_t t = t0; t < t1; ++t) {
     const uint8_t* wt = w + t * tile_bytes;
@@ -385,8 +395,9 @@ void tiles_amx(const Quantised& xq, int64_t m, int64_t mpad, int64_t k, const ui
       for (int64_t b = 0; b < nb; ++b) {
         for (int part = 0; part < 4; ++part) {
           const __m512i v = _mm512_loadu_si512(wt + (b * 4 + part) * 64);
-          _mm512_store_si512(panel + b * 512 + part * 64, _mm512_and_si512(v, low));
-          _mm512_store_si512(panel + b * 512 + (part + 4) * 64, _mm512_and_si512(_mm512_srli_epi16(v, 4), low));
+          _mm512_store_si512(panel + b * 512 + part * 64, _mm512_sub_epi8(_mm512_and_si512(v, low), eight));
+          _mm512_store_si512(panel + b * 512 + (part + 4) * 64,
+                             _mm512_sub_epi8(_mm512_and_si512(_mm512_srli_epi16(v, 4), low), eight));
         }
       }
       blocks = panel;
@@ -418,8 +429,8 @@ void tiles_amx(const Quantised& xq, int64_t m, int64_t mpad, int64_t k, const ui
         for (int r = 0; r < 16; ++r) {
           for (int p = 0; p < P; ++p) {
             const int64_t row = ((r0 + r) * P + p) * nb + b;
-            const __m512i sum = _mm512_sub_epi32(_mm512_load_si512(sums[b % 3][p] + r * 16),
-                                                 _mm512_set1_epi32(xq.sum[row] << kShift));
+            const __m512i raw = _mm512_load_si512(sums[b % 3][p] + r * 16);
+            const __m512i sum = Bits == 4 ? raw : _mm512_sub_epi32(raw, _mm512_set1_epi32(xq.sum[row] << kShift));
             if constexpr (Bits == 4) {
               acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_mul_ps(s, _mm512_set1_ps(xq.scale[row])), acc[r]);
               acc[r] = _mm512_fmadd_ps(z, _mm512_set1_ps(xq.zterm[row]), acc[r]);

@@ -108,6 +108,30 @@ def test_paged_decode_attention_matches_sdpa(dtype: torch.dtype, h: int, hkv: in
         torch.testing.assert_close(got[s].float(), want.float(), atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("h", "hkv", "window"), [(9, 3, None), (8, 2, 20), (16, 2, None)])
+@torch.inference_mode()
+def test_prefill_rows_get_a_lone_query_bits(dtype: torch.dtype, h: int, hkv: int, window: int | None) -> None:
+    """A prompt's rows attended together (runs of rows sharing the key loads) get, to the bit, what each
+    row gets alone (a decode of that position), in any chunking and beside other sequences' rows."""
+    bs, hd = 16, 64
+    q, keys, values, table, _, _, _ = paged_case(3, h, hkv, hd, bs, dtype, window, seed=h)
+    k_tiles = keys.view(-1, bs, hkv, hd).permute(0, 2, 3, 1).contiguous()
+    n = 37  # sequence 0's positions 0 .. 36, then one decode row of sequence 1
+    rows = torch.randn(n + 1, h, hd).to(dtype)
+    pos = torch.tensor([*range(n), 5], dtype=torch.int32)
+    hi = pos + 1
+    lo = (hi - window).clamp(min=0) if window else torch.zeros_like(hi)
+    tables = torch.cat([table[0:1].expand(n, -1), table[1:2]]).contiguous()
+    alone = torch.cat([fast.paged_decode_attention(rows[i : i + 1], k_tiles, values, tables[i : i + 1], lo[i : i + 1],
+                                                   hi[i : i + 1], bs, hd**-0.5) for i in range(n + 1)])
+    for runs in ([(0, n)], [(0, 5), (5, 32)], [(3, 30)], []):
+        got = fast.paged_decode_attention(rows, k_tiles, values, tables, lo, hi, bs, hd**-0.5, runs)
+        assert torch.equal(got, alone), runs
+    with pytest.raises(RuntimeError, match="one block table"):
+        fast.paged_decode_attention(rows, k_tiles, values, tables, lo, hi, bs, hd**-0.5, [(30, 8)])
+
+
 def test_paged_decode_attention_refuses_bad_input() -> None:
     q, keys, values, table, lo, hi, _ = paged_case(2, 4, 2, 64, 16, torch.float32, None, seed=0)
     tiles = keys.view(-1, 16, 2, 64).permute(0, 2, 3, 1).contiguous()
