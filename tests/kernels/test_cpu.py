@@ -115,7 +115,7 @@ def test_prefill_rows_get_a_lone_query_bits(dtype: torch.dtype, h: int, hkv: int
     """A prompt's rows attended together (runs of rows sharing the key loads) get, to the bit, what each
     row gets alone (a decode of that position), in any chunking and beside other sequences' rows."""
     bs, hd = 16, 64
-    q, keys, values, table, _, _, _ = paged_case(3, h, hkv, hd, bs, dtype, window, seed=h)
+    _, keys, values, table, _, _, _ = paged_case(3, h, hkv, hd, bs, dtype, window, seed=h)
     k_tiles = keys.view(-1, bs, hkv, hd).permute(0, 2, 3, 1).contiguous()
     n = 37  # sequence 0's positions 0 .. 36, then one decode row of sequence 1
     rows = torch.randn(n + 1, h, hd).to(dtype)
