@@ -62,6 +62,7 @@ def _linear(fast: ModuleType, m: nn.Module | None) -> Any | None:
         if m.ops is not None and m.ops is not fast:
             return None  # packed for another backend's kernels
         return fast.Linear(qweight=m.qweight, scales=m.scales, dense_t=m.dense_t, codes=m.codes,
-                           code_scales=m.code_scales, bias=bias,
-                           bits=m.bits, dense_rows=m.dense_rows, group=GROUP, isa=m.backend.q4_isa, fine=m.fine)
+                           code_scales=m.code_scales, bias=bias, bits=m.bits,
+                           dense_rows=-1 if m.dense_rows is None else m.dense_rows, group=GROUP,
+                           isa=m.backend.q4_isa, fine=m.fine)
     return None

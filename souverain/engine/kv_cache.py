@@ -15,7 +15,7 @@ from types import ModuleType
 import torch
 
 from souverain import kernels
-from souverain.model.attention import attend, window_mask
+from souverain.model.attention import attend_exact, window_mask
 
 
 class PagedKVCache:
@@ -119,7 +119,7 @@ class PagedStep:
                                                [(row, n) for row, _, n in r.spans if n > 1])[None]
         if len(self.groups) == 1 and self.groups[0].identity:  # all decodes: the common case
             g = self.groups[0]
-            return attend(flat_q[:, None], self._keys(kc, g), self._values(vc, g), g.mask).transpose(0, 1)
+            return attend_exact(flat_q[:, None], self._keys(kc, g), self._values(vc, g), g.mask).transpose(0, 1)
         out = torch.empty_like(flat_q)
         for g in self.groups:
             if g.local:
@@ -127,9 +127,9 @@ class PagedStep:
                 # slice, no padded copy gathered or scattered.
                 for row, n in g.spans:
                     rows = slice(row, row + n)
-                    out[rows] = attend(flat_q[None, rows], k[:, rows], v[:, rows], None)[0]
+                    out[rows] = attend_exact(flat_q[None, rows], k[:, rows], v[:, rows], None)[0]
                 continue
-            o = attend(flat_q[g.q_rows], self._keys(kc, g), self._values(vc, g), g.mask)  # [G, T, H, hd]
+            o = attend_exact(flat_q[g.q_rows], self._keys(kc, g), self._values(vc, g), g.mask)  # [G, T, H, hd]
             out.index_copy_(0, g.out_rows, o.flatten(0, 1).index_select(0, g.out_picks))
         return out[None]
 

@@ -19,7 +19,7 @@ namespace {
 
 // A projection in whichever forms its module holds, applied as the module's forward applies it:
 // nn.Linear (`weight`), or QuantLinear (q4_linear's / q8_linear's codes for every row count; else torch's
-// int4/int8 kernels up to `dense_rows` rows and its dense copy beyond).
+// int4/int8 kernels, up to `dense_rows` rows where that is set (>= 0) and its dense copy beyond).
 struct Linear {
   std::optional<at::Tensor> weight, qweight, scales, dense_t, codes, code_scales, bias;
   int64_t bits = 0, dense_rows = 0, group = 0, isa = 0;  // group: values per int4 scale; isa: q4_linear's
@@ -30,7 +30,7 @@ struct Linear {
     at::Tensor y;
     if (codes) {
       y = bits == 4 ? q4_linear(x, *codes, *code_scales, isa, fine) : q8_linear(x, *codes, *code_scales, isa);
-    } else if (x.size(0) > dense_rows) {
+    } else if (dense_rows >= 0 && x.size(0) > dense_rows) {
       y = at::matmul(x, *dense_t);
     } else if (bits == 4) {
       y = at::_weight_int4pack_mm_for_cpu(x, *qweight, group, *scales);
@@ -142,7 +142,7 @@ void bind_decoder(pybind11::module& m) {
            py::kw_only(), py::arg("weight") = py::none(), py::arg("qweight") = py::none(),
            py::arg("scales") = py::none(), py::arg("dense_t") = py::none(), py::arg("codes") = py::none(),
            py::arg("code_scales") = py::none(), py::arg("bias") = py::none(), py::arg("bits") = 0,
-           py::arg("dense_rows") = 0, py::arg("group") = 0, py::arg("isa") = 0, py::arg("fine") = false)
+           py::arg("dense_rows") = -1, py::arg("group") = 0, py::arg("isa") = 0, py::arg("fine") = false)
       .def("__call__", &Linear::operator(), py::arg("x"));
   py::class_<Layer>(m, "Layer", "one decoder layer's weights")
       .def(py::init([](at::Tensor attention_norm, at::Tensor ffn_norm, std::vector<Linear> qkv, Linear wo,

@@ -31,3 +31,23 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
         attn_mask=mask, is_causal=mask is None, enable_gqa=q.shape[2] != k.shape[2],
     )
     return out.transpose(1, 2)
+
+
+def attend_exact(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """`attend` in float64, rounded to q's dtype at the end: the PyTorch backend's engine attention. The
+    products of bf16 (or fp32) values are exact in float64 and their sums over a head's dimensions are
+    too at the magnitudes of real activations, so a query's scores do not depend on the shapes PyTorch's
+    kernels were called with; the softmax and the weighted sum round at 1e-16, far below the output's
+    rounding: a query gets the same result however its sequence is chunked or batched. mask None means
+    plain causal (queries and keys the same rows)."""
+    t, s = q.shape[1], k.shape[1]
+    rep = q.shape[2] // k.shape[2]
+    qd = q.transpose(1, 2).double()  # [B, H, T, hd]
+    kd = k.transpose(1, 2).double().repeat_interleave(rep, dim=1)  # [B, H, S, hd]
+    vd = v.transpose(1, 2).double().repeat_interleave(rep, dim=1)
+    scores = (qd @ kd.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    if mask is None:
+        mask = torch.ones(t, s, dtype=torch.bool, device=q.device).tril(s - t)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    out = torch.softmax(scores, dim=-1) @ vd  # [B, H, T, hd]
+    return out.transpose(1, 2).to(q.dtype)

@@ -3,10 +3,11 @@
 Decoding a few tokens at a time is bound by reading the weights, so fewer bytes per weight is
 speed: int4 (groups of 32, a scale and a zero each) or int8 (one scale per output row), with bf16
 activations, through torch's CPU kernels `_weight_int4pack_mm_for_cpu` / `_weight_int8pack_mm`.
-Those kernels are gemv-shaped; batches of more than `dense_rows` rows (prefill, many streams)
-are compute-bound and use a bf16 copy kept alongside, stored transposed ([in, out]: `x @ w_t`
-ran up to 1.5x faster than `F.linear` on these CPUs for prefill-sized batches). That is the `torch`
-backend; `prepare(model, backend)` packs the weights for the C++ kernels of the others, once, into
+Those kernels compute each row the same way whatever the batch (batch-invariant), so the `torch`
+backend uses them for every row count; a bf16 copy kept alongside ([in, out]) serves autograd and,
+with `dense_rows` set (an opt-in, not batch-invariant), batches of more rows (`x @ w_t` ran up to 1.5x
+faster than `F.linear` on these CPUs for prefill-sized batches). That is the `torch` backend;
+`prepare(model, backend)` packs the weights for the C++ kernels of the others, once, into
 q4_linear's layout (int4 x int8 dot products, souverain/kernels/q4.cpp: AMX tiles for wide steps where
 the CPU has them, AVX-512 VNNI or AVX2 otherwise), which every step reads whatever its number of rows:
 the same bits for a row alone or in any batch.
@@ -61,7 +62,8 @@ class QuantLinear(nn.Module):
     code_scales: torch.Tensor | None
 
     @classmethod
-    def fused(cls, modules: list[nn.Module | None], bits: int, dense_rows: int, fine: bool = False) -> QuantLinear:
+    def fused(cls, modules: list[nn.Module | None], bits: int, dense_rows: int | None = None,
+              fine: bool = False) -> QuantLinear:
         """One QuantLinear computing the linears' outputs side by side (same input)."""
         linears = [m for m in modules if isinstance(m, nn.Linear)]
         if len(linears) != len(modules):
@@ -75,7 +77,7 @@ class QuantLinear(nn.Module):
                                        requires_grad=False)
         return cls(joined, bits, dense_rows, fine)
 
-    def __init__(self, linear: nn.Linear, bits: int, dense_rows: int, fine: bool = False) -> None:
+    def __init__(self, linear: nn.Linear, bits: int, dense_rows: int | None = None, fine: bool = False) -> None:
         super().__init__()
         # q4_linear reads x in two int8 parts (value and residual per block of 32, ~15 bits) where one (8
         # bits) loses too much: the attention's q/k/v and the feed-forward's down projection, whose inputs
@@ -109,7 +111,9 @@ class QuantLinear(nn.Module):
         """Pack the weights for `backend`, once, dropping the forms it does not read:
         amx, avx512, avx2   q4_linear's / q8_linear's layout for every row count: one arithmetic
                 (int4 or int8 weights x int8 activations, exact integer sums) alone or in any batch
-        torch, cuda    unchanged (torch's int4/int8 kernels up to `dense_rows` rows, the bf16 copy beyond)"""
+        torch, cuda    unchanged: torch's int4/int8 kernels for every row count (each row's result is the same
+                alone or in a batch); with `dense_rows` set, the bf16 copy beyond that many rows (faster
+                prefill, not batch-invariant: an explicit opt-in)"""
         if backend == self.backend:
             return
         if self.backend != TORCH:
@@ -136,7 +140,8 @@ class QuantLinear(nn.Module):
         codes, code_scales = self.codes, self.code_scales
         if codes is not None and code_scales is not None:
             y = self._q4(x2, codes, code_scales)
-        elif x2.shape[0] > self.dense_rows:
+        elif (self.dense_rows is not None and x2.shape[0] > self.dense_rows) or x2.device.type != "cpu" or \
+                (torch.is_grad_enabled() and x2.requires_grad):  # (torch's int kernels: CPU, no gradients)
             dense = self.dense_t
             if dense is None:
                 raise RuntimeError("QuantLinear has neither its codes nor its dense copy")
@@ -183,7 +188,7 @@ def resolve_bits(bits: str | int, quantization: str | None) -> int:
     return value
 
 
-def quantize(model: nn.Module, *, bits: int = 4, dense_rows: int = 4, fuse: bool = True) -> nn.Module:
+def quantize(model: nn.Module, *, bits: int = 4, dense_rows: int | None = None, fuse: bool = True) -> nn.Module:
     """Swap every nn.Linear for a QuantLinear, in place (MoE expert stacks stay as they are), fusing
     wq/wk/wv and w1/w3 unless `fuse` is False. The output projection is int8 whatever `bits` (logits
     are sensitive); a tied one gets its own int8 copy of the embedding matrix."""

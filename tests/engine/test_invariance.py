@@ -39,9 +39,7 @@ def run(engine: LLMEngine, requests: list[Request]) -> dict[str, list[int]]:
     return tokens
 
 
-# The PyTorch backend computes wide steps with a bf16 copy of the weights and narrow ones with torch's
-# int4 kernel, and attends through SDPA: not batch-invariant yet (issue 21 stays open for it).
-@pytest.mark.parametrize("name", [n for n in available(kernels.load()) if n != "torch"])
+@pytest.mark.parametrize("name", available(kernels.load()))
 def test_same_tokens_alone_batched_mixed_and_cached(smollm2_path: Path, name: str) -> None:
     backend = choose(name=name)
     model = prepare(quantize(load_model(smollm2_path, dtype=torch.bfloat16), bits=4), backend)
