@@ -5,8 +5,8 @@ Run: .venv/bin/python bench/moe.py [--new 64] [--rounds 2]
 
 A tiny random Mixtral (hidden 512, 8 layers, 8 experts top-2, GQA 8:2) written by transformers as
 safetensors and loaded by Souverain's loader; the dense model has the same layers with one feed-forward
-of twice an expert's width (the same active parameters per token). All bf16, no weight quantisation (the
-expert stacks are not quantised), 2 threads, in this process. Decode tok/s at batch 1 and 8: generated
+of twice an expert's width (the same active parameters per token). bf16; Souverain's weights int4 (the
+experts' too) unless --bits 0; 2 threads, in this process. Decode tok/s at batch 1 and 8: generated
 tokens over the time from the first generated token to the last (HF: `generate` with min_new_tokens, the
 prefill timed separately and taken off). Prints each round and the ratios.
 """
@@ -53,7 +53,7 @@ def active_params(path: Path) -> tuple[float, float]:
     return total / 1e6, active / 1e6
 
 
-def ours(path: Path, batch: int, new: int) -> float:
+def ours(path: Path, batch: int, new: int, bits: int) -> float:
     from souverain.engine.engine import EngineConfig, LLMEngine
     from souverain.engine.request import Request, SamplingParams
     from souverain.kernels.backend import choose
@@ -62,7 +62,7 @@ def ours(path: Path, batch: int, new: int) -> float:
     from tests.engine.toy import ByteTokenizer
 
     backend = choose()
-    model = prepare(load_model(path, dtype=torch.bfloat16), backend)
+    model = prepare(load_model(path, dtype=torch.bfloat16, bits=bits), backend)
     engine = LLMEngine(model, ByteTokenizer(), EngineConfig(kv_cache_memory=256 << 20), backend=backend)  # type: ignore[arg-type]
     params = SamplingParams(temperature=0, max_tokens=new, ignore_eos=True)
     for i in range(batch):
@@ -97,6 +97,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--bits", type=int, default=4, help="Souverain's weights: 4 (int4, experts too; default) or 0")
     a = ap.parse_args()
     torch.set_num_threads(2)
     rows: dict[str, list[float]] = {}
@@ -107,8 +108,8 @@ def main() -> None:
             print(f"{name}: {total:.0f}M parameters, {act:.0f}M active per token")
         for r in range(a.rounds):
             for batch in (1, 8):
-                for label, fn in (("souverain moe", lambda b: ours(moe, b, a.new)),
-                                  ("souverain dense", lambda b: ours(dense, b, a.new)),
+                for label, fn in (("souverain moe", lambda b: ours(moe, b, a.new, a.bits)),
+                                  ("souverain dense", lambda b: ours(dense, b, a.new, a.bits)),
                                   ("hf moe bf16", lambda b: hf(moe, b, a.new, torch.bfloat16)),
                                   ("hf moe fp32", lambda b: hf(moe, b, a.new, torch.float32))):
                     got = fn(batch)

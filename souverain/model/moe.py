@@ -11,7 +11,9 @@ from souverain.model.args import ModelArgs
 
 class MoeFeedForward(nn.Module):
     """Experts are stacked: w1, w3 [E, F, D] and w2 [E, D, F]. Tokens are sorted by expert and each
-    expert runs once on its contiguous group, so the cost is one matmul chain per active expert."""
+    expert runs once on its contiguous group, so the cost is one matmul chain per active expert.
+    `quantized(w13, w2)` swaps the stacks for one fused [gate | up] and one down projection module per
+    expert (souverain.model.quant's QuantLinear: int4 weights, each token's result the same in any batch)."""
 
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
@@ -22,6 +24,18 @@ class MoeFeedForward(nn.Module):
         self.w1 = nn.Parameter(torch.empty(e, f, d))
         self.w2 = nn.Parameter(torch.empty(e, d, f))
         self.w3 = nn.Parameter(torch.empty(e, f, d))
+        self.w13s: nn.ModuleList | None = None
+        self.w2s: nn.ModuleList | None = None
+
+    def quantized(self, w13: list[nn.Module], w2: list[nn.Module]) -> None:
+        self.w13s, self.w2s = nn.ModuleList(w13), nn.ModuleList(w2)
+        del self.w1, self.w2, self.w3
+
+    def _expert(self, e: int, seg: torch.Tensor) -> torch.Tensor:
+        if self.w13s is not None and self.w2s is not None:
+            gate, up = self.w13s[e](seg).chunk(2, dim=-1)
+            return self.w2s[e](F.silu(gate) * up)
+        return F.linear(F.silu(F.linear(seg, self.w1[e])) * F.linear(seg, self.w3[e]), self.w2[e])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -34,7 +48,7 @@ class MoeFeedForward(nn.Module):
         flat = experts.flatten()  # [N*k]
         order = torch.argsort(flat, stable=True)
         token_of = order // self.top_k  # which token each sorted slot belongs to
-        counts = torch.bincount(flat, minlength=self.w1.shape[0]).tolist()
+        counts = torch.bincount(flat, minlength=self.gate.out_features).tolist()
         grouped = x[token_of]  # [N*k, D], grouped by expert
         outs = []
         start = 0
@@ -42,8 +56,9 @@ class MoeFeedForward(nn.Module):
             if n == 0:
                 continue
             seg = grouped[start : start + n]
-            outs.append(F.linear(F.silu(F.linear(seg, self.w1[e])) * F.linear(seg, self.w3[e]), self.w2[e]))
+            outs.append(self._expert(e, seg))
             start += n
-        y = torch.cat(outs) * weights.flatten()[order, None]  # [N*k, D]
+        y = torch.cat(outs).to(x.dtype) * weights.flatten()[order, None]  # [N*k, D]
+        # Each token's k outputs are added in expert order (the sort is stable), whatever its neighbours.
         out = torch.zeros_like(x).index_add_(0, token_of, y)
         return out.view(shape)

@@ -31,6 +31,7 @@ from torch import nn
 from souverain.kernels import tiles as amx_tiles
 from souverain.kernels.backend import TORCH, Backend
 from souverain.model.layers import Attention, FeedForward
+from souverain.model.moe import MoeFeedForward
 from souverain.model.transformer import Transformer
 
 GROUP = 32
@@ -188,8 +189,15 @@ def resolve_bits(bits: str | int, quantization: str | None) -> int:
     return value
 
 
+def _linear(weight: torch.Tensor) -> nn.Linear:
+    """An nn.Linear (no bias) holding `weight` [out, in], e.g. one expert of a stack."""
+    lin = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+    lin.weight = nn.Parameter(weight.detach(), requires_grad=False)
+    return lin
+
+
 def quantize(model: nn.Module, *, bits: int = 4, dense_rows: int | None = None, fuse: bool = True) -> nn.Module:
-    """Swap every nn.Linear for a QuantLinear, in place (MoE expert stacks stay as they are), fusing
+    """Swap every nn.Linear for a QuantLinear, in place (and each MoE expert's projections), fusing
     wq/wk/wv and w1/w3 unless `fuse` is False. The output projection is int8 whatever `bits` (logits
     are sensitive); a tied one gets its own int8 copy of the embedding matrix."""
     if bits not in (4, 8):
@@ -204,6 +212,12 @@ def quantize(model: nn.Module, *, bits: int = 4, dense_rows: int | None = None, 
             model.output.logits = True
     if fuse and isinstance(model, Attention) and model.wq is not None:
         model.fuse_qkv(QuantLinear.fused([model.wq, model.wk, model.wv], bits, dense_rows, fine=True))
+    if isinstance(model, MoeFeedForward) and model.w13s is None:
+        # Each expert's projections (the router stays a plain linear below, int8).
+        experts = range(model.gate.out_features)
+        model.quantized([QuantLinear.fused([_linear(model.w1[e]), _linear(model.w3[e])], bits, dense_rows)
+                         for e in experts],
+                        [QuantLinear(_linear(model.w2[e]), bits, dense_rows, fine=True) for e in experts])
     if fuse and isinstance(model, FeedForward) and model.w1 is not None:
         model.fuse_w13(QuantLinear.fused([model.w1, model.w3], bits, dense_rows))
     for name, child in list(model.named_children()):

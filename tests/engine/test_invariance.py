@@ -88,3 +88,33 @@ def test_same_tokens_alone_batched_mixed_and_cached(smollm2_path: Path, name: st
     cached = {k[1:]: v for k, v in run(busy, ours("c")).items()}
     assert busy.stats.prefix_hits - hits > 16 * 16  # most of each prompt came from the cache
     assert cached == alone
+
+
+@pytest.mark.parametrize("name", available(kernels.load()))
+def test_a_mixture_of_experts_is_invariant_too(name: str) -> None:
+    """A small random Mixtral-shaped model (8 experts, top 2; int4 experts): a token's experts run on its
+    row alone or among others' rows (each expert's rows in one product), the k outputs added in expert
+    order -- greedy tokens alone equal batched and chunked."""
+    from souverain.model import ModelArgs, MoeArgs, Transformer
+    from tests.engine.toy import make_engine, run_all, tokens_of
+
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=256, vocab_size=258,
+                                  max_seq_len=256, head_dim=32, moe=MoeArgs(num_experts=8, num_experts_per_tok=2)))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+    model = quantize(model.to(torch.bfloat16).eval(), bits=4)
+    backend = choose(name=name)
+    prompts = [[(7 * i + 3 * j) % 250 for j in range(5 + 23 * i)] for i in range(6)]
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+
+    def go(batch: list[int], budget: int = 512) -> dict[int, list[int]]:
+        engine = make_engine(model, blocks=256, block_size=16, max_batched_tokens=budget, backend=backend)
+        out = run_all(engine, {0: [Request(f"r{i}", prompts[i], params) for i in batch]})
+        return {i: tokens_of(out[(f"r{i}", 0)]) for i in batch}
+
+    together = go(list(range(6)))
+    assert go(list(range(6)), budget=40) == together
+    for i in range(6):
+        assert go([i])[i] == together[i]
