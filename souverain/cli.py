@@ -203,7 +203,7 @@ def _load(model: str | None, dtype: str, bits: str, *, pull_missing: bool = True
     if dtype not in DTYPES:
         raise _fail(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     try:
-        if model is None or (pull_missing and Store().get(model) is None and model in CATALOGUE):
+        if model is None or (pull_missing and model in CATALOGUE and Store().get(model) is None):
             err.print(f"[dim]pulling {model or DEFAULT_CHAT_MODEL} (first use)[/dim]")
         path = resolve(model, pull_missing=pull_missing)
         n_bits = resolve_bits(bits, describe(path).get("quantization"))

