@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import itertools
 import os
+import socket
 import sys
 import time
 from pathlib import Path
@@ -412,6 +414,8 @@ def serve(
     from souverain.server.loader import freeze_heap, load_models
     from souverain.server.settings import Settings
 
+    # The port first: a port in use is said in a second, before the database, the credentials and the models.
+    listener = _bind(host, port)
     home = default_home()  # models, uploads, adapters, the database: the owner's only
     home.mkdir(parents=True, exist_ok=True)
     home.chmod(0o700)
@@ -454,12 +458,30 @@ def serve(
         err.print(f"{settled} usage rows of a server that stopped mid-request marked interrupted (their tokens "
                   "stay billed)", highlight=False)
     try:
-        uvicorn.run(api, host=host, port=port, log_level="warning")
+        uvicorn.Server(uvicorn.Config(api, log_level="warning")).run(sockets=[listener])
     finally:
         jobs.stop()
         registry.shutdown()
         api.state.platform.shutdown()  # the last usage rows are written
         database.close()
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port for the server (uvicorn listens on it), or a one-line failure."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+    except OSError as e:
+        raise _fail(f"cannot bind {host}:{port}: {e}") from None
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        if e.errno == errno.EADDRINUSE:
+            raise _fail(f"port {port} is in use on {host}; try --port {port + 1} (or SOUVERAIN_PORT)") from None
+        raise _fail(f"cannot bind {host}:{port}: {e.strerror or e}") from None
+    return sock
 
 
 @app.command()

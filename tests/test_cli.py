@@ -101,3 +101,18 @@ def test_serve_and_ps(home: Path) -> None:
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_serve_says_a_port_in_use_before_anything_else(tmp_path: Path) -> None:
+    """A port already taken is said in a second, before the database, the one-time owner credentials and
+    the models (which take a minute to load)."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = souverain("serve", "--port", str(port), "--model", "smollm2", home=tmp_path / "home")
+    assert done.returncode == 1 and f"port {port} is in use" in done.stderr and f"--port {port + 1}" in done.stderr
+    assert "loaded" not in done.stderr and "password" not in (done.stdout + done.stderr).lower()
+    assert not (tmp_path / "home").exists()  # no database, no first-start credentials used up
