@@ -49,13 +49,15 @@ class PagedKVCache:
 class RowKeys:
     """What the C++ attention reads for the query rows of a step, prefill and decode alike: each row's
     block table (int32 [N, W]) and the key positions it attends, [lo, hi) (int32 [N]); and per sequence,
-    for the AMX kernel, (first row, keys before it, rows) and its block table (int32 [G, W])."""
+    for the AMX kernel, (first row, keys before it, rows) and its block table (int32 [G, W]); `runs`: the
+    (first row, rows) of the sequences with more than one row, which the vector kernel computes together."""
 
     tables: torch.Tensor
     lo: torch.Tensor
     hi: torch.Tensor
     spans: list[tuple[int, int, int]]
     seq_tables: torch.Tensor
+    runs: list[tuple[int, int]]
 
 
 @dataclass
@@ -115,8 +117,7 @@ class PagedStep:
                                               self.cache.block_size, q.shape[-1] ** -0.5)
                 return out[None]
             return fast.paged_decode_attention(flat_q.contiguous(), kc, vc, r.tables, r.lo, r.hi,
-                                               self.cache.block_size, q.shape[-1] ** -0.5,
-                                               [(row, n) for row, _, n in r.spans if n > 1])[None]
+                                               self.cache.block_size, q.shape[-1] ** -0.5, r.runs)[None]
         if len(self.groups) == 1 and self.groups[0].identity:  # all decodes: the common case
             g = self.groups[0]
             return attend_exact(flat_q[:, None], self._keys(kc, g), self._values(vc, g), g.mask).transpose(0, 1)
@@ -208,4 +209,4 @@ def row_keys(starts: list[int], counts: list[int], block_tables: list[list[int]]
         tables = seq_tables.repeat_interleave(torch.tensor(counts, device=device), dim=0)
         pos = torch.cat([torch.arange(a, a + n, dtype=torch.int32, device=device) for _, a, n in spans])
     lo = (pos - window + 1).clamp(min=0) if window else torch.zeros_like(pos)
-    return RowKeys(tables, lo, pos + 1, spans, seq_tables)
+    return RowKeys(tables, lo, pos + 1, spans, seq_tables, [(row, n) for row, _, n in spans if n > 1])
