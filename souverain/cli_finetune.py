@@ -4,40 +4,17 @@ from __future__ import annotations
 
 import json
 import time
-import urllib.error
-import urllib.request
 import uuid
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
-from rich.table import Table
+from rich.table import Column, Table
 
-err = Console(stderr=True)
-out = Console()
-Url = Annotated[str, typer.Option(envvar="SOUVERAIN_URL", help="The server")]
-Key = Annotated[str | None, typer.Option(envvar="SOUVERAIN_API_KEY", help="An API key")]
+from souverain.cli_client import Key, Server, Url, call, server
+from souverain.cli_common import err, out
+
 jobs_app = typer.Typer(help="Fine-tuning jobs on a running server.", no_args_is_help=True)
-
-
-def _call(url: str, key: str | None, method: str, path: str, body: bytes | None = None,
-          content_type: str = "application/json") -> Any:
-    headers = {"Content-Type": content_type, **({"Authorization": f"Bearer {key}"} if key else {})}
-    req = urllib.request.Request(url.rstrip("/") + path, body, headers, method=method)
-    try:
-        with urllib.request.urlopen(req, timeout=120) as r:
-            return json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        try:
-            message = json.loads(e.read()).get("message")
-        except ValueError:
-            message = e.reason
-        err.print(f"[red]error:[/red] {e.code}: {message}", highlight=False)
-        raise typer.Exit(1) from None
-    except OSError as e:
-        err.print(f"[red]error:[/red] cannot reach a server at {url}: {e}", highlight=False)
-        raise typer.Exit(1) from None
 
 
 def upload_file(url: str, key: str | None, path: Path) -> dict[str, Any]:
@@ -46,7 +23,7 @@ def upload_file(url: str, key: str | None, path: Path) -> dict[str, Any]:
     body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nfine-tune\r\n"
             f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{path.name}\"\r\n"
             "Content-Type: application/jsonl\r\n\r\n").encode() + path.read_bytes() + f"\r\n--{boundary}--\r\n".encode()
-    return dict(_call(url, key, "POST", "/v1/files", body, f"multipart/form-data; boundary={boundary}"))
+    return dict(call(Server(url, key), "POST", ("v1", "files"), body, f"multipart/form-data; boundary={boundary}"))
 
 
 def finetune(
@@ -60,27 +37,29 @@ def finetune(
     seq_len: Annotated[int, typer.Option(help="Packed sequence length")] = 512,
     suffix: Annotated[str | None, typer.Option(help="In the new model's id: ft:<model>:<suffix>:<job>")] = None,
     wait: Annotated[bool, typer.Option(help="Follow the job until it ends")] = True,
-    url: Url = "http://127.0.0.1:8000", api_key: Key = None,
+    url: Url = None, api_key: Key = None,
 ) -> None:
     """Upload DATA and fine-tune MODEL with LoRA; prints the new model's id when done."""
+    target = server(url, api_key)
     hyper: dict[str, Any] = {"learning_rate": lr, "rank": rank, "seq_len": seq_len}
     if steps or not epochs:
         hyper["training_steps"] = steps or 50
     if epochs:
         hyper["epochs"] = epochs
-    body = {"model": model, "training_files": [{"file_id": upload_file(url, api_key, data)["id"]}], "suffix": suffix,
-            "validation_files": [upload_file(url, api_key, validation)["id"]] if validation else [],
+    body = {"model": model, "suffix": suffix,
+            "training_files": [{"file_id": upload_file(target.url, target.key, data)["id"]}],
+            "validation_files": [upload_file(target.url, target.key, validation)["id"]] if validation else [],
             "hyperparameters": hyper, "auto_start": True}
-    job = _call(url, api_key, "POST", "/v1/fine_tuning/jobs", json.dumps(body).encode())
+    job = call(target, "POST", ("v1", "fine_tuning", "jobs"), json.dumps(body).encode())
     err.print(f"job {job['id']} queued", highlight=False)
     if wait:
-        _follow(url, api_key, job["id"])
+        _follow(target, job["id"])
 
 
-def _follow(url: str, key: str | None, job_id: str) -> None:
+def _follow(target: Server, job_id: str) -> None:
     seen = 0
     while True:
-        job = _call(url, key, "GET", f"/v1/fine_tuning/jobs/{job_id}")
+        job = call(target, "GET", ("v1", "fine_tuning", "jobs", job_id))
         points = list(reversed(job.get("checkpoints") or []))
         for c in points[seen:]:
             m = c["metrics"]
@@ -100,23 +79,29 @@ def _follow(url: str, key: str | None, job_id: str) -> None:
 
 
 @jobs_app.command("list")
-def jobs_list(url: Url = "http://127.0.0.1:8000", api_key: Key = None) -> None:
-    table = Table("JOB", "MODEL", "STATUS", "STEPS", "FINE-TUNED MODEL", box=None)
-    for j in _call(url, api_key, "GET", "/v1/fine_tuning/jobs")["data"]:
+def jobs_list(url: Url = None, api_key: Key = None) -> None:
+    """The organisation's fine-tuning jobs (ids in full, to paste into `jobs show`/`jobs cancel`)."""
+    jobs = call(server(url, api_key), "GET", ("v1", "fine_tuning", "jobs"))["data"]
+    width = max((len(j["id"]) for j in jobs), default=3)
+    table = Table(Column("JOB", no_wrap=True, min_width=width), Column("MODEL", overflow="fold"), "STATUS", "STEPS",
+                  Column("FINE-TUNED MODEL", overflow="fold"), box=None)
+    for j in jobs:
         table.add_row(j["id"], j["model"], j["status"], str(j["hyperparameters"].get("training_steps") or "-"),
                       j.get("fine_tuned_model") or "-")
     out.print(table)
 
 
 @jobs_app.command("show")
-def jobs_show(job_id: str, url: Url = "http://127.0.0.1:8000", api_key: Key = None) -> None:
-    print(json.dumps(_call(url, api_key, "GET", f"/v1/fine_tuning/jobs/{job_id}"), indent=2))
+def jobs_show(job_id: str, url: Url = None, api_key: Key = None) -> None:
+    """One job, as JSON."""
+    print(json.dumps(call(server(url, api_key), "GET", ("v1", "fine_tuning", "jobs", job_id)), indent=2))
 
 
 @jobs_app.command("cancel")
-def jobs_cancel(job_id: str, url: Url = "http://127.0.0.1:8000", api_key: Key = None) -> None:
-    job = _call(url, api_key, "POST", f"/v1/fine_tuning/jobs/{job_id}/cancel")
-    out.print(f"job {job_id}: {job['status']}")
+def jobs_cancel(job_id: str, url: Url = None, api_key: Key = None) -> None:
+    """Stop a queued or running job."""
+    job = call(server(url, api_key), "POST", ("v1", "fine_tuning", "jobs", job_id, "cancel"))
+    out.print(f"job {job_id}: {job['status']}", highlight=False)
 
 
 def install(app: typer.Typer) -> None:

@@ -10,14 +10,13 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
+
+from souverain.cli_common import err, out
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
 
-err = Console(stderr=True)
-out = Console()
 ACTOR = "cli"
 
 Db = Annotated[str | None, typer.Option("--db", envvar="SOUVERAIN_DB",
@@ -258,8 +257,11 @@ def plans_set(name: str,
               model: Annotated[list[str] | None, typer.Option(help="Allowed model (repeatable)")] = None,
               all_models: Annotated[bool, typer.Option(help="Allow every model")] = False,
               priority: Annotated[int | None, typer.Option(help="Scheduling priority, lower first")] = None,
+              create: Annotated[bool, typer.Option("--create", help="Make a new plan (a name not known is "
+                                                                    "otherwise refused: a typo creates nothing)")
+                                ] = False,
               db: Db = None) -> None:
-    """Create or change a plan; only the options given change."""
+    """Change a plan (or make one with --create); only the options given change."""
     from souverain.db import accounts
 
     limits: dict[str, object] = {}
@@ -274,7 +276,7 @@ def plans_set(name: str,
     if priority is not None:
         limits["priority"] = priority
     with session(db) as s:
-        accounts.set_plan_limits(s, name=name, actor=ACTOR, create=True, **limits)
+        accounts.set_plan_limits(s, name=name, actor=ACTOR, create=create, **limits)
     out.print(f"plan {name} saved")
 
 

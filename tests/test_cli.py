@@ -14,7 +14,36 @@ def souverain(*args: str, home: Path, stdin: str | None = None, cwd: Path | None
               ) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "SOUVERAIN_HOME": str(home), "COLUMNS": "200"}
     return subprocess.run([sys.executable, "-m", "souverain", *args], capture_output=True, text=True, env=env,
-                          input=stdin, timeout=300, check=False, cwd=cwd)
+                          input=stdin, stdin=subprocess.DEVNULL if stdin is None else None, timeout=300, check=False,
+                          cwd=cwd)
+
+
+def on_a_terminal(*args: str, home: Path, lines: list[str]) -> subprocess.CompletedProcess[str]:
+    """The command with a terminal (a pty) as its input, as a user typing `lines`: the interactive mode."""
+    import pty
+    import threading
+
+    env = {**os.environ, "SOUVERAIN_HOME": str(home), "COLUMNS": "200"}
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "souverain", *args], stdin=slave, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    os.close(slave)
+
+    def drain() -> None:  # the terminal's echo, read so that it never fills
+        try:
+            while os.read(master, 4096):
+                pass
+        except OSError:
+            pass
+
+    threading.Thread(target=drain, daemon=True).start()
+    for line in lines:
+        os.write(master, (line + "\n").encode())
+    try:
+        stdout, stderr = proc.communicate(timeout=300)
+    finally:
+        os.close(master)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
 
 
 @pytest.fixture(scope="module")
@@ -53,11 +82,33 @@ def test_run_takes_a_file_by_relative_or_absolute_path(smollm2_path: Path, tmp_p
         assert "invalid model name" not in done.stderr and "Traceback" not in done.stderr
 
 
-def test_run_interactive_keeps_history_and_clears(home: Path) -> None:
-    script = "My name is Ada.\n/clear\nWhat is the capital of France?\n/bye\n"
-    done = souverain("run", "smollm2", "--temperature", "0", "--max-tokens", "24", home=home, stdin=script)
+def test_run_interactive_commands_are_never_sent_to_the_model(home: Path) -> None:
+    """On a terminal: /? help, /set parameter, /set system, /show, an unknown /command, /clear, /bye."""
+    done = on_a_terminal("run", "smollm2", "--temperature", "0", home=home, lines=[
+        "/?", "/set parameter num_predict 5", "/set parameter mirostat 1", "/show parameters", "/nonsense",
+        "/set system You are a geographer.", "/show system", "My name is Ada.", "/clear", "/set system",
+        "/set parameter num_predict 24", "What is the capital of France?", "/bye"])
     assert done.returncode == 0, done.stderr
-    assert "conversation cleared" in done.stderr and "Paris" in done.stdout
+    assert "/set parameter NAME VALUE" in done.stderr  # the help
+    assert "PARAMETER mirostat is not supported" in done.stderr
+    assert "max_tokens           5" in done.stdout and "You are a geographer." in done.stdout
+    assert "unknown command '/nonsense'" in done.stderr and "nothing was sent" in done.stderr
+    assert "conversation cleared" in done.stderr and "system message removed" in done.stderr
+    assert "Paris" in done.stdout
+    assert done.stderr.count(" tokens, ") == 2  # two answers: the commands made none
+    assert "5 tokens, " in done.stderr  # num_predict 5 applied to the first
+
+
+def test_run_reads_a_piped_prompt(home: Path) -> None:
+    """As `ollama run`: piped input is the prompt, or is added after a PROMPT argument."""
+    done = souverain("run", "smollm2", "--temperature", "0", "--max-tokens", "24", home=home,
+                     stdin="What is the capital of France?\n")
+    assert done.returncode == 0 and "Paris" in done.stdout, done.stderr
+    done = souverain("run", "smollm2", "What is the capital of this country?", "--temperature", "0", "--max-tokens",
+                     "24", home=home, stdin="France\n")
+    assert done.returncode == 0 and "Paris" in done.stdout, done.stderr
+    done = souverain("run", "smollm2", home=home, stdin="")
+    assert done.returncode == 1 and "nothing to ask" in done.stderr
 
 
 def test_failures_are_one_clear_line(home: Path, tmp_path: Path) -> None:
@@ -116,3 +167,49 @@ def test_serve_says_a_port_in_use_before_anything_else(tmp_path: Path) -> None:
     assert done.returncode == 1 and f"port {port} is in use" in done.stderr and f"--port {port + 1}" in done.stderr
     assert "loaded" not in done.stderr and "password" not in (done.stdout + done.stderr).lower()
     assert not (tmp_path / "home").exists()  # no database, no first-start credentials used up
+
+
+def test_version_cp_and_list_ids(home: Path) -> None:
+    assert souverain("--version", home=home).stdout.startswith("souverain ")
+    assert souverain("cp", "smollm2", "smollm2-copy", home=home).returncode == 0
+    again = souverain("cp", "smollm2", "smollm2-copy", home=home)
+    assert again.returncode == 1 and "already installed" in again.stderr
+    rows = {line.split()[0]: line.split() for line in souverain("ls", home=home).stdout.splitlines()[1:]}
+    assert rows["smollm2"][1] == rows["smollm2-copy"][1] and len(rows["smollm2"][1]) == 12  # same files, same id
+    assert rows["smollm2-copy"][2:4] == ["98.4", "MB"] and "ago" in " ".join(rows["smollm2-copy"]) or \
+        "just now" in " ".join(rows["smollm2-copy"])
+    assert souverain("rm", "smollm2-copy", home=home).returncode == 0
+    assert souverain("run", "smollm2", "Hi", "--max-tokens", "2", home=home).returncode == 0  # still whole
+
+
+def test_pull_of_an_installed_model_needs_no_network(home: Path, tmp_path: Path, smollm2_path: Path) -> None:
+    """Installed and intact: nothing fetched (offline too). Damaged: fetched again, and offline that fails
+    naming the three ways in."""
+    env_index = {"SOUVERAIN_INDEX_URL": "http://127.0.0.1:9/simple"}  # nothing listens there
+    os.environ.update(env_index)
+    try:
+        done = souverain("pull", "smollm2", home=home)
+        assert done.returncode == 0 and "installed and intact" in done.stderr, done.stderr
+        other = tmp_path / "home"
+        assert souverain("import", str(smollm2_path), "--name", "smollm2", home=other).returncode == 0
+        stored = next((other / "models" / "smollm2" / "files").glob("*.gguf"))
+        with open(stored, "r+b") as f:
+            f.seek(1000)
+            f.write(b"damage")
+        done = souverain("pull", "smollm2", home=other)
+        assert done.returncode == 1 and "not as installed; fetching it again" in done.stderr
+        for way in ("SOUVERAIN_INDEX_URL", "souverain export", "souverain import"):
+            assert way in done.stderr, done.stderr
+        assert "Traceback" not in done.stderr
+    finally:
+        for key in env_index:
+            os.environ.pop(key)
+
+
+def test_plans_set_refuses_an_unknown_plan(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    done = souverain("plans", "set", "proo", "--rps", "3", home=home)
+    assert done.returncode == 1 and "no plan named 'proo'" in done.stderr
+    assert "proo" not in souverain("plans", "list", home=home).stdout
+    assert souverain("plans", "set", "team", "--rps", "3", "--create", home=home).returncode == 0
+    assert "team" in souverain("plans", "list", home=home).stdout

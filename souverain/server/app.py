@@ -79,4 +79,14 @@ def create_app(settings: Settings, registry: Registry, db: Database | None = Non
         return settings.max_file_bytes + (1 << 20) if path == "/v1/files" else settings.max_body_bytes
 
     app.add_middleware(Guard, platform=app.state.platform, limit_for=limit_for)  # type: ignore[arg-type]
+    if settings.allowed_origins:  # outside the guard: a browser's preflight carries no key
+        from fastapi.middleware.cors import CORSMiddleware
+
+        # Bearer keys only: never the chat app's session cookie from another origin (no allow_credentials).
+        app.add_middleware(CORSMiddleware, allow_origins=settings.allowed_origins,  # type: ignore[arg-type]
+                           allow_methods=["*"], allow_headers=["*"], expose_headers=["x-request-id"])
+    if settings.access_log:
+        from souverain.server.access import AccessLog
+
+        app.add_middleware(AccessLog)  # type: ignore[arg-type]
     return app

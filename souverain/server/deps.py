@@ -44,7 +44,7 @@ PlatformDep = Annotated[Platform, Depends(platform)]
 
 def find_model(models: Registry, model_id: str, caller: Caller | None = None, plat: Platform | None = None
                ) -> LoadedModel:
-    found = models.get(model_id)
-    if found is None or (caller is not None and plat is not None and not plat.visible(caller, [model_id])):
+    found = models.get(model_id)  # an alias (--served-model-name) is checked as the model it names
+    if found is None or (caller is not None and plat is not None and not plat.visible(caller, [found.id])):
         raise APIError(404, f"model {model_id!r} not found; see GET /v1/models", param="model", code="model_not_found")
     return found

@@ -42,7 +42,7 @@ class Guard:
                 message = {**message, "headers": [*message.get("headers", []), (b"x-request-id", rid.encode())]}
             await send(message)
 
-        limit = self.limit_for(scope["path"])
+        limit = self.limit_for(route_path(scope))
         size = _header(scope, b"content-length")
         if size is not None and (not size.isdigit() or int(size) > limit):
             await _answer(scope, receive, send_with_id, APIError(413, f"request body over the limit of {limit} bytes"))
@@ -58,7 +58,7 @@ class Guard:
         """API routes: the bearer key is checked here, in a worker thread, before the body; no credentials
         at all is a 401 at once. The route's dependency reuses the caller found here. The chat app's routes
         (but sign-in and accepting an invitation) need the session cookie before their body is read."""
-        path = scope["path"]
+        path = route_path(scope)
         if path.startswith("/app/api/") and path not in PUBLIC and not self.platform.open:
             if self.session_cookie.encode() + b"=" not in (_header(scope, b"cookie") or "").encode():
                 raise APIError(401, "sign in first", type_="authentication_error")
@@ -124,6 +124,16 @@ def _header(scope: Scope, name: bytes) -> str | None:
         if key == name:
             return bytes(value).decode("latin-1")
     return None
+
+
+def route_path(scope: Scope) -> str:
+    """The path the routes see: behind `--root-path` the server hears `/prefix/v1/...` (uvicorn puts the prefix
+    back in front); authentication and limits must judge `/v1/...`, as the router does."""
+    path: str = scope["path"]
+    root: str = scope.get("root_path", "")
+    if root and (path == root or path.startswith(root + "/")):
+        return path[len(root):] or "/"
+    return path
 
 
 def caller_from(scope: MutableMapping[str, Any]) -> Caller | None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import gc
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -30,7 +32,11 @@ def freeze_heap() -> None:
 
 
 def load_models(settings: Settings, say: Callable[[str], None] = print) -> Registry:
+    """Each `--model` behind its own engine. The first chat model takes `--served-model-name` (its id, then
+    aliases) and `--chat-template`; an installed model made by `souverain create` brings its Modelfile's
+    defaults (system message, parameters, template, context)."""
     registry = Registry()
+    first = True
     for entry in settings.models:
         # "NAME=MODEL" serves MODEL (an installed name or a path) under the id NAME.
         name, _, ref = entry.partition("=") if "=" in entry else (entry, "", entry)
@@ -40,16 +46,47 @@ def load_models(settings: Settings, say: Callable[[str], None] = print) -> Regis
             registry.add_embedder(LoadedEmbedder(name, Embedder(path), info))
             say(f"loaded {name} (embeddings, {info.get('architecture')})")
             continue
+        defaults = installed_defaults(ref)
+        template = defaults.get("template")
+        if first:
+            if settings.served_model_names:
+                name = settings.served_model_names[0]
+                registry.aliases.update({alias: name for alias in settings.served_model_names[1:]})
+            template = settings.chat_template or template
         bits = resolve_bits(settings.bits, info.get("quantization"))
         model = load_model(path, dtype=getattr(torch, settings.dtype), bits=bits)
         tokenizer = load_tokenizer(path)
+        if template is not None:
+            if not hasattr(tokenizer, "chat_template"):
+                raise ValueError(f"{name}: a chat template cannot replace the instruct format of a Mistral "
+                                 "tokenizer (mistral-common); leave --chat-template / TEMPLATE out for this model")
+            tokenizer.chat_template = template
+            info = {**info, "chat_template": template, "capabilities": sorted({*info.get("capabilities", []),
+                                                                                "chat"})}
         backend = choose(next(model.parameters()).device)
-        engine = LLMEngine(prepare(model, backend), tokenizer,
-                           EngineConfig(kv_cache_memory=settings.kv_cache_memory, max_waiting=settings.max_waiting),
-                           adapters=adapter_cache(registry, name), backend=backend)
+        config = EngineConfig(kv_cache_memory=settings.kv_cache_memory, max_waiting=settings.max_waiting,
+                              max_num_seqs=settings.max_num_seqs, max_batched_tokens=settings.max_num_batched_tokens,
+                              max_model_len=settings.max_model_len or defaults.get("parameters", {}).get("context"))
+        engine = LLMEngine(prepare(model, backend), tokenizer, config, adapters=adapter_cache(registry, name),
+                           backend=backend)
         async_engine = AsyncEngine(engine)
         async_engine.start()
-        registry.add(LoadedModel(name, async_engine, tokenizer, info, path=path))
+        registry.add(LoadedModel(name, async_engine, tokenizer, info, path=path, defaults=defaults))
+        first = False
         say(f"loaded {name} ({info.get('architecture')}, {info.get('quantization') or settings.dtype}"
-            f"{f', int{bits} weights' if bits else ''}, context {engine.max_model_len}, {backend} kernels)")
+            f"{f', int{bits} weights' if bits else ''}, context {engine.max_model_len}, {backend} kernels"
+            f"{', Modelfile defaults' if defaults else ''})")
+    if settings.served_model_names and first:
+        raise ValueError("--served-model-name names the first chat model, and no chat model is served")
     return registry
+
+
+def installed_defaults(ref: str) -> dict[str, Any]:
+    """The Modelfile defaults of an installed model (none for a path, or a model installed without them)."""
+    from souverain.hub import looks_like_path
+    from souverain.hub.store import Store
+
+    if looks_like_path(ref) or Path(ref).expanduser().exists():
+        return {}
+    manifest = Store().get(ref)
+    return dict(manifest.defaults) if manifest is not None else {}

@@ -25,6 +25,7 @@ class LoadedModel:
     adapter: str | None = None  # a fine-tuned id runs on its parent's engine with this adapter
     parent: str | None = None
     job: str | None = None
+    defaults: dict[str, Any] = field(default_factory=dict)  # its Modelfile's system, parameters, messages
 
     _grammars: GrammarCompiler | None = field(default=None, repr=False)
 
@@ -55,6 +56,7 @@ class Registry:
     adapters: dict[str, LoadedModel] = field(default_factory=dict)  # fine-tuned ids
     adapter_dirs: dict[str, Path] = field(default_factory=dict)
     refresh: Callable[[], None] | None = None  # looks for new fine-tuned models (set by the server)
+    aliases: dict[str, str] = field(default_factory=dict)  # --served-model-name's further names -> the model's id
 
     def add(self, model: LoadedModel) -> None:
         self.models[model.id] = model
@@ -64,12 +66,14 @@ class Registry:
         base = self.models[parent]
         self.adapter_dirs[model_id] = folder
         self.adapters[model_id] = LoadedModel(model_id, base.engine, base.tokenizer, base.info,
-                                              created or int(time.time()), base.path, model_id, parent, job)
+                                              created or int(time.time()), base.path, model_id, parent, job,
+                                              base.defaults)
 
     def add_embedder(self, embedder: LoadedEmbedder) -> None:
         self.embedders[embedder.id] = embedder
 
     def get(self, model_id: str) -> LoadedModel | None:
+        model_id = self.aliases.get(model_id, model_id)
         found = self.models.get(model_id) or self.adapters.get(model_id)
         if found is None and self.refresh is not None and model_id.startswith("ft:"):
             self.refresh()

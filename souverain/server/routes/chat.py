@@ -16,6 +16,7 @@ from starlette.concurrency import run_in_threadpool
 from souverain.engine.grammar import Grammar
 from souverain.engine.request import Request
 from souverain.server import constraints
+from souverain.server.defaults import with_defaults
 from souverain.server.deps import CurrentCaller, Models, PlatformDep, find_model
 from souverain.server.errors import APIError, error_body
 from souverain.server.generation import (
@@ -77,8 +78,9 @@ async def chat_completions(req: ChatCompletionRequest, caller: CurrentCaller, mo
     `tool_choice` and `parallel_tool_calls`) lets the model call functions; `response_format` json_object or
     json_schema constrains the answer to JSON. Both are enforced by grammar-constrained decoding."""
     model = find_model(models, req.model, caller, plat)
+    req = with_defaults(req, model)
     refuse_unsupported(req)
-    adm = plat.gate(caller, req.model)  # rate limits before the prompt is rendered and tokenised
+    adm = plat.gate(caller, model.id)  # rate limits before the prompt is rendered and tokenised
     refuse_oversized(sum(len(m.model_dump_json(exclude_none=True)) for m in req.messages), model, adm)
     ids, plan = await run_in_threadpool(_plan, model, req)
     return await respond(plat, caller, model, req, ids, (req.top_logprobs or 0) if req.logprobs else None, "chat",
@@ -90,10 +92,11 @@ async def fim_completions(req: FIMCompletionRequest, caller: CurrentCaller, mode
                           http: HTTPRequest) -> Any:
     """Fill in the middle: the code between `prompt` and `suffix`, for models with FIM tokens."""
     model = find_model(models, req.model, caller, plat)
+    req = with_defaults(req, model)
     refuse_unsupported(req)
     if "fim" not in model.info.get("capabilities", []):
         raise APIError(400, f"model {req.model!r} has no fill-in-the-middle capability", param="model")
-    adm = plat.gate(caller, req.model)
+    adm = plat.gate(caller, model.id)
     refuse_oversized(len(req.prompt.encode()) + len((req.suffix or "").encode()), model, adm)
     try:
         ids = await run_in_threadpool(model.tokenizer.encode_fim, req.prompt, req.suffix or "")

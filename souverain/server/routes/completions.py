@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from souverain.engine.request import Request, TokenLogprob
+from souverain.server.defaults import with_defaults
 from souverain.server.deps import CurrentCaller, Models, PlatformDep, find_model
 from souverain.server.errors import APIError, error_body
 from souverain.server.generation import (
@@ -42,6 +43,7 @@ async def completions(req: CompletionRequest, caller: CurrentCaller, models: Mod
                       http: HTTPRequest) -> Any:
     """Continue a raw text prompt (no chat template)."""
     model = find_model(models, req.model, caller, plat)
+    req = with_defaults(req, model)
     if not isinstance(req.prompt, str):
         if len(req.prompt) != 1:
             raise APIError(400, "send one prompt per request", param="prompt")
@@ -53,7 +55,7 @@ async def completions(req: CompletionRequest, caller: CurrentCaller, models: Mod
     if req.echo and req.logprobs is not None:
         raise APIError(400, "echo with logprobs needs the prompt's log-probabilities, which this server does not "
                             "compute", param="echo")
-    adm = plat.gate(caller, req.model)  # rate limits before the prompt is tokenised
+    adm = plat.gate(caller, model.id)  # rate limits before the prompt is tokenised
     refuse_oversized(len(req.prompt.encode()), model, adm)
     ids = await run_in_threadpool(model.tokenizer.encode, req.prompt)
     if not ids:

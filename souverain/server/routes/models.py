@@ -49,7 +49,9 @@ async def list_models(caller: CurrentCaller, models: Models, plat: PlatformDep) 
     shown = set(plat.visible(caller, [*models.models, *models.adapters, *models.embedders]))
     cards = ([model_card(m) for m in models.models.values() if m.id in shown]
              + [adapter_card(m) for m in models.adapters.values() if m.id in shown]
-             + [embedder_card(m) for m in models.embedders.values() if m.id in shown])
+             + [embedder_card(m) for m in models.embedders.values() if m.id in shown]
+             + [{**model_card(models.models[target]), "id": alias, "root": target}
+                for alias, target in models.aliases.items() if target in shown and target in models.models])
     return {"object": "list", "data": cards}
 
 
