@@ -47,6 +47,8 @@ def site(smollm2_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     (root / "Modelfile").write_text(PIRATE)
     made = cli("create", "pirate", "-f", str(root / "Modelfile"), env=env)
     assert made.returncode == 0, made.stderr
+    (root / "Brief").write_text("FROM smollm2\nSYSTEM Answer in three words.\nPARAMETER num_predict 3\n")
+    assert cli("create", "brief", "-f", str(root / "Brief"), env=env).returncode == 0  # served without --model
     (root / "serve.yaml").write_text("max-model-len: 1024\nkv_cache_memory: 48MiB\n"
                                      "served-model-name: [pirate-chat, gpt-4o-mini]\nmax-num-seqs: 8\n")
     port = free_port()
@@ -102,6 +104,16 @@ def test_flags_and_config_file_shape_what_is_served(site: dict[str, Any]) -> Non
     assert cards["smollm2"]["max_context_length"] == 1024
     status, _, schema = call(site, "/openapi.json")
     assert schema["servers"] == [{"url": "/llm"}]  # --root-path: the proxy's prefix, for docs and clients
+    status, _, page = call(site, "/", key=None)
+    assert '<meta name="root-path" content="/llm">' in page and '"/llm/static/app.js"' in page  # the chat app too
+
+
+def test_models_created_from_a_served_model_are_served_on_its_engine(site: dict[str, Any]) -> None:
+    _, _, models = call(site, "/v1/models")
+    assert "brief" in {m["id"] for m in models["data"]}
+    status, _, answer = call(site, "/v1/chat/completions", {"model": "brief", "temperature": 0,
+                                                            "messages": [{"role": "user", "content": "Hi"}]})
+    assert status == 200 and answer["usage"]["completion_tokens"] <= 3, answer
 
 
 def test_a_created_model_answers_with_its_baked_system_prompt_and_parameters(site: dict[str, Any]) -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import gc
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -12,7 +14,7 @@ import torch
 from souverain.embed import Embedder
 from souverain.engine.async_engine import AsyncEngine
 from souverain.engine.engine import EngineConfig, LLMEngine
-from souverain.hub import resolve
+from souverain.hub import looks_like_path, resolve
 from souverain.hub.describe import describe
 from souverain.kernels.backend import choose
 from souverain.model.quant import prepare, resolve_bits
@@ -37,6 +39,7 @@ def load_models(settings: Settings, say: Callable[[str], None] = print) -> Regis
     defaults (system message, parameters, template, context)."""
     registry = Registry()
     first = True
+    installed: dict[str, str] = {}  # served id -> its store name
     for entry in settings.models:
         # "NAME=MODEL" serves MODEL (an installed name or a path) under the id NAME.
         name, _, ref = entry.partition("=") if "=" in entry else (entry, "", entry)
@@ -72,18 +75,53 @@ def load_models(settings: Settings, say: Callable[[str], None] = print) -> Regis
         async_engine = AsyncEngine(engine)
         async_engine.start()
         registry.add(LoadedModel(name, async_engine, tokenizer, info, path=path, defaults=defaults))
+        if not looks_like_path(ref) and not Path(ref).expanduser().exists():
+            installed[name] = ref
         first = False
         say(f"loaded {name} ({info.get('architecture')}, {info.get('quantization') or settings.dtype}"
             f"{f', int{bits} weights' if bits else ''}, context {engine.max_model_len}, {backend} kernels"
             f"{', Modelfile defaults' if defaults else ''})")
     if settings.served_model_names and first:
         raise ValueError("--served-model-name names the first chat model, and no chat model is served")
+    for line in add_variants(registry, installed):
+        say(line)
     return registry
+
+
+def add_variants(registry: Registry, installed: dict[str, str]) -> list[str]:
+    """Every model `souverain create` (or `cp`) made from the files of a served model is served as well, on that
+    model's engine (no second copy in memory) with its own system message, parameters and template."""
+    from souverain.hub.store import Store
+
+    store = Store()
+
+    def files_key(name: str) -> str | None:
+        manifest = store.get(name)
+        return json.dumps(sorted((p, f["sha256"]) for p, f in manifest.files.items())) if manifest else None
+
+    bases = {files_key(ref): registry.models[served] for served, ref in installed.items()}
+    taken = set(installed.values())
+    added = []
+    for manifest in store.list():
+        base = bases.get(files_key(manifest.name))
+        if base is None or manifest.name in taken or manifest.name in registry.models or not manifest.defaults:
+            continue
+        tokenizer = base.tokenizer
+        if "template" in manifest.defaults and hasattr(tokenizer, "chat_template"):
+            tokenizer = copy.copy(tokenizer)  # its own template; the vocabulary is shared
+            tokenizer.chat_template = manifest.defaults["template"]
+        elif "template" in manifest.defaults:
+            added.append(f"not serving {manifest.name}: its TEMPLATE cannot replace {base.id}'s Mistral format")
+            continue
+        registry.add(LoadedModel(manifest.name, base.engine, tokenizer, base.info, path=base.path,
+                                 defaults=dict(manifest.defaults)))
+        added.append(f"serving {manifest.name} too (made from {base.id}'s files by `souverain create`: its engine, "
+                     "its own defaults)")
+    return added
 
 
 def installed_defaults(ref: str) -> dict[str, Any]:
     """The Modelfile defaults of an installed model (none for a path, or a model installed without them)."""
-    from souverain.hub import looks_like_path
     from souverain.hub.store import Store
 
     if looks_like_path(ref) or Path(ref).expanduser().exists():

@@ -31,7 +31,9 @@ class LoadedModel:
 
     @property
     def max_context(self) -> int:
-        return self.engine.engine.max_model_len
+        """The engine's context, or less where a Modelfile's num_ctx says so (a variant sharing an engine)."""
+        cap = self.defaults.get("parameters", {}).get("context")
+        return min(self.engine.engine.max_model_len, cap) if cap else self.engine.engine.max_model_len
 
     @property
     def grammars(self) -> GrammarCompiler:

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import html
+import json
+import re
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import anyio.to_thread
 from fastapi import APIRouter, Depends, Query, Request, Response
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, HTMLResponse
 from pydantic import BaseModel, Field
 
 from souverain.db import accounts, chat
@@ -252,7 +255,9 @@ def me(request: Request, caller: User, plat: PlatformDep, models: Models) -> dic
         csrf = row.csrf if row else ""
         names = [o.name for o, _ in accounts.memberships(s, user=user)]
     lim = caller.limits
-    usable = [m for m in plat.visible(caller, sorted(models.models))
+    if models.refresh is not None:
+        models.refresh()  # fine-tuned models finished since the last look
+    usable = [m for m in plat.visible(caller, [*sorted(models.models), *sorted(models.adapters)])
               if lim.allowed_models is None or m in lim.allowed_models]
     return {"email": user.email, "name": user.name, "organisation": org.name, "role": caller.role,
             "plan": lim.plan, "month_tokens": caller.month_tokens,
@@ -314,6 +319,39 @@ def get_conversation(cid: str, caller: User, plat: PlatformDep) -> dict[str, Any
                 "thread": [m.id for m in chat.branch(msgs, c.leaf_id)]}
 
 
+@router.get("/conversations/{cid}/export")
+def export_conversation(cid: str, caller: User, plat: PlatformDep,
+                        fmt: Annotated[str, Query(alias="format")] = "md") -> Response:
+    """The visible thread as a download: Markdown (to read or paste) or JSON (every message, all branches)."""
+    assert caller.user_id is not None
+    if fmt not in ("md", "json"):
+        raise APIError(400, f"format must be md or json, not {fmt!r}", param="format")
+    with plat.database("the chat app").session() as s:
+        c = chat.get_conversation(s, user_id=caller.user_id, conversation_id=cid)
+        msgs = chat.messages(s, conv=c)
+        thread = chat.branch(msgs, c.leaf_id)
+        data = {**conv_json(c), "messages": [msg_json(m) for m in msgs], "thread": [m.id for m in thread]}
+        text = json.dumps(data, indent=2, ensure_ascii=False) if fmt == "json" else _markdown(c, thread)
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "-", c.title or "conversation").strip("-")[:60] or "conversation"
+    return Response(text, media_type="application/json" if fmt == "json" else "text/markdown; charset=utf-8",
+                    headers={"Content-Disposition": f'attachment; filename="{stem}.{fmt}"',
+                             "Cache-Control": "no-store"})
+
+
+def _markdown(c: Conversation, thread: list[Message]) -> str:
+    lines = [f"# {c.title or 'Conversation'}", "",
+             f"*{c.model} · {c.created_at.isoformat(timespec='minutes')}Z*", ""]
+    if c.system_prompt:
+        lines += ["**System**", "", c.system_prompt, ""]
+    for m in thread:
+        who = "You" if m.role == "user" else (m.model or "Assistant") if m.role == "assistant" else m.role.title()
+        lines += [f"**{who}**", "", m.content or "", ""]
+        for call in m.tool_calls or []:
+            fn = call.get("function", {})
+            lines += [f"> called `{fn.get('name')}` with `{fn.get('arguments')}`", ""]
+    return "\n".join(lines)
+
+
 @router.patch("/conversations/{cid}")
 def update_conversation(cid: str, body: ConversationPatch, caller: User, plat: PlatformDep) -> dict[str, Any]:
     assert caller.user_id is not None
@@ -354,17 +392,27 @@ def update_message(cid: str, mid: str, body: MessagePatch, caller: User, plat: P
                                             tool_calls=calls))
 
 
-def _page() -> FileResponse:
-    return FileResponse(STATIC / "index.html", headers={"Content-Security-Policy": CSP, "Cache-Control": "no-cache",
-                                                        "X-Content-Type-Options": "nosniff",
-                                                        "Referrer-Policy": "no-referrer"})
+def _page(request: Request) -> HTMLResponse:
+    """The app's one page. Behind `--root-path` its links and calls carry the proxy's prefix (read by app.js)."""
+    root = request.scope.get("root_path", "")
+    page = (STATIC / "index.html").read_text(encoding="utf-8")
+    page = page.replace('"/static/', f'"{html.escape(root)}/static/').replace(
+        '<meta name="root-path" content="">', f'<meta name="root-path" content="{html.escape(root)}">')
+    return HTMLResponse(page, headers={"Content-Security-Policy": CSP, "Cache-Control": "no-cache",
+                                       "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"})
 
 
 @pages.get("/")
-def index() -> FileResponse:
-    return _page()
+def index(request: Request) -> HTMLResponse:
+    return _page(request)
+
+
+@pages.get("/favicon.ico")
+def favicon() -> FileResponse:
+    return FileResponse(STATIC / "favicon.svg", media_type="image/svg+xml",
+                        headers={"Cache-Control": "max-age=86400"})
 
 
 @pages.get("/c/{cid}")
-def conversation_page(cid: str) -> FileResponse:
-    return _page()
+def conversation_page(cid: str, request: Request) -> HTMLResponse:
+    return _page(request)

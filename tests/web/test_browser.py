@@ -147,6 +147,39 @@ def test_stream_render_stop_regenerate_reload(page: Any, site: dict[str, Any]) -
     assert "1/2" in last_answer(page).locator(".actions").inner_text()
 
 
+def test_export_dark_mode_and_favicon(browser: Any, site: dict[str, Any]) -> None:
+    """The conversation downloads as Markdown (the visible thread) and JSON (every message); the page follows the
+    system's dark setting; the tab has an icon."""
+    import json
+
+    context = browser.new_context(viewport={"width": 1280, "height": 860}, bypass_csp=True, accept_downloads=True,
+                                  color_scheme="dark")
+    page = context.new_page()
+    sign_in(page, site)
+    assert page.locator("#export-md").is_hidden()  # nothing to export before the first message
+    send(page, "Tell me about Paris")
+    finish(page)
+    answer = last_answer(page).locator(".body").inner_text()
+    with page.expect_download() as got:
+        page.click("#export-md")
+    markdown = Path(got.value.path()).read_text()
+    assert got.value.suggested_filename.endswith(".md")
+    assert "**You**\n\nTell me about Paris" in markdown and answer.split("\n")[0] in markdown
+    with page.expect_download() as got:
+        page.click("#export-json")
+    data = json.loads(Path(got.value.path()).read_text())
+    assert [m["role"] for m in data["messages"]] == ["user", "assistant"] and data["thread"]
+    background = page.evaluate("getComputedStyle(document.body).backgroundColor")
+    assert background == "rgb(22, 22, 26)", background  # the dark palette
+    page.screenshot(path=str(SHOTS / "dark.png"))
+    assert page.locator('link[rel="icon"]').count() == 1
+    icon = page.request.get(site["url"] + "/favicon.ico")
+    assert icon.ok and icon.headers["content-type"] == "image/svg+xml"
+    other = page.request.get(site["url"] + f"/app/api/conversations/{data['id']}/export?format=pdf")
+    assert other.status == 400
+    context.close()
+
+
 def test_tool_calls_render_as_collapsible_blocks(page: Any, site: dict[str, Any]) -> None:
     """An answer's tool calls show as "called X with ..." blocks, collapsed; the name is text, never HTML."""
     sign_in(page, site)

@@ -9,6 +9,9 @@ const state = {
   streaming: null, // {controller, id, text, stopped}
 };
 const SAVE_EVERY_MS = 1000;
+// Behind a reverse proxy (`serve --root-path /prefix`) every link and call carries the prefix the server names.
+const ROOT = (document.querySelector('meta[name="root-path"]') || {}).content || "";
+const pagePath = () => location.pathname.startsWith(ROOT) ? location.pathname.slice(ROOT.length) : location.pathname;
 
 // -- HTTP ------------------------------------------------------------------------------------------
 class ApiError extends Error {
@@ -21,7 +24,7 @@ class ApiError extends Error {
 async function api(path, { method = "GET", body, keepalive = false } = {}) {
   const headers = { "Content-Type": "application/json" };
   if (state.csrf) headers["x-csrf-token"] = state.csrf;
-  const r = await fetch(path, { method, headers, keepalive, credentials: "same-origin",
+  const r = await fetch(ROOT + path, { method, headers, keepalive, credentials: "same-origin",
                                 body: body === undefined ? undefined : JSON.stringify(body) });
   const text = await r.text();
   let data = null;
@@ -191,6 +194,7 @@ function renderThread() {
   for (const id of state.thread) box.appendChild(messageElement(state.messages.get(id)));
   scrollToEnd();
   $("conv-title").textContent = (state.conv && state.conv.title) || "New chat";
+  $("export-md").hidden = $("export-json").hidden = !state.conv;
   document.title = state.conv && state.conv.title ? `${state.conv.title} · Souverain` : "Souverain";
 }
 
@@ -267,7 +271,7 @@ async function openConversation(id, push = true) {
   if (state.streaming) return;
   try {
     showConversation(await api(`/app/api/conversations/${id}`));
-    if (push) history.pushState({}, "", `/c/${id}`);
+    if (push) history.pushState({}, "", `${ROOT}/c/${id}`);
     notice("");
   } catch (e) {
     if (e.status === 404) newChat(); else notice(e.message);
@@ -278,7 +282,7 @@ function newChat() {
   if (state.streaming) return;
   state.conv = null; state.messages = new Map(); state.thread = [];
   $("system-prompt").value = ""; $("temperature").value = 0.7;
-  history.pushState({}, "", "/");
+  history.pushState({}, "", `${ROOT}/`);
   renderThread(); renderConversations(); notice("");
   $("input").focus();
 }
@@ -330,7 +334,7 @@ async function ensureConversation() {
     model: $("model").value, system_prompt: $("system-prompt").value,
     temperature: Number.isFinite(temperature) ? temperature : null } });
   state.conv = { ...conv, messages: [] };
-  history.pushState({}, "", `/c/${conv.id}`);
+  history.pushState({}, "", `${ROOT}/c/${conv.id}`);
   return state.conv;
 }
 
@@ -449,7 +453,7 @@ async function startCompletion(model, messages, signal) {
   // server accepts), as a long chat must keep working. The system prompt and the last message always stay.
   const temperature = parseFloat($("temperature").value);
   for (;;) {
-    const r = await fetch("/v1/chat/completions", {
+    const r = await fetch(ROOT + "/v1/chat/completions", {
       method: "POST", signal, credentials: "same-origin",
       headers: { "Content-Type": "application/json", "x-csrf-token": state.csrf },
       body: JSON.stringify({ model, messages, stream: true,
@@ -550,7 +554,7 @@ async function boot() {
   $("login-view").hidden = true;
   $("app-view").hidden = false;
   await loadConversations();
-  const m = location.pathname.match(/^\/c\/([\w-]+)$/);
+  const m = pagePath().match(/^\/c\/([\w-]+)$/);
   if (m) await openConversation(m[1], false); else renderThread();
   $("input").focus();
 }
@@ -571,7 +575,7 @@ function wire() {
   $("org-switch").addEventListener("change", async (ev) => {
     const r = await api("/app/api/switch", { method: "POST", body: { organisation: ev.target.value } });
     state.csrf = r.csrf; state.conv = null;
-    history.pushState(null, "", "/");
+    history.pushState(null, "", `${ROOT}/`);
     await boot();
   });
   $("login-form").addEventListener("submit", async (ev) => {
@@ -617,8 +621,14 @@ function wire() {
       temperature: Number.isFinite(temperature) ? temperature : null } }).catch((e) => notice(e.message));
   };
   for (const id of ["model", "system-prompt", "temperature"]) $(id).addEventListener("change", saveSettings);
+  // Export: the server writes the file (the visible thread as Markdown; every branch as JSON).
+  for (const format of ["md", "json"]) {
+    $(`export-${format}`).addEventListener("click", () => {
+      if (state.conv) location.assign(`${ROOT}/app/api/conversations/${state.conv.id}/export?format=${format}`);
+    });
+  }
   window.addEventListener("popstate", () => {
-    const m = location.pathname.match(/^\/c\/([\w-]+)$/);
+    const m = pagePath().match(/^\/c\/([\w-]+)$/);
     if (m) openConversation(m[1], false); else newChat();
   });
   // Leaving mid-answer: save what arrived, marked as stopped (keepalive outlives the page).
