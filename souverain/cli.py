@@ -13,7 +13,7 @@ import typer
 from rich.table import Table
 
 from souverain import cli_client, cli_finetune, cli_platform, cli_run, cli_store
-from souverain.cli_common import DTYPES, err, errors, fail, out
+from souverain.cli_common import DTYPES, err, errors, fail, out, pull_with_progress
 from souverain.cli_platform import Db, default_db_url
 
 app = typer.Typer(help="Souverain: self-hosted, open-weight AI.", no_args_is_help=True, add_completion=False)
@@ -174,6 +174,12 @@ def serve(
     root_path: Annotated[str, typer.Option(
         envvar="SOUVERAIN_ROOT_PATH", help="The path prefix a reverse proxy serves this server under (/souverain)")
                          ] = "",
+    keep_alive: Annotated[str, typer.Option(
+        envvar="SOUVERAIN_KEEP_ALIVE", help="How long an idle model stays in memory (30s, 5m, 1h; -1: for ever); the "
+                                            "next request loads it again")] = "-1",
+    max_loaded_models: Annotated[int | None, typer.Option(
+        envvar="SOUVERAIN_MAX_LOADED_MODELS", min=1,
+        help="Most models in memory at once: loading another unloads the least recently used")] = None,
     access_log: Annotated[bool, typer.Option(
         help="One line per request: method, path, status, duration, request id, organisation")] = True,
     log_level: Annotated[str, typer.Option(envvar="SOUVERAIN_LOG_LEVEL",
@@ -193,10 +199,12 @@ def serve(
 
     from souverain.db.bootstrap import bootstrap
     from souverain.db.database import open_database
-    from souverain.hub.store import default_home
+    from souverain.hub.catalogue import CATALOGUE
+    from souverain.hub.store import Store, default_home
     from souverain.server.access import configure
     from souverain.server.app import create_app
     from souverain.server.loader import freeze_heap, load_models
+    from souverain.server.residency import parse_duration
     from souverain.server.settings import Settings, parse_size
 
     static_keys = list(api_key or _env_list("SOUVERAIN_API_KEY") or [])
@@ -220,7 +228,8 @@ def serve(
             kv_cache_memory=parse_size(kv_cache_memory),
             max_model_len=max_model_len, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
             served_model_names=_names(served_model_name), chat_template=_template(chat_template), dtype=dtype,
-            bits=bits, allowed_origins=_names(allowed_origins), root_path=root_path, access_log=access_log,
+            bits=bits, allowed_origins=_names(allowed_origins), keep_alive=parse_duration(keep_alive),
+            max_loaded_models=max_loaded_models, root_path=root_path, access_log=access_log,
             log_format="json" if log_format == "json" else "text",
             usage_stale_seconds=float(os.environ.get("SOUVERAIN_USAGE_STALE_SECONDS", "60")))
         log_config = configure(log_level, settings.log_format, settings.access_log)
@@ -240,6 +249,10 @@ def serve(
     except Exception as e:
         raise fail(f"cannot open the database {db or default_db_url()}: {e}") from None
     try:
+        for entry in settings.models:  # the first start's downloads, with progress (not minutes of silence)
+            ref = entry.partition("=")[2] or entry
+            if ref in CATALOGUE and Store().get(ref) is None:
+                pull_with_progress(ref)
         registry = load_models(settings, say=lambda m: err.print(f"[dim]{m}[/dim]", highlight=False))
     except errors() as e:
         raise fail(str(e)) from None
@@ -299,15 +312,39 @@ def _bind(host: str, port: int) -> socket.socket:
 
 @app.command()
 def ps(url: cli_client.Url = None, api_key: cli_client.Key = None) -> None:
-    """What a running server has loaded, and how busy it is."""
+    """What a running server serves: loaded or not, its memory, until when an idle one stays, how busy it is."""
+    import time
+
+    from rich.table import Column
+
+    from souverain.cli_store import _size
+
     data = cli_client.call(cli_client.server(url, api_key), "GET", ("v1", "models"), timeout=10)
-    table = Table("MODEL", "CONTEXT", "QUANT", "RUNNING", "WAITING", "KV BLOCKS", box=None)
+    table = Table(Column("MODEL", no_wrap=True), "STATE", "MEMORY", "UNTIL", "CONTEXT", "QUANT", "RUNNING", "WAITING",
+                  "KV BLOCKS", box=None)
     for m in data.get("data", []):
         s = m.get("status", {})
-        table.add_row(m["id"], str(m.get("max_context_length")), str(m.get("quantization") or "-"),
-                      str(s.get("running", "-")), str(s.get("waiting", "-")),
-                      f"{s.get('kv_blocks_used', '-')}/{s.get('kv_blocks_total', '-')}")
+        loaded = s.get("loaded", True)
+        until = s.get("expires_at")
+        when = "-" if not loaded else "forever" if until is None else \
+            f"{max(0, int(until - time.time()))} s from now"
+        memory = s.get("memory_bytes")
+        table.add_row(m["id"], "-" if not s else "loaded" if loaded else "unloaded",
+                      _size(memory) if memory else "-", when if s else "-", str(m.get("max_context_length")),
+                      str(m.get("quantization") or "-"), str(s.get("running", "-")), str(s.get("waiting", "-")),
+                      f"{s.get('kv_blocks_used', '-')}/{s.get('kv_blocks_total', '-')}" if s else "-")
     out.print(table)
+
+
+@app.command()
+def stop(
+    model: Annotated[str, typer.Argument(help="A model the server serves")],
+    url: cli_client.Url = None, api_key: cli_client.Key = None,
+) -> None:
+    """Unload a model from a running server's memory now (its next request loads it again)."""
+    target = cli_client.server(url, api_key)
+    cli_client.call(target, "POST", ("v1", "admin", "models", model, "unload"), timeout=120)
+    err.print(f"{model} unloaded from {target.url}", highlight=False)
 
 
 app.command()(cli_client.login)

@@ -6,7 +6,8 @@ import asyncio
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from souverain.engine.engine import LLMEngine
@@ -30,8 +31,16 @@ class AsyncEngine:
     `finished(request_id)` returns once the engine has ended all its samples (then `request.produced` is
     final: what a meter bills)."""
 
-    def __init__(self, engine: LLMEngine) -> None:
+    def __init__(self, engine: LLMEngine, rebuild: Callable[[], LLMEngine] | None = None,
+                 before_load: Callable[[AsyncEngine], None] | None = None) -> None:
+        """`rebuild`: makes the engine again after `unload()` (the server's keep-alive and `souverain stop`);
+        `before_load`: runs first (the server frees memory for it)."""
         self.engine = engine
+        self.rebuild = rebuild
+        self.before_load = before_load
+        self.loaded = True
+        self.last_used = time.monotonic()
+        self._residency = threading.Lock()  # one load or unload at a time
         self._inbox: queue.SimpleQueue[tuple[str, object]] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._streams: dict[str, _Stream] = {}
@@ -59,16 +68,63 @@ class AsyncEngine:
         if waiting + n > self.engine.scheduler.config.max_waiting:
             raise EngineOverloaded(f"{waiting} requests are waiting already")
 
-    async def generate(self, request: Request) -> AsyncIterator[Delta]:
-        self.start()
-        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue(), request.params.n, asyncio.Event())
+    @property
+    def busy(self) -> bool:
         with self._lock:
-            # Refused at once, here in the caller, rather than after the thread's current step.
-            self.check_capacity(request.params.n)
-            if request.request_id in self._streams:
-                raise ValueError(f"request id {request.request_id!r} is already in use")
-            self._streams[request.request_id] = stream
-            self._pending_adds += request.params.n
+            return bool(self._streams) or self._pending_adds > 0
+
+    def ensure_loaded(self) -> None:
+        """Blocking (a worker thread, never the event loop): build the engine again if it was unloaded."""
+        with self._residency:
+            if self.loaded:
+                return
+            assert self.rebuild is not None
+            if self.before_load is not None:
+                self.before_load(self)
+            stats = self.engine.stats
+            self.engine = self.rebuild()
+            self.engine.stats = stats  # counters carry on across reloads (Prometheus sees no reset)
+            self.last_used = time.monotonic()
+            self.loaded = True
+            self.start()
+
+    def unload(self) -> bool:
+        """Free the weights and the KV cache of an idle engine (False, and nothing done, while it has work);
+        the next request loads it again."""
+        if self.rebuild is None:
+            return False
+        with self._residency:
+            with self._lock:
+                if not self.loaded or self._streams or self._pending_adds:
+                    return not self.loaded
+                self.loaded = False  # from here generate() waits for ensure_loaded(), which waits for us
+            self.shutdown()
+            self._stop = False
+            self.engine.release()
+        import gc
+
+        gc.unfreeze()  # the server froze its heap after loading: let the collector see the old model's cycles
+        gc.collect()
+        gc.freeze()
+        return True
+
+    async def generate(self, request: Request) -> AsyncIterator[Delta]:
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue(), request.params.n, asyncio.Event())
+        while True:
+            if not self.loaded:
+                await asyncio.to_thread(self.ensure_loaded)
+            with self._lock:
+                if not self.loaded:  # unloaded between the two: load again
+                    continue
+                self.last_used = time.monotonic()
+                # Refused at once, here in the caller, rather than after the thread's current step.
+                self.check_capacity(request.params.n)
+                if request.request_id in self._streams:
+                    raise ValueError(f"request id {request.request_id!r} is already in use")
+                self._streams[request.request_id] = stream
+                self._pending_adds += request.params.n
+                break
+        self.start()
         self._send("add", request)
         try:
             while True:
@@ -79,6 +135,7 @@ class AsyncEngine:
                 if stream.done.is_set() and stream.queue.empty():  # the last items are queued before done is set
                     return
         finally:
+            self.last_used = time.monotonic()
             if not stream.done.is_set():
                 stream.abandoned = True
                 self._send("cancel", request.request_id)

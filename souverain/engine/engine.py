@@ -72,6 +72,7 @@ class LLMEngine:
         prepared the model (souverain.model.quant.prepare); the default runs PyTorch ops only."""
         self.config = config = config or EngineConfig()
         self.model = model
+        self.args = model.args  # kept by release(): what the server reads of an unloaded model
         self.adapters = adapters
         self.tokenizer = tokenizer
         self.backend = backend
@@ -167,6 +168,14 @@ class LLMEngine:
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work
+
+    def release(self) -> None:
+        """Drop the weights and the KV cache (keep-alive ran out, `souverain stop`): what is left answers for
+        the model (args, context, stats) until AsyncEngine builds a fresh engine. Only an idle engine is
+        released; it is never stepped again."""
+        assert not self.has_unfinished(), "release() of an engine with work"
+        self.model = self.runner = self.cache = None  # type: ignore[assignment]
+        self.stats.kv_blocks_used = 0
 
     # -- one step ---------------------------------------------------------------------------------
     def step(self) -> list[Delta]:

@@ -45,7 +45,7 @@ def adapter_cache(registry: Registry, base_id: str, capacity: int = 8) -> Adapte
         if folder is None or base is None:
             raise ValueError(f"unknown adapter {name!r}")
         try:
-            return load_adapter(folder, base.engine.engine.model.args)
+            return load_adapter(folder, base.engine.engine.args)
         except AdapterError as e:
             raise ValueError(str(e)) from None
 

@@ -37,7 +37,7 @@ def sampling_params(req: Sampling, model: LoadedModel, prompt_len: int, logprobs
                             f"{context} tokens", param="max_tokens" if room >= 1 else "messages",
                        code="context_length_exceeded")
     seed = req.random_seed if req.random_seed is not None else req.seed
-    bias = _logit_bias(req.logit_bias, model.engine.engine.model.args.vocab_size)
+    bias = _logit_bias(req.logit_bias, model.engine.engine.args.vocab_size)
     try:
         return SamplingParams(
             max_tokens=min(asked or room, room),

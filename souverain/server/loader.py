@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from souverain.embed import Embedder
+from souverain.engine.adapters import AdapterCache
 from souverain.engine.async_engine import AsyncEngine
 from souverain.engine.engine import EngineConfig, LLMEngine
 from souverain.hub import looks_like_path, resolve
@@ -20,8 +21,10 @@ from souverain.kernels.backend import choose
 from souverain.model.quant import prepare, resolve_bits
 from souverain.server.adapters import adapter_cache
 from souverain.server.registry import LoadedEmbedder, LoadedModel, Registry
+from souverain.server.residency import Residency, weights_size
 from souverain.server.settings import Settings
 from souverain.tokenizer import load_tokenizer
+from souverain.tokenizer.base import Tokenizer
 from souverain.weights import load_model
 
 
@@ -37,7 +40,7 @@ def load_models(settings: Settings, say: Callable[[str], None] = print) -> Regis
     """Each `--model` behind its own engine. The first chat model takes `--served-model-name` (its id, then
     aliases) and `--chat-template`; an installed model made by `souverain create` brings its Modelfile's
     defaults (system message, parameters, template, context)."""
-    registry = Registry()
+    registry = Registry(residency=Residency(settings.keep_alive, settings.max_loaded_models))
     first = True
     installed: dict[str, str] = {}  # served id -> its store name
     for entry in settings.models:
@@ -57,7 +60,6 @@ def load_models(settings: Settings, say: Callable[[str], None] = print) -> Regis
                 registry.aliases.update({alias: name for alias in settings.served_model_names[1:]})
             template = settings.chat_template or template
         bits = resolve_bits(settings.bits, info.get("quantization"))
-        model = load_model(path, dtype=getattr(torch, settings.dtype), bits=bits)
         tokenizer = load_tokenizer(path)
         if template is not None:
             if not hasattr(tokenizer, "chat_template"):
@@ -66,14 +68,15 @@ def load_models(settings: Settings, say: Callable[[str], None] = print) -> Regis
             tokenizer.chat_template = template
             info = {**info, "chat_template": template, "capabilities": sorted({*info.get("capabilities", []),
                                                                                 "chat"})}
-        backend = choose(next(model.parameters()).device)
         config = EngineConfig(kv_cache_memory=settings.kv_cache_memory, max_waiting=settings.max_waiting,
                               max_num_seqs=settings.max_num_seqs, max_batched_tokens=settings.max_num_batched_tokens,
                               max_model_len=settings.max_model_len or defaults.get("parameters", {}).get("context"))
-        engine = LLMEngine(prepare(model, backend), tokenizer, config, adapters=adapter_cache(registry, name),
-                           backend=backend)
-        async_engine = AsyncEngine(engine)
+        build = _builder(path, settings.dtype, bits, tokenizer, config, adapter_cache(registry, name))
+        engine = build()
+        backend = engine.backend
+        async_engine = AsyncEngine(engine, rebuild=build)
         async_engine.start()
+        registry.residency.add(name, async_engine, weights_size(path) + settings.kv_cache_memory)
         registry.add(LoadedModel(name, async_engine, tokenizer, info, path=path, defaults=defaults))
         if not looks_like_path(ref) and not Path(ref).expanduser().exists():
             installed[name] = ref
@@ -85,7 +88,22 @@ def load_models(settings: Settings, say: Callable[[str], None] = print) -> Regis
         raise ValueError("--served-model-name names the first chat model, and no chat model is served")
     for line in add_variants(registry, installed):
         say(line)
+    for unloaded in registry.residency.trim():
+        say(f"unloaded {unloaded} until its first request (--max-loaded-models {settings.max_loaded_models})")
+    registry.residency.start()
     return registry
+
+
+def _builder(path: Path, dtype: str, bits: int, tokenizer: Tokenizer, config: EngineConfig,
+             adapters: AdapterCache) -> Callable[[], LLMEngine]:
+    """Loads the weights and makes the engine: at start, and again after keep-alive or `stop` unloaded it."""
+
+    def build() -> LLMEngine:
+        model = load_model(path, dtype=getattr(torch, dtype), bits=bits)
+        backend = choose(next(model.parameters()).device)
+        return LLMEngine(prepare(model, backend), tokenizer, config, adapters=adapters, backend=backend)
+
+    return build
 
 
 def add_variants(registry: Registry, installed: dict[str, str]) -> list[str]:

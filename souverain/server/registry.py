@@ -11,6 +11,7 @@ from typing import Any
 from souverain.embed import Embedder
 from souverain.engine.async_engine import AsyncEngine
 from souverain.engine.grammar import GrammarCompiler
+from souverain.server.residency import Residency
 from souverain.tokenizer.base import Tokenizer
 
 
@@ -39,7 +40,7 @@ class LoadedModel:
     def grammars(self) -> GrammarCompiler:
         """Compiles this model's grammars (JSON schemas, tool calls); built on first use."""
         if self._grammars is None:
-            self._grammars = GrammarCompiler(self.tokenizer, self.engine.engine.model.args.vocab_size)
+            self._grammars = GrammarCompiler(self.tokenizer, self.engine.engine.args.vocab_size)
         return self._grammars
 
 
@@ -59,6 +60,7 @@ class Registry:
     adapter_dirs: dict[str, Path] = field(default_factory=dict)
     refresh: Callable[[], None] | None = None  # looks for new fine-tuned models (set by the server)
     aliases: dict[str, str] = field(default_factory=dict)  # --served-model-name's further names -> the model's id
+    residency: Residency = field(default_factory=Residency)  # keep-alive, LRU: which engines hold their weights
 
     def add(self, model: LoadedModel) -> None:
         self.models[model.id] = model
@@ -83,5 +85,6 @@ class Registry:
         return found
 
     def shutdown(self) -> None:
+        self.residency.stop()
         for m in self.models.values():
             m.engine.shutdown()

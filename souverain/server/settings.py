@@ -44,6 +44,8 @@ class Settings(BaseModel):
     data_dir: str | None = None  # files, jobs and adapters; default: the model store's folder
     allowed_origins: list[str] = Field(default_factory=list)  # CORS: none by default (same-origin only)
     root_path: str = ""  # the prefix a reverse proxy serves us under (it strips it before forwarding)
+    keep_alive: float | None = Field(None, ge=0)  # seconds an idle model stays loaded; None: for ever
+    max_loaded_models: int | None = Field(None, ge=1)  # LRU cap; None: every served model may stay loaded
     access_log: bool = True
     log_format: Literal["text", "json"] = "text"
 

@@ -12,6 +12,7 @@ from datetime import datetime, timedelta
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import PlainTextResponse
 from pydantic import BaseModel, Field
 from sqlalchemy import select
@@ -20,7 +21,7 @@ from sqlalchemy.orm import Session
 from souverain.db import accounts, keys, usage
 from souverain.db import models as model_access
 from souverain.db.tables import AuditLog, Organisation
-from souverain.server.deps import CurrentCaller, PlatformDep
+from souverain.server.deps import CurrentCaller, Models, PlatformDep
 from souverain.server.errors import APIError
 from souverain.server.platform import Caller
 
@@ -285,3 +286,29 @@ def make_open(model: str, caller: Root, plat: PlatformDep) -> dict[str, Any]:
     with plat.database("admin routes").session() as s:
         model_access.open_model(s, model=model, actor=actor(caller))
         return {"model": model, "private": False}
+
+
+@router.post("/models/{model:path}/unload")
+async def unload_model(model: str, _: Root, models: Models) -> dict[str, Any]:
+    """Free a model's memory now (`souverain stop`); its next request loads it again. 409 while it is answering."""
+    found = models.get(model)
+    if found is None:
+        raise APIError(404, f"model {model!r} not found; see GET /v1/models", param="model", code="model_not_found")
+    engine = found.engine
+    if engine.rebuild is None:
+        raise APIError(400, f"model {model!r} was built in memory and cannot be loaded again", param="model")
+    if not await run_in_threadpool(engine.unload):
+        stats = engine.engine.stats
+        raise APIError(409, f"model {model!r} is answering ({stats.running} running, {stats.waiting} waiting); "
+                            "stop it once they end", code="model_busy")
+    return {"model": found.id, "loaded": False}
+
+
+@router.post("/models/{model:path}/load")
+async def load_model(model: str, _: Root, models: Models) -> dict[str, Any]:
+    """Load a model now (rather than on its first request)."""
+    found = models.get(model)
+    if found is None:
+        raise APIError(404, f"model {model!r} not found; see GET /v1/models", param="model", code="model_not_found")
+    await run_in_threadpool(found.engine.ensure_loaded)
+    return {"model": found.id, "loaded": True}
