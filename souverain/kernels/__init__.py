@@ -58,8 +58,11 @@ def build_dir() -> Path:
     import platformdirs
     import torch
 
-    # Not the sources: ninja rebuilds only what changed since the last build in this folder.
-    key = hashlib.sha256(torch.__version__.encode() + _cpu_flags().encode()).hexdigest()[:16]
+    # Not the sources' contents: ninja rebuilds only what changed since the last build in this folder. Their
+    # folder, though: two checkouts (or installs) on one machine each keep their own build, instead of taking
+    # turns rebuilding one under the other's running processes.
+    key = hashlib.sha256(torch.__version__.encode() + _cpu_flags().encode()
+                         + str(Path(__file__).resolve().parent).encode()).hexdigest()[:16]
     base = os.environ.get("SOUVERAIN_KERNELS_DIR") or platformdirs.user_cache_dir("souverain")
     return Path(base) / "kernels" / key
 
@@ -102,8 +105,16 @@ def _build() -> ModuleType:
         log.warning("building Souverain's C++ kernels for this CPU into %s (1.5-4 min on 2 cores, once; "
                     "ninja compiles the %d sources in parallel)", where, len(SOURCES))
     flags = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", *_capability()]
-    return cpp_extension.load(name="souverain_cpu_kernels", sources=[str(p) for p in SOURCES],
-                              build_directory=str(where), extra_cflags=flags, extra_ldflags=["-fopenmp"], verbose=False)
+    import fcntl
+
+    # One build at a time per folder, under a lock the kernel releases if its holder dies: PyTorch's own `lock`
+    # file, left behind by a build that was killed, would make every later start wait for ever.
+    with open(where / "build.flock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        (where / "lock").unlink(missing_ok=True)
+        return cpp_extension.load(name="souverain_cpu_kernels", sources=[str(p) for p in SOURCES],
+                                  build_directory=str(where), extra_cflags=flags, extra_ldflags=["-fopenmp"],
+                                  verbose=False)
 
 
 def rows_contiguous(x: torch.Tensor) -> torch.Tensor:

