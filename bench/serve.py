@@ -183,6 +183,7 @@ def cli_run(home: str, kernels: str | None) -> float:
     env = {**os.environ, "SOUVERAIN_HOME": home, **({"SOUVERAIN_KERNELS": kernels} if kernels else {})}
     done = subprocess.run([str(exe), "run", "smollm2", "Tell me about the history of France.", "--max-tokens",
                            str(NEW), "--min-tokens", str(NEW), "--temperature", "0"], env=env, capture_output=True,
+                          stdin=subprocess.DEVNULL,  # piped input would be added to the prompt (as ollama run does)
                           text=True, timeout=600, check=True)
     return float(done.stderr.rsplit(" tok/s", 1)[0].rsplit(" ", 1)[-1])
 

@@ -180,6 +180,9 @@ def test_version_cp_and_list_ids(home: Path) -> None:
     assert rows["smollm2-copy"][2:4] == ["98.4", "MB"] and ("ago" in modified or "just now" in modified)
     assert souverain("rm", "smollm2-copy", home=home).returncode == 0
     assert souverain("run", "smollm2", "Hi", "--max-tokens", "2", home=home).returncode == 0  # still whole
+    shown = souverain("show", "smollm2", "--modelfile", home=home)
+    assert shown.returncode == 0 and "FROM smollm2" in shown.stdout
+    assert "apache" in souverain("show", "smollm2", "--license", home=home).stdout.lower()
 
 
 def test_pull_of_an_installed_model_needs_no_network(home: Path, tmp_path: Path, smollm2_path: Path) -> None:

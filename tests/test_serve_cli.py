@@ -149,6 +149,16 @@ def test_cors_is_for_the_allowed_origins_only(site: dict[str, Any]) -> None:
     assert status == 401  # CORS opens no door the key does not
 
 
+def test_only_the_operator_unloads_models(site: dict[str, Any]) -> None:
+    """`stop` is the operator's: an organisation's key (even its owner's) cannot unload what others use."""
+    first = (site["root"] / "home" / "first-start.txt").read_text()
+    owner_key = next(w for w in first.split() if w.startswith("sk-") and w != KEY)
+    status, _, body = call(site, "/v1/admin/models/pirate-chat/unload", {}, key=owner_key)
+    assert status == 403, body
+    status, _, models = call(site, "/v1/models")
+    assert all(m["status"]["loaded"] for m in models["data"] if m.get("status"))
+
+
 def test_client_commands_find_the_server_through_login(site: dict[str, Any]) -> None:
     env, config = site["env"], Path(site["env"]["SOUVERAIN_CLIENT_CONFIG"])
     refused = cli("login", site["url"], "--api-key", "sk-wrong", env=env)

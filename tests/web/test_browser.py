@@ -399,3 +399,32 @@ def test_security_headers_cookie_and_csrf(site: dict[str, Any]) -> None:
     with pytest.raises(urllib.error.HTTPError) as e:
         urllib.request.urlopen(urllib.request.Request(site["url"] + "/app/api/me"))  # no session
     assert e.value.code == 401
+
+
+def test_another_users_conversation_cannot_be_exported(site: dict[str, Any]) -> None:
+    """Export is read access: a conversation id of someone else (another organisation) is a 404, as opening it."""
+    import http.cookiejar
+    import json
+    import urllib.error
+    import urllib.request
+
+    from souverain.db import chat
+
+    with site["db"].session() as s:
+        owner = accounts.get_user(s, email=site["email"])
+        org = accounts.memberships(s, user=owner)[0][0]
+        secret = chat.create_conversation(s, user_id=owner.id, org_id=org.id, model="llama-scripted", title="Secret")
+        chat.add_message(s, conv=secret, role="user", content="the launch codes", parent_id=None)
+        cid = secret.id
+    jar = http.cookiejar.CookieJar()
+    opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
+    login = urllib.request.Request(site["url"] + "/app/api/login", json.dumps(
+        {"email": FREE_EMAIL, "password": FREE_PASSWORD}).encode(), {"Content-Type": "application/json"})
+    opener.open(login).close()
+    for fmt in ("md", "json"):
+        with pytest.raises(urllib.error.HTTPError) as e:
+            opener.open(site["url"] + f"/app/api/conversations/{cid}/export?format={fmt}")
+        assert e.value.code == 404 and b"launch codes" not in e.value.read()
+    with pytest.raises(urllib.error.HTTPError) as e:  # and without a session at all
+        urllib.request.urlopen(site["url"] + f"/app/api/conversations/{cid}/export")
+    assert e.value.code == 401
