@@ -178,7 +178,12 @@ def show(
     if license_:
         out.print(m.license or m.info.get("license") or "(no license recorded)", markup=False, highlight=False)
         return
-    info: dict[str, Any] = m.info
+    try:  # read again from the files: a model installed by an older version keeps no stale description
+        from souverain.hub.describe import describe
+
+        info: dict[str, Any] = {**m.info, **describe(Store().path(name))}
+    except (OSError, ValueError):
+        info = m.info
     rows = [("name", m.name), ("id", m.digest), ("source", m.source), ("size", _size(m.size)),
             ("format", info.get("format")), ("architecture", info.get("architecture")),
             ("parameters", _count(info.get("parameters"))), ("quantization", info.get("quantization")),

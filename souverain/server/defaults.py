@@ -20,6 +20,7 @@ def with_defaults(req: R, model: LoadedModel) -> R:
     given = req.model_fields_set
     update: dict[str, Any] = {k: v for k, v in defaults.get("parameters", {}).items()
                               if k in Sampling.model_fields and k not in given and _SAME.get(k) not in given}
+    default_max = update.pop("max_tokens", None)  # kept aside: the prompt's room caps it (as Ollama's num_predict)
     if isinstance(req, ChatCompletionRequest) and ("system" in defaults or "messages" in defaults):
         messages = list(req.messages)
         if messages[0].role in ("system", "developer"):  # the request's own system message wins
@@ -29,4 +30,6 @@ def with_defaults(req: R, model: LoadedModel) -> R:
             rest = messages
         turns = [Message(role=m["role"], content=m["content"]) for m in defaults.get("messages", [])]
         update["messages"] = head + turns + rest
-    return req.model_copy(update=update)
+    out = req.model_copy(update=update)
+    out._default_max_tokens = default_max
+    return out

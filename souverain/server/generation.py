@@ -36,6 +36,8 @@ def sampling_params(req: Sampling, model: LoadedModel, prompt_len: int, logprobs
         raise APIError(400, f"prompt ({prompt_len} tokens) + max_tokens ({asked or 1}) exceeds {whose} context of "
                             f"{context} tokens", param="max_tokens" if room >= 1 else "messages",
                        code="context_length_exceeded")
+    if asked is None and req._default_max_tokens is not None:  # the model's default, not the caller's: fitted
+        asked = min(req._default_max_tokens, max(room, 1))
     seed = req.random_seed if req.random_seed is not None else req.seed
     bias = _logit_bias(req.logit_bias, model.engine.engine.args.vocab_size)
     try:

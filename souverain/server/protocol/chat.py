@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
 
 
 class Message(BaseModel):
@@ -66,6 +66,8 @@ class Sampling(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    # A Modelfile's num_predict (server.defaults): capped by the room the prompt leaves, never an error.
+    _default_max_tokens: int | None = PrivateAttr(None)
 
     @field_validator("stop")
     @classmethod
