@@ -23,6 +23,7 @@ import logging
 import os
 import platform
 import threading
+import time
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING
@@ -100,7 +101,8 @@ def _build() -> ModuleType:
     where.mkdir(parents=True, exist_ok=True)
     built = where / "souverain_cpu_kernels.so"
     newest = max(p.stat().st_mtime for p in SOURCES + HEADERS)
-    if not built.exists() or built.stat().st_mtime < newest:
+    building = not built.exists() or built.stat().st_mtime < newest
+    if building:
         # Once per machine (and after an upgrade): say so, it takes minutes.
         log.warning("building Souverain's C++ kernels for this CPU into %s (1.5-4 min on 2 cores, once; "
                     "ninja compiles the %d sources in parallel)", where, len(SOURCES))
@@ -109,12 +111,27 @@ def _build() -> ModuleType:
 
     # One build at a time per folder, under a lock the kernel releases if its holder dies: PyTorch's own `lock`
     # file, left behind by a build that was killed, would make every later start wait for ever.
-    with open(where / "build.flock", "w") as held:
-        fcntl.flock(held, fcntl.LOCK_EX)
-        (where / "lock").unlink(missing_ok=True)
-        return cpp_extension.load(name="souverain_cpu_kernels", sources=[str(p) for p in SOURCES],
-                                  build_directory=str(where), extra_cflags=flags, extra_ldflags=["-fopenmp"],
-                                  verbose=False)
+    done = threading.Event()
+    if building:  # minutes of silence look like a hang: say every 30 s that it goes on, and how far
+        threading.Thread(target=_heartbeat, args=(where, done), name="souverain-kernel-build", daemon=True).start()
+    try:
+        with open(where / "build.flock", "w") as held:
+            fcntl.flock(held, fcntl.LOCK_EX)
+            (where / "lock").unlink(missing_ok=True)
+            return cpp_extension.load(name="souverain_cpu_kernels", sources=[str(p) for p in SOURCES],
+                                      build_directory=str(where), extra_cflags=flags, extra_ldflags=["-fopenmp"],
+                                      verbose=False)
+    finally:
+        done.set()
+
+
+def _heartbeat(where: Path, done: threading.Event) -> None:
+    start, since = time.monotonic(), time.time()
+    while not done.wait(30):
+        objects = [where / f"{p.stem}.o" for p in SOURCES]
+        compiled = sum(1 for o in objects if o.exists() and o.stat().st_mtime >= since)
+        log.warning("still building the C++ kernels: %d of %d sources compiled, %.0f s so far", compiled,
+                    len(SOURCES), time.monotonic() - start)
 
 
 def rows_contiguous(x: torch.Tensor) -> torch.Tensor:

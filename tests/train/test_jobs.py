@@ -177,3 +177,12 @@ def test_cli_finetune_follows_the_job(site: dict[str, Any], tmp_path: Path) -> N
                              ROOT], capture_output=True, text=True, timeout=60, check=False,
                             env={**os.environ, "COLUMNS": "200"})
     assert "SUCCESS" in listed.stdout and "ft:tiny:cli:" in listed.stdout
+    # An 80-column terminal: the job ids are still printed whole (they are pasted into `jobs cancel`).
+    import re
+
+    job_id = re.search(r"job (\S+) queued", done.stderr)
+    assert job_id is not None
+    narrow = subprocess.run([sys.executable, "-m", "souverain", "jobs", "list", "--url", site["url"], "--api-key",
+                             ROOT], capture_output=True, text=True, timeout=60, check=False,
+                            env={**os.environ, "COLUMNS": "80"})
+    assert narrow.returncode == 0 and job_id.group(1) in narrow.stdout, narrow.stdout
