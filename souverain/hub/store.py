@@ -128,6 +128,9 @@ class Store:
         data = json.loads(path.read_text())
         return Manifest(**data)
 
+    def files_dir(self, name: str) -> Path:
+        return self._folder(name) / "files"
+
     def path(self, name: str) -> Path:
         """The loadable path (a .gguf file or a model folder) of an installed model."""
         manifest = self.get(name)
@@ -156,7 +159,7 @@ class Store:
         if manifest is None:
             raise StoreError(f"model {source!r} is not installed (see `souverain list`)")
         with self.staging() as staged:
-            _link_tree(self._folder(source) / "files", staged / "files")
+            link_tree(self._folder(source) / "files", staged / "files")
             return self.install(staged, Manifest(
                 name, origin or manifest.source, manifest.entry, license=license_ or manifest.license,
                 defaults=manifest.defaults if defaults is None else defaults), expect=manifest.files)
@@ -176,7 +179,7 @@ class Store:
         partial = target.with_name(f".{target.name}.partial")
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
-        _link_tree(self._folder(name) / "files", partial / "files", link=False)
+        link_tree(self._folder(name) / "files", partial / "files", link=False)
         shutil.copy2(self._folder(name) / "manifest.json", partial / "manifest.json")  # last: a bundle is whole
         os.replace(partial, target)
         return target
@@ -189,7 +192,7 @@ class Store:
         except (OSError, ValueError, TypeError) as e:
             raise StoreError(f"{bundle}: not a model bundle ({e})") from None
         with self.staging() as staged:
-            _link_tree(Path(bundle) / "files", staged / "files", link=False)
+            link_tree(Path(bundle) / "files", staged / "files", link=False)
             return self.install(staged, Manifest(name or recorded.name, recorded.source, recorded.entry,
                                                  license=recorded.license, defaults=recorded.defaults),
                                 expect=recorded.files)
@@ -214,7 +217,7 @@ class Store:
         shutil.rmtree(trash, ignore_errors=True)
 
 
-def _link_tree(source: Path, dest: Path, *, link: bool = True) -> None:
+def link_tree(source: Path, dest: Path, *, link: bool = True) -> None:
     """Every file of `source` under `dest`: hard links (inside the store, where nothing edits a file in place)
     or copies (bundles, which leave the store); symlinks are refused."""
     for path in sorted(source.rglob("*")):

@@ -17,6 +17,7 @@ from souverain.engine.async_engine import AsyncEngine
 from souverain.engine.engine import EngineConfig, LLMEngine
 from souverain.hub import looks_like_path, resolve
 from souverain.hub.describe import describe
+from souverain.hub.sources import ADAPTER_DIR
 from souverain.kernels.backend import choose
 from souverain.model.quant import prepare, resolve_bits
 from souverain.server.adapters import adapter_cache
@@ -77,7 +78,11 @@ def load_models(settings: Settings, say: Callable[[str], None] = print) -> Regis
         async_engine = AsyncEngine(engine, rebuild=build)
         async_engine.start()
         registry.residency.add(name, async_engine, weights_size(path) + settings.kv_cache_memory)
-        registry.add(LoadedModel(name, async_engine, tokenizer, info, path=path, defaults=defaults))
+        adapter = adapter_folder(ref, defaults)
+        if adapter is not None:  # a Modelfile's ADAPTER: every answer of this id goes through it
+            registry.adapter_dirs[name] = adapter
+        registry.add(LoadedModel(name, async_engine, tokenizer, info, path=path, defaults=defaults,
+                                 adapter=name if adapter is not None else None))
         if not looks_like_path(ref) and not Path(ref).expanduser().exists():
             installed[name] = ref
         first = False
@@ -113,9 +118,10 @@ def add_variants(registry: Registry, installed: dict[str, str]) -> list[str]:
 
     store = Store()
 
-    def files_key(name: str) -> str | None:
+    def files_key(name: str) -> str | None:  # the weights' files (not a Modelfile ADAPTER's)
         manifest = store.get(name)
-        return json.dumps(sorted((p, f["sha256"]) for p, f in manifest.files.items())) if manifest else None
+        return json.dumps(sorted((p, f["sha256"]) for p, f in manifest.files.items()
+                                 if not p.startswith(f"{ADAPTER_DIR}/"))) if manifest else None
 
     bases = {files_key(ref): registry.models[served] for served, ref in installed.items()}
     taken = set(installed.values())
@@ -131,11 +137,22 @@ def add_variants(registry: Registry, installed: dict[str, str]) -> list[str]:
         elif "template" in manifest.defaults:
             added.append(f"not serving {manifest.name}: its TEMPLATE cannot replace {base.id}'s Mistral format")
             continue
+        adapter = adapter_folder(manifest.name, manifest.defaults)
+        if adapter is not None:  # runs on the base's engine with its adapter, as a fine-tuned model does
+            registry.adapter_dirs[manifest.name] = adapter
         registry.add(LoadedModel(manifest.name, base.engine, tokenizer, base.info, path=base.path,
-                                 defaults=dict(manifest.defaults)))
+                                 defaults=dict(manifest.defaults), adapter=manifest.name if adapter else None,
+                                 parent=base.id if adapter else None))
         added.append(f"serving {manifest.name} too (made from {base.id}'s files by `souverain create`: its engine, "
                      "its own defaults)")
     return added
+
+
+def adapter_folder(name: str, defaults: dict[str, Any]) -> Path | None:
+    """The converted LoRA adapter a Modelfile's ADAPTER put in an installed model's files."""
+    from souverain.hub.store import Store
+
+    return Store().files_dir(name) / defaults["adapter"] if "adapter" in defaults else None
 
 
 def installed_defaults(ref: str) -> dict[str, Any]:

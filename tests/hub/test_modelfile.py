@@ -49,7 +49,6 @@ def test_parse_takes_ollama_syntax() -> None:
     ("FROM x\nPARAMETER top_k 2.5", "takes an integer"),
     ("FROM x\nPARAMETER temperature", "needs a value"),
     ('FROM x\nTEMPLATE """{{ .System }} {{ .Prompt }}"""', "Go template"),
-    ("FROM x\nADAPTER ./lora", "ADAPTER is not supported"),
     ("FROM x\nMESSAGE robot hi", "MESSAGE role"),
     ("FROM x\nQUANTIZE q4", "unknown instruction QUANTIZE"),
     ('FROM x\nSYSTEM """never closed', "never closed"),
@@ -95,3 +94,26 @@ def test_import_names_and_errors_speak_of_the_users_file(tmp_path: Path) -> None
     assert "tmp/" not in str(caught.value).replace(str(tmp_path), "")  # not the staging copy
     assert default_name(bad) == "Broken-Model.Q4"  # as written, not lower-cased
     assert default_name(tmp_path / "my model (v2).gguf") == "my-model-v2"
+
+
+def test_an_adapter_for_another_model_is_refused_at_create(tmp_path: Path, smollm2_path: Path) -> None:
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    store = Store(tmp_path / "home")
+    import_path(store, smollm2_path, "smollm2")
+    lora = tmp_path / "lora"
+    lora.mkdir()
+    save_file({"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(2, 10),
+               "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": torch.zeros(10, 2)},
+              str(lora / "adapter_model.safetensors"))
+    (lora / "adapter_config.json").write_text(json.dumps({"r": 2, "lora_alpha": 4}))
+    (tmp_path / "Modelfile").write_text("FROM smollm2\nADAPTER ./lora\n")
+    with pytest.raises(ValueError, match="base model"):
+        create_model(store, "tuned", tmp_path / "Modelfile")
+    (tmp_path / "Missing").write_text("FROM smollm2\nADAPTER ./nowhere\n")
+    with pytest.raises(ModelfileError, match=r"ADAPTER \./nowhere: no such file"):
+        create_model(store, "tuned", tmp_path / "Missing")
+    assert store.get("tuned") is None
