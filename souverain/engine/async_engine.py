@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import queue
 import threading
@@ -100,9 +101,12 @@ class AsyncEngine:
                 self.loaded = False  # from here generate() waits for ensure_loaded(), which waits for us
             self.shutdown()
             self._stop = False
+            if self.engine.has_unfinished():  # work no stream shows any more (a cancel in flight): keep it
+                with self._lock:
+                    self.loaded = True
+                self.start()
+                return False
             self.engine.release()
-        import gc
-
         gc.unfreeze()  # the server froze its heap after loading: let the collector see the old model's cycles
         gc.collect()
         gc.freeze()

@@ -76,6 +76,22 @@ def test_private_model_is_invisible_to_other_organisations(url: str) -> None:
     assert call(url, "GET", "/v1/models/secret", stranger)[0] == 200
 
 
+def test_an_alias_is_as_private_as_the_model_it_names(url: str, registry: Registry) -> None:
+    """`--served-model-name secret other-name`: the second name opens no door the first keeps shut."""
+    registry.aliases["other-name"] = "secret"
+    try:
+        owner, stranger = org_key(url, "initech"), org_key(url, "umbrella")
+        assert call(url, "PUT", "/v1/admin/models/secret/private", ROOT, {"org": "initech"})[0] == 200
+        assert "other-name" not in {m["id"] for m in call(url, "GET", "/v1/models", stranger)[2]["data"]}
+        assert call(url, "GET", "/v1/models/other-name", stranger)[0] == 404
+        status, _, body = call(url, "POST", "/v1/completions", stranger, {**COMPLETION, "model": "other-name"})
+        assert status == 404 and body["code"] == "model_not_found"
+        assert call(url, "POST", "/v1/completions", owner, {**COMPLETION, "model": "other-name"})[0] == 200
+        assert call(url, "DELETE", "/v1/admin/models/secret/private", ROOT)[0] == 200
+    finally:
+        del registry.aliases["other-name"]
+
+
 def test_rate_limit_trips_and_recovers(url: str, clock: FakeClock) -> None:
     key = org_key(url, "small", plan="free")  # 1 request/s
     status, headers, _ = call(url, "POST", "/v1/completions", key, COMPLETION)
