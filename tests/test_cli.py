@@ -46,6 +46,21 @@ def on_a_terminal(*args: str, home: Path, lines: list[str]) -> subprocess.Comple
     return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
 
 
+def wait_until_up(server: subprocess.Popen[str], url: str) -> None:
+    """Until `url/health` answers (the models take a while to load); the server's stderr if it died first."""
+    import time
+    import urllib.request
+
+    for _ in range(240):
+        try:
+            urllib.request.urlopen(f"{url}/health", timeout=1)
+            return
+        except OSError:
+            assert server.poll() is None, server.stderr.read() if server.stderr else ""
+            time.sleep(0.5)
+    raise AssertionError(f"{url} did not come up")
+
+
 @pytest.fixture(scope="module")
 def home(smollm2_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     home = tmp_path_factory.mktemp("home")
@@ -127,8 +142,6 @@ def test_rm(home: Path, smollm2_path: Path) -> None:
 
 def test_serve_and_ps(home: Path) -> None:
     import socket
-    import time
-    import urllib.request
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -138,13 +151,7 @@ def test_serve_and_ps(home: Path) -> None:
                                "--kv-cache-memory", str(64 << 20)], env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True)
     try:
-        for _ in range(240):
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
-                break
-            except OSError:
-                assert server.poll() is None, server.stderr.read() if server.stderr else ""
-                time.sleep(0.5)
+        wait_until_up(server, f"http://127.0.0.1:{port}")
         done = subprocess.run([sys.executable, "-m", "souverain", "ps", "--url", f"http://127.0.0.1:{port}"],
                               env=env, capture_output=True, text=True, timeout=60, check=False)
         assert done.returncode == 0, done.stderr
@@ -249,13 +256,7 @@ def test_stop_keep_alive_and_the_loaded_models_cap(home: Path) -> None:
         return str(json.loads(urllib.request.urlopen(request, timeout=120).read())["choices"][0]["message"]["content"])
 
     try:
-        for _ in range(240):
-            try:
-                urllib.request.urlopen(f"{url}/health", timeout=1)
-                break
-            except OSError:
-                assert server.poll() is None, server.stderr.read() if server.stderr else ""
-                time.sleep(0.5)
+        wait_until_up(server, url)
         rows = ps()
         assert rows["a"][1] == "loaded" and rows["b"][1] == "unloaded"  # the cap, from the start
         assert rows["a"][3] == "MB" and rows["a"][5:8] == ["s", "from", "now"], rows["a"]  # memory, until
