@@ -317,7 +317,7 @@ def ps(url: cli_client.Url = None, api_key: cli_client.Key = None) -> None:
 
     from rich.table import Column
 
-    from souverain.cli_store import _size
+    from souverain.cli_store import human_size
 
     data = cli_client.call(cli_client.server(url, api_key), "GET", ("v1", "models"), timeout=10)
     table = Table(Column("MODEL", no_wrap=True), "STATE", "MEMORY", "UNTIL", "CONTEXT", "QUANT", "RUNNING", "WAITING",
@@ -330,7 +330,7 @@ def ps(url: cli_client.Url = None, api_key: cli_client.Key = None) -> None:
             f"{max(0, int(until - time.time()))} s from now"
         memory = s.get("memory_bytes")
         table.add_row(m["id"], "-" if not s else "loaded" if loaded else "unloaded",
-                      _size(memory) if memory else "-", when if s else "-", str(m.get("max_context_length")),
+                      human_size(memory) if memory else "-", when if s else "-", str(m.get("max_context_length")),
                       str(m.get("quantization") or "-"), str(s.get("running", "-")), str(s.get("waiting", "-")),
                       f"{s.get('kv_blocks_used', '-')}/{s.get('kv_blocks_total', '-')}" if s else "-")
     out.print(table)

