@@ -64,5 +64,5 @@ def _linear(fast: ModuleType, m: nn.Module | None) -> Any | None:
         return fast.Linear(qweight=m.qweight, scales=m.scales, dense_t=m.dense_t, codes=m.codes,
                            code_scales=m.code_scales, bias=bias, bits=m.bits,
                            dense_rows=-1 if m.dense_rows is None else m.dense_rows, group=GROUP,
-                           isa=m.backend.q4_isa, fine=m.fine)
+                           isa=m.backend.q4_isa)
     return None

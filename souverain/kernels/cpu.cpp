@@ -610,10 +610,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("scale"), py::call_guard<py::gil_scoped_release>());
   m.def("q4_supported", &q4_supported, "whether q4_linear's instructions for isa (1024: AMX tiles, 512: AVX-512 "
         "VNNI, 256: AVX2) run here");
-  m.def("q4_linear", &q4_linear, "x [M, K] bf16 (quantised to int8 per 32 values; fine: value and residual) times "
-        "an int4 weight packed by pack_q4, as x @ w.T", py::arg("x"), py::arg("codes"), py::arg("sz"), py::arg("isa"),
-        py::arg("fine") = false, py::arg("fp32") = false, py::call_guard<py::gil_scoped_release>());
-  m.def("q8_linear", &q8_linear, "x [M, K] bf16 (quantised to int8 per 32 values) times an int8 weight packed by "
+  m.def("q4_linear", &q4_linear, "x [M, K] bf16 (quantised to 11 bits per 32 values, two int8 parts) times an int4 "
+        "weight packed by pack_q4, as x @ w.T (fp32: a float32 output)", py::arg("x"), py::arg("codes"),
+        py::arg("sz"), py::arg("isa"), py::arg("fp32") = false, py::call_guard<py::gil_scoped_release>());
+  m.def("q8_linear", &q8_linear, "x [M, K] bf16 (quantised per row to 11 bits) times an int8 weight packed by "
         "pack_q8, as x @ w.T (fp32: a float32 output)", py::arg("x"), py::arg("codes"), py::arg("scales"),
         py::arg("isa"), py::arg("fp32") = false, py::call_guard<py::gil_scoped_release>());
   bind_decoder(m);

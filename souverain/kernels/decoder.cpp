@@ -23,13 +23,12 @@ namespace {
 struct Linear {
   std::optional<at::Tensor> weight, qweight, scales, dense_t, codes, code_scales, bias;
   int64_t bits = 0, dense_rows = 0, group = 0, isa = 0;  // group: values per int4 scale; isa: q4_linear's
-  bool fine = false;                                     // q4_linear's: x in two int8 parts
 
   at::Tensor operator()(const at::Tensor& x) const {
     if (weight) return at::linear(x, *weight, bias);
     at::Tensor y;
     if (codes) {
-      y = bits == 4 ? q4_linear(x, *codes, *code_scales, isa, fine) : q8_linear(x, *codes, *code_scales, isa);
+      y = bits == 4 ? q4_linear(x, *codes, *code_scales, isa) : q8_linear(x, *codes, *code_scales, isa);
     } else if (dense_rows >= 0 && x.size(0) > dense_rows) {
       y = at::matmul(x, *dense_t);
     } else if (bits == 4) {
@@ -130,19 +129,18 @@ void bind_decoder(pybind11::module& m) {
       .def(py::init([](std::optional<at::Tensor> weight, std::optional<at::Tensor> qweight,
                        std::optional<at::Tensor> scales, std::optional<at::Tensor> dense_t,
                        std::optional<at::Tensor> codes, std::optional<at::Tensor> code_scales,
-                       std::optional<at::Tensor> bias, int64_t bits, int64_t dense_rows, int64_t group, int64_t isa,
-                       bool fine) {
+                       std::optional<at::Tensor> bias, int64_t bits, int64_t dense_rows, int64_t group, int64_t isa) {
              const bool q4 = codes && code_scales && q4_supported(isa);
              TORCH_CHECK(weight || (q4 && (bits == 4 || bits == 8)) ||
                              (qweight && scales && dense_t && (bits == 8 || (bits == 4 && group > 0))),
                          "Linear: give weight (nn.Linear), or codes with code_scales and an isa that runs here, "
                          "or qweight, scales and dense_t with bits 4 (and group) or 8 (QuantLinear)");
-             return Linear{weight, qweight, scales, dense_t, codes, code_scales, bias, bits, dense_rows, group, isa, fine};
+             return Linear{weight, qweight, scales, dense_t, codes, code_scales, bias, bits, dense_rows, group, isa};
            }),
            py::kw_only(), py::arg("weight") = py::none(), py::arg("qweight") = py::none(),
            py::arg("scales") = py::none(), py::arg("dense_t") = py::none(), py::arg("codes") = py::none(),
            py::arg("code_scales") = py::none(), py::arg("bias") = py::none(), py::arg("bits") = 0,
-           py::arg("dense_rows") = -1, py::arg("group") = 0, py::arg("isa") = 0, py::arg("fine") = false)
+           py::arg("dense_rows") = -1, py::arg("group") = 0, py::arg("isa") = 0)
       .def("__call__", &Linear::operator(), py::arg("x"));
   py::class_<Layer>(m, "Layer", "one decoder layer's weights")
       .def(py::init([](at::Tensor attention_norm, at::Tensor ffn_norm, std::vector<Linear> qkv, Linear wo,

@@ -39,10 +39,8 @@ void prefill_attention_cached(torch::Tensor q, torch::Tensor k_cache, torch::Ten
 
 // q4.cpp: isa 512 (AVX-512 VNNI) or 256 (AVX2)
 bool q4_supported(int64_t isa);
-// fine: x in two int8 parts (value and residual, ~15 bits), for inputs with outliers (down projections);
-// fp32: the output in float32 (logits), else rounded to bfloat16
-torch::Tensor q4_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor sz, int64_t isa, bool fine = false,
-                        bool fp32 = false);
+// x is read to 11 bits per 32 values (two int8 parts); fp32: the output in float32 (logits), else rounded to bfloat16
+torch::Tensor q4_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor sz, int64_t isa, bool fp32 = false);
 torch::Tensor q8_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor scales, int64_t isa, bool fp32 = false);
 
 // decoder.cpp

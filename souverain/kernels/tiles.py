@@ -73,23 +73,23 @@ def unpack_q4(codes: torch.Tensor, sz: torch.Tensor) -> tuple[torch.Tensor, torc
     return q.to(torch.int32), sz.permute(1, 0, 3, 2).reshape(nb, t * 16, 2)
 
 
-def quantise_rows_q8(x: torch.Tensor, fine: bool = False) -> torch.Tensor:
-    """x [M, K] as `q4_linear` sees it: each block of 32 values rounded to int8 steps of amax / 127
-    (fp32 result, the dequantised values); `fine`: plus its residual, rounded the same way."""
+def quantise_rows(x: torch.Tensor, per_row: bool = False) -> torch.Tensor:
+    """x [M, K] as `q4_linear` (per 32 values) and `q8_linear` (`per_row`) read it, fp32 (the dequantised
+    values): per block (or row) the unit u = amax / 127 / 16, q1 = round(x * 127 / amax) and
+    q2 = round((x - q1 * amax / 127) * 16 * 127 / amax); x = u * (16 q1 + q2) (11 bits; q4.cpp's operations)."""
     m, k = x.shape
-    blocks = x.float().reshape(m, k // 32, 32)
-    amax = blocks.abs().amax(-1, keepdim=True)
+    xf = x.float().reshape(m, 1 if per_row else k // 32, -1)
+    amax = xf.abs().amax(-1, keepdim=True)
     # 127 / amax as the kernel divides: `127 / tensor` would multiply by a reciprocal (another rounding).
     inv = torch.where(amax > 0, torch.full_like(amax, 127) / amax, torch.zeros_like(amax))
-    first = torch.round(blocks * inv) * (amax / 127)
-    if fine:
-        return first.reshape(m, k) + quantise_rows_q8((blocks - first).reshape(m, k))
-    return first.reshape(m, k)
+    q1 = torch.round(xf * inv)
+    q2 = torch.round((xf - amax / 127 * q1) * (inv * 16))
+    return ((q1 * 16 + q2) * (amax / 127 / 16)).reshape(m, k)
 
 
-def q4_reference(x: torch.Tensor, codes: torch.Tensor, sz: torch.Tensor, fine: bool = False) -> torch.Tensor:
-    """What `q4_linear` computes, in PyTorch (fp32): x's int8 blocks times the dequantised weight."""
-    return quantise_rows_q8(x, fine) @ dequantise_int4(*unpack_q4(codes, sz)).t()
+def q4_reference(x: torch.Tensor, codes: torch.Tensor, sz: torch.Tensor) -> torch.Tensor:
+    """What `q4_linear` computes, in PyTorch (fp32): x's 11-bit blocks times the dequantised weight."""
+    return quantise_rows(x) @ dequantise_int4(*unpack_q4(codes, sz)).t()
 
 
 def dequantise_int4(q: torch.Tensor, scales_zeros: torch.Tensor) -> torch.Tensor:

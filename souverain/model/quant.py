@@ -10,7 +10,10 @@ faster than `F.linear` on these CPUs for prefill-sized batches). That is the `to
 `prepare(model, backend)` packs the weights for the C++ kernels of the others, once, into
 q4_linear's layout (int4 x int8 dot products, souverain/kernels/q4.cpp: AMX tiles for wide steps where
 the CPU has them, AVX-512 VNNI or AVX2 otherwise), which every step reads whatever its number of rows:
-the same bits for a row alone or in any batch.
+the same bits for a row alone or in any batch. Those kernels read x per row to 11 bits (two int8 parts,
+x = u * (16 q1 + q2)): SmolLM2's mean KL to its fp32 model over six chat prompts is 0.0022 with them, 0.0014
+with bf16 activations, and was 0.0031 with the int8-per-32-values activations they replaced (one part, two
+for wqkv and w2; with one part everywhere it answered "What is the capital of France?" with "L'Étoile").
 
 The projections that read the same input are fused, one matmul instead of several: wq/wk/wv into
 `Attention.wqkv` and w1/w3 into `FeedForward.w13` (fewer, larger calls; the outputs are split).
@@ -63,8 +66,7 @@ class QuantLinear(nn.Module):
     code_scales: torch.Tensor | None
 
     @classmethod
-    def fused(cls, modules: list[nn.Module | None], bits: int, dense_rows: int | None = None,
-              fine: bool = False) -> QuantLinear:
+    def fused(cls, modules: list[nn.Module | None], bits: int, dense_rows: int | None = None) -> QuantLinear:
         """One QuantLinear computing the linears' outputs side by side (same input)."""
         linears = [m for m in modules if isinstance(m, nn.Linear)]
         if len(linears) != len(modules):
@@ -76,16 +78,10 @@ class QuantLinear(nn.Module):
         if first.bias is not None:
             joined.bias = nn.Parameter(torch.cat([lin.bias.detach() for lin in linears if lin.bias is not None]),
                                        requires_grad=False)
-        return cls(joined, bits, dense_rows, fine)
+        return cls(joined, bits, dense_rows)
 
-    def __init__(self, linear: nn.Linear, bits: int, dense_rows: int | None = None, fine: bool = False) -> None:
+    def __init__(self, linear: nn.Linear, bits: int, dense_rows: int | None = None) -> None:
         super().__init__()
-        # q4_linear reads x in two int8 parts (value and residual per block of 32, ~15 bits) where one (8
-        # bits) loses too much: the attention's q/k/v and the feed-forward's down projection, whose inputs
-        # have outlier channels. With one part everywhere SmolLM2's mean KL to the fp32 model over "What is
-        # the capital of France?" was 0.0122 (it answered "L'Étoile, la Cité, ..."), with two parts for
-        # wqkv and w2 0.0044 (Paris; bf16 activations: 0.0027), at +3% prefill time (all layers: 0.0030, +28%).
-        self.fine = fine
         # The output projection's logits leave the C++ products in fp32: rounded to bf16 (a step of 0.125 at
         # 24), the top two of SmolLM2's first answer token tied and greedy took the wrong one.
         self.logits = False
@@ -166,7 +162,7 @@ class QuantLinear(nn.Module):
         if x2.stride(-1) != 1:
             x2 = x2.contiguous()
         if self.bits == 4:
-            return self.ops.q4_linear(x2, codes, scales, self.backend.q4_isa, self.fine, self.logits)
+            return self.ops.q4_linear(x2, codes, scales, self.backend.q4_isa, self.logits)
         return self.ops.q8_linear(x2, codes, scales, self.backend.q4_isa, self.logits)
 
 
@@ -211,20 +207,18 @@ def quantize(model: nn.Module, *, bits: int = 4, dense_rows: int | None = None, 
             model.output = QuantLinear(head, 8, dense_rows)
             model.output.logits = True
     if fuse and isinstance(model, Attention) and model.wq is not None:
-        model.fuse_qkv(QuantLinear.fused([model.wq, model.wk, model.wv], bits, dense_rows, fine=True))
+        model.fuse_qkv(QuantLinear.fused([model.wq, model.wk, model.wv], bits, dense_rows))
     if isinstance(model, MoeFeedForward) and model.w13s is None:
         # Each expert's projections (the router stays a plain linear below, int8).
         experts = range(model.gate.out_features)
         model.quantized([QuantLinear.fused([_linear(model.w1[e]), _linear(model.w3[e])], bits, dense_rows)
                          for e in experts],
-                        [QuantLinear(_linear(model.w2[e]), bits, dense_rows, fine=True) for e in experts])
+                        [QuantLinear(_linear(model.w2[e]), bits, dense_rows) for e in experts])
     if fuse and isinstance(model, FeedForward) and model.w1 is not None:
         model.fuse_w13(QuantLinear.fused([model.w1, model.w3], bits, dense_rows))
     for name, child in list(model.named_children()):
         if isinstance(child, nn.Linear):
-            fine = (isinstance(model, FeedForward) and name == "w2") or \
-                (isinstance(model, Attention) and name in ("wq", "wk", "wv"))
-            setattr(model, name, QuantLinear(child, bits, dense_rows, fine))
+            setattr(model, name, QuantLinear(child, bits, dense_rows))
         else:
             quantize(child, bits=bits, dense_rows=dense_rows, fuse=fuse)
     return model

