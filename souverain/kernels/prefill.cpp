@@ -157,20 +157,21 @@ class QueryBlock {
   QueryBlock(const QueryRow* rows, int64_t n, const bf16* kp, const bf16* vp, const Span& s, int64_t hd, float scale)
       : kp_(kp), vp_(vp), s_(s), rows_(n), two_(n > 16), live_(n > 16 ? 32 : 16), hd_(hd), steps_(hd / 32),
         scale_(scale) {
-    for (int64_t i = 0; i < 32; ++i) {
+    // Only what is read is set: a decode step's block has 3 rows of 16, and zeroing whole buffers (48 KB)
+    // for each cost more than its attention.
+    for (int64_t i = 0; i < live_; ++i) {
       if (i < rows_) {
         std::memcpy(qbuf_ + i * hd, rows[i].q, hd * sizeof(bf16));
         keys_[i] = rows[i].keys;
         out_[i] = rows[i].out;
-      } else {  // rows past the block's: zero, computed and dropped
+      } else {  // rows past the block's: zero, computed by the tiles and dropped
         std::memset(qbuf_ + i * hd, 0, hd * sizeof(bf16));
         keys_[i] = 1;
         out_[i] = nullptr;
       }
     }
     std::fill(run_max_, run_max_ + 32, -std::numeric_limits<float>::infinity());
-    std::fill(run_sum_, run_sum_ + 32, 0.f);
-    std::fill(acc_, acc_ + 32 * hd, 0.f);
+    std::fill(run_sum_, run_sum_ + 32, 0.f);  // (acc_ is set by the first chunk's accumulate)
   }
 
   void run(int64_t last) {
@@ -212,8 +213,8 @@ class QueryBlock {
     using fVec = at::vec::Vectorized<float>;
     const __m512 scl = _mm512_set1_ps(scale_), neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
     const int64_t vectors = 2 * n;
-    alignas(64) float old_max[32], chunk_sum[32];
-    for (int64_t i = 0; i < live_; ++i) {
+    alignas(64) float old_max[32] = {}, chunk_sum[32] = {};
+    for (int64_t i = 0; i < rows_; ++i) {  // (the block's rows past rows_ are computed by the tiles, not read)
       // Keys up to the query's own position, and within the span (queries past it see all of its keys).
       const int64_t limit = keys_[i] - c0 * 32;  // keys of this chunk the row reads (none: <= 0)
       const float* row = scores_ + i * kWidth;
@@ -263,7 +264,7 @@ class QueryBlock {
 
   // acc = acc * alpha + P V, row by row (the first chunk: acc = P V).
   void accumulate(bool first) {
-    for (int64_t i = 0; i < live_; ++i) {
+    for (int64_t i = 0; i < rows_; ++i) {
       const __m512 al = _mm512_set1_ps(alpha_[i]);
       for (int64_t db = 0; db < steps_; ++db) {
         float* a = acc_ + i * hd_ + db * 32;
@@ -320,16 +321,67 @@ bool prefill_supported(int64_t n_heads, int64_t n_kv_heads, int64_t head_dim) {
 namespace {
 
 #ifdef SOUVERAIN_AMX
-// The attention of every span's queries, once `pack(span, kv head, keys out, values out)` has packed
-// each span's keys and values for each kv head.
+// One block of up to 32 rows of span s, kv head g (rows (position, query head), position-major, from row
+// `first` of the span's count * group), against the packed keys and values at kp, vp. `configured`: the
+// second half's rows the calling thread's tiles are set for.
+void attend_block(const torch::Tensor& q, const torch::Tensor& out, const Span& s, int64_t g, int64_t group,
+                  int64_t first, const bf16* kp, const bf16* vp, float scale, int& configured) {
+  const int64_t hd = q.size(2), n = std::min<int64_t>(32, s.count * group - first);
+  const auto* qp = q.data_ptr<bf16>();
+  auto* op = out.data_ptr<bf16>();
+  QueryRow rows[32];
+  int64_t most = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t pos = (first + i) / group, head = g * group + (first + i) % group;
+    rows[i] = {qp + (s.row + pos) * q.stride(0) + head * hd, op + (s.row + pos) * out.stride(0) + head * hd,
+               s.start + pos + 1};
+    most = std::max(most, rows[i].keys);
+  }
+  const int half = n > 16 ? 16 : 0;
+  if (half != configured) {
+    souverain::amx::configure(16, half);
+    configured = half;
+  }
+  QueryBlock block(rows, n, kp, vp, s, hd, scale);
+  block.run((most - 1) / 32);
+  block.write();
+}
+
+// The attention of every span's queries; `pack(span, kv head, keys out, values out)` packs a span's keys
+// and values for a kv head. Spans whose rows fit one block (a decode step's: one position, 3 rows a kv head
+// for SmolLM2) are packed and attended by one thread, the copy still in its cache (packing them all first
+// into one buffer, megabytes for 32 sequences, then reading them back was a third of a 32-stream decode
+// step); the others (prefill chunks) are packed first, then their blocks shared out. The same arithmetic
+// for a row either way: its result does not depend on the path.
 template <typename Pack>
 void attend_spans(const torch::Tensor& q, const torch::Tensor& out, int64_t kv_heads, std::vector<Span>& ss,
                   double scale, Pack pack) {
-  const int64_t heads = q.size(1), hd = q.size(2);
+  const int64_t heads = q.size(1), hd = q.size(2), group = heads / kv_heads;
+  const float sc = static_cast<float>(scale);
+  std::vector<int64_t> small, big;
+  for (int64_t si = 0; si < static_cast<int64_t>(ss.size()); ++si) {
+    (ss[si].count * group <= 32 ? small : big).push_back(si);
+  }
+  souverain::parallel_for(0, static_cast<int64_t>(small.size()) * kv_heads, 1, [&](int64_t begin, int64_t end) {
+    thread_local std::vector<bf16> own_keys, own_values;
+    int configured = -1;
+    for (int64_t j = begin; j < end; ++j) {
+      const Span& s = ss[small[j / kv_heads]];
+      const int64_t g = j % kv_heads, size = s.blocks * 32 * hd;
+      if (static_cast<int64_t>(own_keys.size()) < size) {
+        own_keys.resize(size);
+        own_values.resize(size);
+      }
+      pack(s, g, own_keys.data(), own_values.data());
+      attend_block(q, out, s, g, group, 0, own_keys.data(), own_values.data(), sc, configured);
+    }
+    if (configured >= 0) _tile_release();
+  });
+  if (big.empty()) return;
   int64_t packed = 0;
-  for (Span& s : ss) {
-    s.packed = packed;
-    packed += s.blocks * 32 * kv_heads * hd;
+  for (const int64_t si : big) {
+    ss[si].packed = packed;
+    packed += ss[si].blocks * 32 * kv_heads * hd;
   }
   // The packed copies, kept by the calling thread from call to call (a fresh allocation this size
   // is fresh pages from the OS each time, ~0.1 ms of page faults).
@@ -340,21 +392,17 @@ void attend_spans(const torch::Tensor& q, const torch::Tensor& out, int64_t kv_h
   }
   bf16* const keys = key_space.data();
   bf16* const values = value_space.data();
-  souverain::parallel_for(0, static_cast<int64_t>(ss.size()) * kv_heads, 1, [&](int64_t begin, int64_t end) {
+  souverain::parallel_for(0, static_cast<int64_t>(big.size()) * kv_heads, 1, [&](int64_t begin, int64_t end) {
     for (int64_t j = begin; j < end; ++j) {
-      const Span& s = ss[j / kv_heads];
+      const Span& s = ss[big[j / kv_heads]];
       const int64_t g = j % kv_heads, off = s.packed + g * s.blocks * 32 * hd;
       pack(s, g, keys + off, values + off);
     }
   });
-  // Units (span, head, block of 32 queries); a block reads the keys up to its last query. Within each
-  // head the blocks alternate from both ends (0, last, 1, last - 1, ...), so that the contiguous
-  // ranges the threads take hold about the same work.
   // Units: 32 rows of one span and kv head, rows (position, query head) position-major; a span's units
   // taken first, last, second, second to last... so each thread gets as many long rows as short ones.
-  const int64_t group = heads / kv_heads;
   std::vector<std::array<int64_t, 3>> units;
-  for (int64_t si = 0; si < static_cast<int64_t>(ss.size()); ++si) {
+  for (const int64_t si : big) {
     for (int64_t g = 0; g < kv_heads; ++g) {
       for (int64_t lo = 0, hi = (ss[si].count * group + 31) / 32 - 1; lo <= hi; ++lo, --hi) {
         units.push_back({si, g, lo});
@@ -362,34 +410,15 @@ void attend_spans(const torch::Tensor& q, const torch::Tensor& out, int64_t kv_h
       }
     }
   }
-  const float sc = static_cast<float>(scale);
-  const auto* qp = q.data_ptr<bf16>();
-  auto* op = out.data_ptr<bf16>();
   souverain::parallel_for(0, static_cast<int64_t>(units.size()), 1, [&](int64_t begin, int64_t end) {
-    int configured = -1;  // rows of the second half the tiles are configured for
-    QueryRow rows[32];
+    int configured = -1;
     for (int64_t u = begin; u < end; ++u) {
       const auto [si, g, ub] = units[u];
       const Span& s = ss[si];
       const int64_t off = s.packed + g * s.blocks * 32 * hd;
-      const int64_t first = ub * 32, n = std::min<int64_t>(32, s.count * group - first);
-      int64_t most = 0;
-      for (int64_t i = 0; i < n; ++i) {
-        const int64_t pos = (first + i) / group, head = g * group + (first + i) % group;
-        rows[i] = {qp + (s.row + pos) * q.stride(0) + head * hd, op + (s.row + pos) * out.stride(0) + head * hd,
-                   s.start + pos + 1};
-        most = std::max(most, rows[i].keys);
-      }
-      const int half = n > 16 ? 16 : 0;
-      if (half != configured) {
-        souverain::amx::configure(16, half);
-        configured = half;
-      }
-      QueryBlock block(rows, n, keys + off, values + off, s, hd, sc);
-      block.run((most - 1) / 32);
-      block.write();
+      attend_block(q, out, s, g, group, ub * 32, keys + off, values + off, sc, configured);
     }
-    _tile_release();
+    if (configured >= 0) _tile_release();
   });
 }
 #endif
