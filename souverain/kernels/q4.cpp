@@ -136,29 +136,44 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void quantise_row_avx512(co
         s1 = _mm512_add_epi32(s1, c1);
         s2 = _mm512_add_epi32(s2, c2);
       }
-      const int32_t a = _mm512_reduce_add_epi32(s1), c = _mm512_reduce_add_epi32(s2);
-      o.sum[b] = 16 * a + c;
+      if (per_row) {  // q8 takes the parts' sums back separately
+        const int32_t a = _mm512_reduce_add_epi32(s1), c = _mm512_reduce_add_epi32(s2);
+        o.sum[b] = 16 * a + c;
+        o.total[0] += a;
+        o.total[1] += c;
+      } else {
+        o.sum[b] = _mm512_reduce_add_epi32(_mm512_add_epi32(_mm512_slli_epi32(s1, 4), s2));
+      }
       o.unit[b] = sa / 16.f;
       o.zterm[b] = o.unit[b] * static_cast<float>(o.sum[b]);
-      o.total[0] += a;
-      o.total[1] += c;
     }
   }
 }
 
-// `rows` >= m rows are allocated, those past m zero (the AMX path computes whole groups of 16 rows).
-// `tiled` (AMX): the codes of each group of 16 rows block by block, [rows / 16, K / 32, 16, 64], so a tile
-// of x is 1 KB in one piece; else row by row, [rows, K / 32, 64].
-Quantised quantise(const at::BFloat16* x, int64_t m, int64_t k, int64_t stride, int64_t rows, bool avx512,
-                   bool per_row, bool tiled) {
+// `rows` >= m rows are allocated (the AMX path computes whole groups of 16 rows; those past m are left as
+// they are: their tile rows are computed and dropped). `tiled` (AMX): the codes of each group of 16 rows
+// block by block, [rows / 16, K / 32, 16, 64], so a tile of x is 1 KB in one piece; else row by row,
+// [rows, K / 32, 64]. The buffers are the calling thread's, kept from call to call: a fresh allocation of
+// megabytes is fresh pages from the OS each time.
+const Quantised& quantise(const at::BFloat16* x, int64_t m, int64_t k, int64_t stride, int64_t rows, bool avx512,
+                          bool per_row, bool tiled) {
   const int64_t nb = k / kBlock;
-  Quantised out{std::vector<int8_t>(rows * 2 * k), std::vector<float>(rows * nb), std::vector<float>(rows * nb),
-                std::vector<int32_t>(rows * nb), std::vector<int32_t>(rows * 2)};
+  thread_local Quantised mine;
+  Quantised& out = mine;  // (the workers below must write the calling thread's, not their own)
+  auto grow = [](auto& v, int64_t n) {
+    if (static_cast<int64_t>(v.size()) < n) v.resize(n);
+  };
+  grow(out.q, rows * 2 * k);
+  grow(out.unit, rows * nb);
+  grow(out.zterm, rows * nb);
+  grow(out.sum, rows * nb);
+  grow(out.total, rows * 2);
   souverain::parallel_for(0, m, 16, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const RowOut o{tiled ? out.q.data() + (r / 16) * 32 * k + (r % 16) * 64 : out.q.data() + r * 2 * k,
                      tiled ? 1024 : 64, out.unit.data() + r * nb, out.zterm.data() + r * nb,
                      out.sum.data() + r * nb, out.total.data() + r * 2};
+      o.total[0] = o.total[1] = 0;
       if (avx512) {
         quantise_row_avx512(x + r * stride, k, per_row, o);
       } else {
@@ -558,8 +573,8 @@ torch::Tensor linear(const torch::Tensor& x, const uint8_t* w, const uint16_t* s
   if (m == 0) return y;
   const bool tiles_path = isa == kIsaAmx && m > kGroup;
   const int64_t mpad = tiles_path ? (m + 15) / 16 * 16 : m;
-  const Quantised xq = quantise(x.data_ptr<at::BFloat16>(), m, k, x.stride(0), mpad, isa != 256, Bits == 8,
-                                tiles_path);
+  const Quantised& xq = quantise(x.data_ptr<at::BFloat16>(), m, k, x.stride(0), mpad, isa != 256, Bits == 8,
+                                 tiles_path);
   at::BFloat16* out = fp32 ? nullptr : y.data_ptr<at::BFloat16>();
   float* out32 = fp32 ? y.data_ptr<float>() : nullptr;
 #ifdef SOUVERAIN_AMX_INT8
