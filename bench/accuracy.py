@@ -40,7 +40,7 @@ def main(names: list[str]) -> None:
         model = prepare(quantize(load_model(path, dtype=torch.bfloat16), bits=4), choose(name=name))
         kls, same, total = [], 0, 0
         with torch.inference_mode():
-            for i, (p, want) in enumerate(zip(prompts, wants)):
+            for i, (p, want) in enumerate(zip(prompts, wants, strict=True)):
                 got = model(torch.tensor([p]))[0].float().log_softmax(-1)
                 kls.append(torch.nn.functional.kl_div(got, want, log_target=True, reduction="none").sum(-1).mean())
                 same += int((got.argmax(-1) == want.argmax(-1)).sum())

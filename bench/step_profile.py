@@ -27,7 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as `souverain serve` sets it: no OpenMP spinning beside the pool
 
-import torch  # noqa: E402
+import torch
 
 WORDS = ("the king of france travelled to lyon with his court and many horses while the people of paris waited "
          "for news about the harvest the war and the price of bread in the markets").split()
