@@ -59,7 +59,23 @@ def test_each_backend_gives_the_simple_loops_tokens(name: str, window: int | Non
                            3: [Request(f"r{i}", p, params) for i, p in enumerate(ps[4:], start=4)]})
     assert engine.stats.preemptions > 0
     for i, p in enumerate(ps):
-        assert tokens_of(out[(f"r{i}", 0)]) == list(generate_tokens(model, p, max_tokens=24, stop_ids=[EOS])), i
+        same_or_tie(model, p, tokens_of(out[(f"r{i}", 0)]), list(generate_tokens(model, p, max_tokens=24,
+                                                                                  stop_ids=[EOS])))
+
+
+def same_or_tie(model: Transformer, prompt: list[int], got: list[int], want: list[int]) -> None:
+    """got is want, or parts from it where want's next token was a near-tie: the simple loop attends in fp32
+    (SDPA over its contiguous cache), the engine's PyTorch path in float64 (this toy model is fp32, which the
+    C++ attention does not take), so a last bit can differ, and bf16 activations carry it to the logits (seen:
+    2.935 against 2.921 with a sliding window). The products are the same bits either way (test_q4.py)."""
+    if got == want:
+        return
+    k = next((j for j in range(min(len(got), len(want))) if got[j] != want[j]), None)
+    assert k is not None, (got, want)  # one stopped where the other went on: no tie explains it
+    with torch.inference_mode():
+        logits = model(torch.tensor([prompt + want[:k]]))[0, -1].float()
+    top = logits.topk(2)
+    assert float(top.values[0] - top.values[1]) < 0.05 and got[k] in top.indices.tolist(), (k, got, want)
 
 
 def test_two_engines_on_different_backends_in_one_process() -> None:
@@ -83,7 +99,8 @@ def test_two_engines_on_different_backends_in_one_process() -> None:
         isas = {m.backend.q4_isa for m in engine.model.modules() if isinstance(m, QuantLinear) and m.codes is not None}
         assert isas == ({512} if n == "avx512" else {256} if n == "avx2" else set())
         for i, p in enumerate(ps):
-            assert got[n][i] == list(generate_tokens(engine.model, p, max_tokens=16, stop_ids=[EOS])), (n, i)
+            same_or_tie(engine.model, p, got[n][i], list(generate_tokens(engine.model, p, max_tokens=16,
+                                                                         stop_ids=[EOS])))
     if set(names) == {"avx512", "avx2"}:
         assert got["avx512"] == got["avx2"]
 
