@@ -157,8 +157,7 @@ class QueryBlock {
   QueryBlock(const QueryRow* rows, int64_t n, const bf16* kp, const bf16* vp, const Span& s, int64_t hd, float scale)
       : kp_(kp), vp_(vp), s_(s), rows_(n), two_(n > 16), live_(n > 16 ? 32 : 16), hd_(hd), steps_(hd / 32),
         scale_(scale) {
-    // Only what is read is set: a decode step's block has 3 rows of 16, and zeroing whole buffers (48 KB)
-    // for each cost more than its attention.
+    // Only what is read is set (a decode step's block has 3 rows of 16 for SmolLM2's 3:1 heads).
     for (int64_t i = 0; i < live_; ++i) {
       if (i < rows_) {
         std::memcpy(qbuf_ + i * hd, rows[i].q, hd * sizeof(bf16));
