@@ -8,12 +8,14 @@ safetensors and loaded by Souverain's loader; the dense model has the same layer
 of twice an expert's width (the same active parameters per token). bf16; Souverain's weights int4 (the
 experts' too) unless --bits 0; 2 threads, in this process. Decode tok/s at batch 1 and 8: generated
 tokens over the time from the first generated token to the last (HF: `generate` with min_new_tokens, the
-prefill timed separately and taken off). Prints each round and the ratios.
+prefill timed separately and taken off). Prints each round and the ratios. OMP_WAIT_POLICY is PASSIVE, as
+`serve` runs (see below).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -21,6 +23,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+# As `souverain serve` and `run` set it: OpenMP threads that spin after each region take the cores from the
+# kernels' pool (the C++ decoder's MoE ran 50 tok/s at batch 1 without it, 388 with it). HF transformers
+# runs faster with spinning threads: `OMP_WAIT_POLICY=ACTIVE .venv/bin/python bench/moe.py` shows its best.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch
 

@@ -40,12 +40,43 @@ struct Linear {
   }
 };
 
+// A sparse mixture-of-experts feed-forward (souverain/model/moe.py's MoeFeedForward with its experts
+// quantised), applied as its forward applies it, op for op: the same bits.
+struct Moe {
+  Linear router;
+  std::vector<Linear> gate_up, down;  // per expert: one [gate | up] projection, and the down projection
+  int64_t top_k = 2;
+
+  at::Tensor operator()(const at::Tensor& x) const {
+    const int64_t experts = static_cast<int64_t>(gate_up.size());
+    // Softmax over the chosen k only, in fp32; tokens sorted by expert (stably), each expert once on its group.
+    const auto [top_logits, chosen] = at::topk(router(x).to(at::kFloat), top_k, -1);
+    const at::Tensor weights = at::softmax(top_logits, -1).to(x.scalar_type());
+    const at::Tensor flat = chosen.flatten();
+    const at::Tensor order = at::argsort(flat, /*stable=*/true, 0, false);
+    const at::Tensor token_of = at::floor_divide(order, top_k);
+    const at::Tensor counts = at::bincount(flat, {}, experts);
+    const at::Tensor grouped = x.index_select(0, token_of);
+    const auto* count = counts.data_ptr<int64_t>();
+    std::vector<at::Tensor> outs;
+    for (int64_t e = 0, start = 0; e < experts; start += count[e], ++e) {
+      if (count[e] == 0) continue;
+      const auto halves = gate_up[e](grouped.narrow(0, start, count[e])).chunk(2, -1);
+      outs.push_back(down[e](at::mul(at::silu(halves[0]), halves[1])));
+    }
+    const at::Tensor y = at::mul(at::cat(outs).to(x.scalar_type()), weights.flatten().index_select(0, order).unsqueeze(1));
+    // Each token's k outputs are added in expert order, whatever its neighbours.
+    return at::zeros_like(x).index_add_(0, token_of, y);
+  }
+};
+
 struct Layer {
   at::Tensor attention_norm, ffn_norm;
   std::vector<Linear> qkv;      // one [q | k | v] projection, or q, k and v
   Linear wo;
-  std::vector<Linear> gate_up;  // one [gate | up] projection, or gate and up
-  Linear down;
+  std::vector<Linear> gate_up;  // one [gate | up] projection, or gate and up (none with `moe`)
+  std::optional<Linear> down;
+  std::optional<Moe> moe;       // the feed-forward, where it is a mixture of experts
 };
 
 class Decoder {
@@ -57,7 +88,10 @@ class Decoder {
     TORCH_CHECK(!tiles || prefill_supported(n_heads, n_kv_heads, head_dim), "Decoder: no AMX attention for these shapes");
     for (const auto& l : layers_) {
       TORCH_CHECK(l.qkv.size() == 1 || l.qkv.size() == 3, "Decoder: a layer takes one qkv projection or three");
-      TORCH_CHECK(l.gate_up.size() == 1 || l.gate_up.size() == 2, "Decoder: a layer takes one gate_up projection or two");
+      TORCH_CHECK(l.moe ? l.moe->gate_up.size() == l.moe->down.size() && !l.moe->gate_up.empty()
+                        : (l.gate_up.size() == 1 || l.gate_up.size() == 2) && l.down,
+                  "Decoder: a layer takes one gate_up projection or two and a down projection, or a mixture of "
+                  "experts with a gate_up and a down projection each");
     }
   }
 
@@ -108,8 +142,12 @@ class Decoder {
       }
       h = at::add(h, l.wo(o.view({n, q_width})));
       const at::Tensor f = rms_norm(h, l.ffn_norm, eps_);
+      if (l.moe) {
+        h = at::add(h, (*l.moe)(f));
+        continue;
+      }
       const at::Tensor g = l.gate_up.size() == 1 ? swiglu(l.gate_up[0](f)) : silu_mul(l.gate_up[0](f), l.gate_up[1](f));
-      h = at::add(h, l.down(g));
+      h = at::add(h, (*l.down)(g));
     }
     return h;
   }
@@ -142,13 +180,21 @@ void bind_decoder(pybind11::module& m) {
            py::arg("code_scales") = py::none(), py::arg("bias") = py::none(), py::arg("bits") = 0,
            py::arg("dense_rows") = -1, py::arg("group") = 0, py::arg("isa") = 0)
       .def("__call__", &Linear::operator(), py::arg("x"));
+  py::class_<Moe>(m, "Moe", "a mixture-of-experts feed-forward's router and experts, as its forward applies them")
+      .def(py::init([](Linear router, std::vector<Linear> gate_up, std::vector<Linear> down, int64_t top_k) {
+             TORCH_CHECK(!gate_up.empty() && gate_up.size() == down.size() && top_k > 0 &&
+                             top_k <= static_cast<int64_t>(gate_up.size()),
+                         "Moe: one gate_up and one down projection per expert, and 0 < top_k <= experts");
+             return Moe{router, std::move(gate_up), std::move(down), top_k};
+           }),
+           py::kw_only(), py::arg("router"), py::arg("gate_up"), py::arg("down"), py::arg("top_k"));
   py::class_<Layer>(m, "Layer", "one decoder layer's weights")
       .def(py::init([](at::Tensor attention_norm, at::Tensor ffn_norm, std::vector<Linear> qkv, Linear wo,
-                       std::vector<Linear> gate_up, Linear down) {
-             return Layer{attention_norm, ffn_norm, std::move(qkv), wo, std::move(gate_up), down};
+                       std::vector<Linear> gate_up, std::optional<Linear> down, std::optional<Moe> moe) {
+             return Layer{attention_norm, ffn_norm, std::move(qkv), wo, std::move(gate_up), down, moe};
            }),
            py::kw_only(), py::arg("attention_norm"), py::arg("ffn_norm"), py::arg("qkv"), py::arg("wo"),
-           py::arg("gate_up"), py::arg("down"));
+           py::arg("gate_up") = std::vector<Linear>{}, py::arg("down") = py::none(), py::arg("moe") = py::none());
   py::class_<Decoder>(m, "Decoder", "the decoder layers of a decode step, in one call")
       .def(py::init<std::vector<Layer>, int64_t, int64_t, int64_t, double, bool>(), py::arg("layers"),
            py::arg("n_heads"), py::arg("n_kv_heads"), py::arg("head_dim"), py::arg("eps"), py::arg("tiles") = false)

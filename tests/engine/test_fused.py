@@ -8,6 +8,7 @@ import torch
 from souverain import kernels
 from souverain.engine.request import Request, SamplingParams
 from souverain.model import ModelArgs, Transformer
+from souverain.model.args import MoeArgs
 from souverain.model.quant import quantize
 from tests.engine.toy import make_engine, run_all, tokens_of
 
@@ -22,6 +23,7 @@ CASES = {
     "int8_unfused": (dict(), dict(bits=8, fuse=False)),
     "bf16_bias": (dict(attention_bias=True, mlp_bias=True), None),  # plain nn.Linear with biases
     "sliding_window": (dict(sliding_window=24), dict(bits=4)),
+    "moe_int4": (dict(moe=MoeArgs(num_experts=4, num_experts_per_tok=2)), dict(bits=4)),  # router, grouping, experts
 }
 
 
