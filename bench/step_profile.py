@@ -29,14 +29,12 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as `souverain serve` sets
 
 import torch
 
-WORDS = ("the king of france travelled to lyon with his court and many horses while the people of paris waited "
-         "for news about the harvest the war and the price of bread in the markets").split()
-
 
 def prompt(tok, n: int, rng: random.Random) -> list[int]:
-    """About n tokens of fresh words (no prefix-cache hits between prompts)."""
-    ids = tok.encode(" ".join(rng.choice(WORDS) for _ in range(n)) + f" {rng.random()}")
-    return ids[:n]
+    """n tokens of fresh words (bench/engine.py's, a new seed each time: no prefix-cache hits between prompts)."""
+    from bench.engine import prompt_text
+
+    return tok.encode(prompt_text(2 * n, rng.randrange(1 << 30)))[:n]
 
 
 class Perf:
