@@ -37,7 +37,7 @@ void prefill_attention_cached(torch::Tensor q, torch::Tensor k_cache, torch::Ten
                               std::vector<std::tuple<int64_t, int64_t, int64_t>> spans, torch::Tensor tables,
                               int64_t block_size, double scale);
 
-// q4.cpp: isa 512 (AVX-512 VNNI) or 256 (AVX2)
+// q4.cpp: isa 1024 (AMX tiles beyond 4 rows, AVX-512 VNNI up to 4), 512 (AVX-512 VNNI) or 256 (AVX2)
 bool q4_supported(int64_t isa);
 // x is read to 11 bits per 32 values (two int8 parts); fp32: the output in float32 (logits), else rounded to bfloat16
 torch::Tensor q4_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor sz, int64_t isa, bool fp32 = false);
