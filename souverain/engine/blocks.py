@@ -3,6 +3,11 @@
 Full blocks are named by a hash chained through their prefix (and a salt, so organisations never
 share cached prompts: prefix-cache timing leaks them, CVE-2025-46570). A block whose last user
 leaves keeps its contents and its name, parked in an LRU, until its slot is needed again.
+
+Where the model computes prompt tokens and generated tokens differently (AMX: bf16 products for the one,
+int8 for the other, souverain/model/quant.py), a block holding generated tokens is named apart
+(`share_generated=False`): a later prompt that repeats them (the next turn of a chat) computes them
+again as prompt tokens, so its result never depends on what earlier requests left in the cache.
 """
 
 from __future__ import annotations
@@ -17,10 +22,14 @@ from souverain.engine.request import Sequence
 NULL_BLOCK = -1
 
 
-def block_hash(parent: bytes | None, tokens: Seq[int], salt: str) -> bytes:
+def block_hash(parent: bytes | None, tokens: Seq[int], salt: str, prompt_tokens: int | None = None) -> bytes:
+    """The name of a full block after `parent`; `prompt_tokens` (fewer than the block's tokens) marks one
+    whose tokens from that index on were generated."""
     h = hashlib.sha256()
     h.update(parent or salt.encode("utf-8"))
     h.update(b"".join(t.to_bytes(4, "little", signed=True) for t in tokens))
+    if prompt_tokens is not None:
+        h.update(b"generated from" + prompt_tokens.to_bytes(4, "little"))
     return h.digest()
 
 
@@ -31,11 +40,12 @@ class PrefixStats:
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int) -> None:
+    def __init__(self, num_blocks: int, block_size: int, share_generated: bool = True) -> None:
         if num_blocks < 1 or block_size < 1:
             raise ValueError("num_blocks and block_size must be positive")
         self.num_blocks = num_blocks
         self.block_size = block_size
+        self.share_generated = share_generated
         self.refs = [0] * num_blocks
         self.hash_of: list[bytes | None] = [None] * num_blocks
         self.cached: dict[bytes, int] = {}
@@ -126,7 +136,9 @@ class BlockManager:
         salt = seq.request.cache_salt
         for i in range(len(seq.block_hashes), full):
             parent = seq.block_hashes[-1] if seq.block_hashes else None
-            h = block_hash(parent, seq.token_ids[i * self.block_size : (i + 1) * self.block_size], salt)
+            prompt = seq.prompt_len - i * self.block_size
+            mark = None if self.share_generated or prompt >= self.block_size else max(0, prompt)
+            h = block_hash(parent, seq.token_ids[i * self.block_size : (i + 1) * self.block_size], salt, mark)
             seq.block_hashes.append(h)
             block = seq.block_table[i]
             if block != NULL_BLOCK and h not in self.cached and self.hash_of[block] is None:

@@ -112,7 +112,9 @@ class LLMEngine:
         self.cache = PagedKVCache(args.n_layers, num_blocks, config.block_size, args.n_kv_heads, args.hd,
                                   p.dtype, p.device, k_transposed=transposed, ops=fast if transposed else None,
                                   tiles=tiles)
-        self.blocks = BlockManager(num_blocks, config.block_size)
+        # Generated tokens' KV blocks serve later prompts only where prompt rows are computed as generated ones.
+        split = any(isinstance(m, QuantLinear) and m.prompt_bf16 for m in model.modules())
+        self.blocks = BlockManager(num_blocks, config.block_size, share_generated=not split)
         self.scheduler = Scheduler(self.blocks, SchedulerConfig(
             max_num_seqs=config.max_num_seqs, max_batched_tokens=config.max_batched_tokens,
             max_waiting=config.max_waiting, max_model_len=max_len, sliding_window=args.sliding_window,

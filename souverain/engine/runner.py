@@ -12,6 +12,7 @@ from souverain.engine.kv_cache import AttentionGroup, PagedKVCache, PagedStep, b
 from souverain.engine.request import Sequence
 from souverain.engine.sampling import SamplingTensors, apply_mask, apply_penalties, logprobs_of, sample
 from souverain.engine.scheduler import ScheduledSeq
+from souverain.model.layers import PromptRows
 from souverain.model.lora import LoraBatch, LoraWeights
 from souverain.model.transformer import Transformer
 
@@ -45,12 +46,14 @@ class ModelRunner:
         slots: list[int] = []
         out_rows: list[int] = []
         offsets: list[int] = []
+        kinds: list[bool] = []  # per row: a prompt token (else a generated one)
         bs = self.cache.block_size
         for item in items:
             seq, a, n = item.seq, item.start, item.num_tokens
             offsets.append(len(tokens))
             tokens += seq.token_ids[a : a + n]
             positions += range(a, a + n)
+            kinds += [p < seq.prompt_len for p in range(a, a + n)]
             table = seq.block_table
             slots += [table[p // bs] * bs + p % bs for p in range(a, a + n)]
             if item.sample:
@@ -62,9 +65,10 @@ class ModelRunner:
         counts = [i.num_tokens for i in items]
         # The C++ kernels attend every query the same way: the block table and key range of each row.
         rows = None if self.cache.ops is None else row_keys([i.start for i in items], counts, tables, self.window, dev)
-        decodes = len(tokens) == len(out_rows) == len(items)
+        prompt = PromptRows.of(kinds, dev)
+        decodes = len(tokens) == len(out_rows) == len(items) and prompt is None
         if self.decoder is not None and rows is not None and lora is None and decodes:
-            # One token per sequence, each sampled: the layers in one C++ call.
+            # One generated token per sequence, each sampled: the layers in one C++ call.
             h = self.model.tok_embeddings(torch.tensor(tokens, device=dev))
             cos, sin = self.model.rope_tables(torch.tensor(positions, device=dev), h.dtype)
             h = self.decoder.forward(h, cos, sin, self.cache.k, self.cache.v, slot_t, rows.tables, rows.lo, rows.hi,
@@ -72,7 +76,8 @@ class ModelRunner:
             return self.model.head(h, self.ops)
         step = PagedStep(self.cache, slot_t, [] if rows is not None else self._groups(items, offsets), rows)
         logits = self.model(torch.tensor([tokens], device=dev), torch.tensor([positions], device=dev), step,
-                            output_rows=torch.tensor(out_rows, dtype=torch.long, device=dev), lora=lora, ops=self.ops)
+                            output_rows=torch.tensor(out_rows, dtype=torch.long, device=dev), lora=lora, ops=self.ops,
+                            prompt=prompt)
         return logits
 
     def _lora(self, items: list[ScheduledSeq], adapter: Callable[[str], LoraWeights] | None) -> LoraBatch | None:

@@ -1,8 +1,9 @@
 """The kernel backend a model and an engine run on, chosen once by the wiring code and passed down.
 
-    amx     Intel AMX: int4 x int8 products on AMX tiles for prefill and wide decode steps (q4.cpp, the
-            same bits as AVX-512 VNNI's, which takes the narrow ones), attention on the tiles for every
-            query (prefill.cpp)
+    amx     Intel AMX: prompt tokens through bf16 products on AMX tiles (int4 codes dequantised,
+            gemm.cpp's amx_linear_q4), generated tokens through int4 x int8 products on the tiles for wide
+            decode steps (q4.cpp, the same bits as AVX-512 VNNI's, which takes the narrow ones), attention
+            on the tiles for every query (prefill.cpp)
     avx512  AVX-512 with VNNI (AMD Zen 4, Intel Ice Lake and later): every int4 product through
             q4.cpp's 512-bit kernel
     avx2    AVX2 with FMA (older and smaller CPUs): q4.cpp's 256-bit kernel

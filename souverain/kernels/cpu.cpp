@@ -596,9 +596,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("amx_available", &amx_available, "whether amx_linear runs here (an AMX CPU, and the OS grants the tiles)");
   m.def("amx_linear", &amx_linear, "x [M, K] bf16 times a weight packed by pack_tiles, as x @ w.T; glu: "
         "silu(gate) * up of a fused [gate | up] weight", py::arg("x"), py::arg("packed"), py::arg("glu") = false);
-  m.def("amx_linear_int4", &amx_linear_int4, "x [M, K] bf16 times an int4 weight packed by pack_int4_tiles; glu: "
-        "silu(gate) * up of a fused [gate | up] weight", py::arg("x"), py::arg("qtiles"), py::arg("sz"),
-        py::arg("glu") = false);
+  m.def("amx_linear_q4", &amx_linear_q4, "x [M, K] bf16 times q4_linear's int4 weight (pack_q4; N a multiple of "
+        "32), dequantised to bf16 on AMX tiles: fp32 sums over all of K, bf16 out; glu: silu(gate) * up of a fused "
+        "[gate | up] weight", py::arg("x"), py::arg("codes"), py::arg("sz"), py::arg("glu") = false,
+        py::call_guard<py::gil_scoped_release>());
   m.def("prefill_supported", &prefill_supported, "whether prefill_attention runs here for these shapes (AMX)");
   m.def("prefill_attention", &prefill_attention, "causal attention of chunks starting their sequences, into out",
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("spans"), py::arg("scale"),

@@ -22,13 +22,15 @@
 // against 119 at 1,024 rows, 27 against 33 at 256, 11.4 against 12.7 at 64 (one process, the two
 // forms interleaved, minima of 12 runs; same bits).
 //
-// `amx_linear_int4` reads int4 weights instead (a quarter of the bytes, and no bf16 copy of the
-// model kept): each 32-column panel is dequantised into bf16 tiles in a per-thread buffer (in
-// L1/L2), then multiplied as above; a panel then serves every 32-row block of x. Up to 32 rows (decode
-// steps) there is one block of rows, so each weight block is instead dequantised just ahead of its
+// `amx_linear_q4` reads int4 weights instead, in q4_linear's layout (q4.cpp; the model keeps one copy
+// of its codes for both products): each 32-column panel is dequantised into bf16 tiles in a per-thread
+// buffer (in L1/L2), then multiplied as above; a panel then serves every 32-row block of x. Up to 32
+// rows there is one block of rows, so each weight block is instead dequantised just ahead of its
 // products into a small ring in L1 and the vector units overlap the tiles: the 120 products of
 // SmolLM2 at 32 rows took 8.4-9.2 ms against 14-18 ms the panel way (two of three interleaved rounds;
-// in the third both took ~18-19 ms). Packing: `pack_int4_tiles` (tiles.py).
+// in the third both took ~18-19 ms). It is the engine's product for prompt tokens (souverain/model/
+// quant.py): SmolLM2's 120 products at 512 rows took 57.6-62.3 ms against q4_linear's 182-213 (minima
+// of 40 runs each, interleaved; at 1 row 7.6 ms against 2.2, so generated tokens stay on q4_linear).
 //
 // `glu`: for a fused [gate | up] weight (FeedForward.w13) both products return silu(gate) * up:
 // each output block multiplies a gate panel and the matching up panel, then applies `swiglu`'s
@@ -164,38 +166,37 @@ inline __m512 bf16_to_float(const at::BFloat16* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
 }
 
-// One (n, k) block of an int4 weight to its two bf16 tiles: w = (q - 8) * scale + zero per column,
-// in fp32, rounded to bf16. q holds each tile row's 32 lanes in 16 bytes (lane i in byte i's low
-// nibble, lane 16 + i in its high nibble); sz is [scale, zero][32 columns] in bf16.
-inline void dequant_block(const uint8_t* q, const at::BFloat16* sz, at::BFloat16* out) {
+// One 16-column tile of q4_linear's int4 layout (souverain/kernels/q4.cpp) for one block of 32 values of K,
+// to a bf16 tile in VNNI order: w = (q - 8) * scale + zero in fp32, rounded to bf16.
+// q4 keeps 4 parts of 64 bytes; byte 4c + i of part t holds column c's codes 4t + i (low nibble) and
+// 16 + 4t + i (high nibble). Tile row r (values 2r and 2r + 1 of every column, lanes 2c and 2c + 1) is
+// therefore the even (r even) or odd 16-bit words of part r / 2 for r < 8, low nibbles; rows 8-15 are
+// the same bytes' high nibbles. sz: the tile's [scale, zero][16 columns] in bf16.
+inline void dequant_q4_tile(const uint8_t* q, const at::BFloat16* sz, at::BFloat16* out) {
   const __m512 centred = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
-  // Lane 2c + j of a tile row is column c: lanes 0-15 are columns 0-7, lanes 16-31 columns 8-15.
   const __m512i first = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
   const __m512i second = _mm512_add_epi32(first, _mm512_set1_epi32(8));
+  const __m512 scale = bf16_to_float(sz), zero = bf16_to_float(sz + 16);
+  const __m512 s0 = _mm512_permutexvar_ps(first, scale), s1 = _mm512_permutexvar_ps(second, scale);
+  const __m512 z0 = _mm512_permutexvar_ps(first, zero), z1 = _mm512_permutexvar_ps(second, zero);
   const __m128i nibble = _mm_set1_epi8(0x0F);
-  for (int h = 0; h < 2; ++h) {
-    const __m512 scale = bf16_to_float(sz + h * 16), zero = bf16_to_float(sz + 32 + h * 16);
-    const __m512 s0 = _mm512_permutexvar_ps(first, scale), s1 = _mm512_permutexvar_ps(second, scale);
-    const __m512 z0 = _mm512_permutexvar_ps(first, zero), z1 = _mm512_permutexvar_ps(second, zero);
-    for (int r = 0; r < 16; ++r) {
-      const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + (h * 16 + r) * 16));
-      const __m512i lo = _mm512_cvtepu8_epi32(_mm_and_si128(v, nibble));
-      const __m512i hi = _mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(v, 4), nibble));
-      const __m512 w0 = _mm512_fmadd_ps(_mm512_permutexvar_ps(lo, centred), s0, z0);
-      const __m512 w1 = _mm512_fmadd_ps(_mm512_permutexvar_ps(hi, centred), s1, z1);
-      _mm512_store_si512(out + (h * 16 + r) * 32, to_bf16(w0, w1));
+  auto row = [&](__m128i lanes0, __m128i lanes16, int shift, at::BFloat16* dst) {
+    const __m512i a = _mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(lanes0, shift), nibble));
+    const __m512i b = _mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(lanes16, shift), nibble));
+    const __m512 w0 = _mm512_fmadd_ps(_mm512_permutexvar_ps(a, centred), s0, z0);
+    const __m512 w1 = _mm512_fmadd_ps(_mm512_permutexvar_ps(b, centred), s1, z1);
+    _mm512_store_si512(dst, to_bf16(w0, w1));
+  };
+  for (int t = 0; t < 4; ++t) {
+    const __m512i part = _mm512_loadu_si512(q + t * 64);
+    for (int odd = 0; odd < 2; ++odd) {
+      const __m256i bytes = _mm512_cvtepi32_epi16(odd ? _mm512_srli_epi32(part, 16) : part);
+      const __m128i lanes0 = _mm256_castsi256_si128(bytes), lanes16 = _mm256_extracti128_si256(bytes, 1);
+      const int r = 2 * t + odd;
+      row(lanes0, lanes16, 0, out + r * 32);
+      row(lanes0, lanes16, 4, out + (r + 8) * 32);
     }
   }
-}
-
-constexpr int64_t kQBytes = kBlock / 2;  // an int4 block: two nibbles a byte
-
-// Bring int4 block kb's nibbles and its scales and zeros towards L1 (past the end: nothing useful, no fault).
-inline void fetch_int4(const uint8_t* q, const at::BFloat16* sz, int64_t kb) {
-  const char* ahead = reinterpret_cast<const char*>(q + kb * kQBytes);
-  for (int64_t i = 0; i < kQBytes; i += 64) _mm_prefetch(ahead + i, _MM_HINT_T0);
-  _mm_prefetch(reinterpret_cast<const char*>(sz + kb * 64), _MM_HINT_T0);
-  _mm_prefetch(reinterpret_cast<const char*>(sz + kb * 64) + 64, _MM_HINT_T0);
 }
 
 struct PanelRef {
@@ -366,29 +367,33 @@ torch::Tensor amx_linear(torch::Tensor x, torch::Tensor packed, bool glu) {
 #endif
 }
 
-torch::Tensor amx_linear_int4(torch::Tensor x, torch::Tensor qtiles, torch::Tensor sz, bool glu) {
-  TORCH_CHECK(qtiles.device().is_cpu() && qtiles.dim() == 5 && qtiles.scalar_type() == at::kByte &&
-                  qtiles.is_contiguous() && qtiles.size(2) == 2 && qtiles.size(3) == 16 && qtiles.size(4) == 16,
-              "amx_linear_int4: the weight must be packed uint8 [N/32, K/32, 2, 16, 16]");
-  const int64_t NB = qtiles.size(0), KB = qtiles.size(1);
+torch::Tensor amx_linear_q4(torch::Tensor x, torch::Tensor codes, torch::Tensor sz, bool glu) {
+  TORCH_CHECK(codes.device().is_cpu() && codes.dim() == 4 && codes.scalar_type() == at::kByte && codes.is_contiguous() &&
+                  codes.size(0) % 2 == 0 && codes.size(2) == 4 && codes.size(3) == 64,
+              "amx_linear_q4: the weight must be q4_linear's uint8 [N/16, K/32, 4, 64] with N a multiple of 32");
+  const int64_t NB = codes.size(0) / 2, KB = codes.size(1);
   TORCH_CHECK(sz.device().is_cpu() && sz.scalar_type() == at::kBFloat16 && sz.is_contiguous() &&
-                  sz.sizes() == at::IntArrayRef({NB, KB, 2, 32}),
-              "amx_linear_int4: scales and zeros must be bfloat16 [N/32, K/32, 2, 32]");
+                  sz.sizes() == at::IntArrayRef({2 * NB, KB, 2, 16}),
+              "amx_linear_q4: scales and zeros must be bfloat16 [N/16, K/32, 2, 16]");
   check_x(x, KB * 32);
   check_glu(glu, NB);
 #ifdef SOUVERAIN_AMX
-  const auto* qp = qtiles.data_ptr<uint8_t>();
+  const auto* qp = codes.data_ptr<uint8_t>();
   const auto* sp = sz.data_ptr<at::BFloat16>();
+  constexpr int64_t kCodes = 4 * 64;  // bytes of one tile's block
   auto dequant = [=](int64_t nb, int64_t kb, at::BFloat16* out) {
-    const uint8_t* q = qp + nb * KB * kQBytes;
-    const at::BFloat16* s = sp + nb * KB * 64;
-    fetch_int4(q, s, kb + kPrefetch);
-    dequant_block(q + kb * kQBytes, s + kb * 64, out);
+    for (int64_t h = 0; h < 2; ++h) {
+      const int64_t tile = (2 * nb + h) * KB;
+      const char* ahead = reinterpret_cast<const char*>(qp + (tile + kb + kPrefetch) * kCodes);
+      for (int64_t i = 0; i < kCodes; i += 64) _mm_prefetch(ahead + i, _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(sp + (tile + kb + kPrefetch) * 32), _MM_HINT_T0);
+      dequant_q4_tile(qp + (tile + kb) * kCodes, sp + (tile + kb) * 32, out + h * kTile);
+    }
   };
   if (x.size(0) <= 32) return small(x, NB, KB, dequant, glu);
   return product(x, NB, KB, [&](int64_t nb, at::BFloat16* buffer) {
     for (int64_t kb = 0; kb < KB; ++kb) dequant(nb, kb, buffer + kb * kBlock);
-    return PanelRef{buffer, nullptr, 0};  // the panel is in L1/L2 now: nothing more to fetch from memory
+    return PanelRef{buffer, nullptr, 0};
   }, glu);
 #else
   return x;

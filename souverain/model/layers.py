@@ -18,10 +18,32 @@ from souverain.model.moe import MoeFeedForward
 from souverain.model.rope import apply_rope
 
 
+@dataclass(frozen=True)
+class PromptRows:
+    """Which rows of a forward's flattened tokens are prompt tokens (the others: tokens the model generated,
+    or recomputes after a preemption). On AMX, int4 projections compute prompt rows as bf16 products and
+    generated rows as q4_linear's int4 x int8 ones (souverain/model/quant.py): each token always one way,
+    whatever the batch. `rows`/`others`: the two kinds' row indices; rows None: every row is a prompt row."""
+
+    rows: torch.Tensor | None = None
+    others: torch.Tensor | None = None
+
+    @classmethod
+    def of(cls, kinds: list[bool], device: torch.device | str = "cpu") -> PromptRows | None:
+        """From each row's kind (True: a prompt token); None where no row is a prompt row."""
+        if all(kinds):
+            return cls()
+        if not any(kinds):
+            return None
+        rows = [i for i, k in enumerate(kinds) if k]
+        others = [i for i, k in enumerate(kinds) if not k]
+        return cls(torch.tensor(rows, device=device), torch.tensor(others, device=device))
+
+
 @dataclass
 class ForwardContext:
-    """What every layer of one forward pass shares: rotary tables, mask or KV view, positions, and the
-    backend's C++ kernels (`ops`; None: PyTorch ops)."""
+    """What every layer of one forward pass shares: rotary tables, mask or KV view, positions, which rows
+    are prompt tokens, and the backend's C++ kernels (`ops`; None: PyTorch ops)."""
 
     cos: torch.Tensor
     sin: torch.Tensor
@@ -30,11 +52,25 @@ class ForwardContext:
     kv: KVView | None = None
     lora: LoraBatch | None = None
     ops: ModuleType | None = None
+    prompt: PromptRows | None = None
+
+    def linear(self, proj: nn.Module | None, x: torch.Tensor) -> torch.Tensor:
+        """proj(x); projections that compute prompt rows their own way (QuantLinear) are told which."""
+        assert proj is not None
+        if self.prompt is not None and getattr(proj, "splits_prompt_rows", False):
+            return proj(x, prompt=self.prompt)  # type: ignore[no-any-return]
+        return proj(x)  # type: ignore[no-any-return]
+
+    def gated(self, proj: nn.Module | None, x: torch.Tensor) -> torch.Tensor:
+        """swiglu(proj(x)) for a fused [gate | up] projection (in one product where proj can)."""
+        assert proj is not None
+        if self.prompt is not None and getattr(proj, "splits_prompt_rows", False):
+            return proj(x, prompt=self.prompt, glu=True)  # type: ignore[no-any-return]
+        return swiglu(proj(x), self.ops)
 
     def project(self, layer: int, target: str, proj: nn.Module | None, x: torch.Tensor) -> torch.Tensor:
         """proj(x), plus the LoRA update of the rows that have an adapter."""
-        assert proj is not None
-        y: torch.Tensor = proj(x)
+        y = self.linear(proj, x)
         return y if self.lora is None else self.lora.apply(layer, target, x, y)
 
 
@@ -75,7 +111,7 @@ class Attention(nn.Module):
             return (ctx.project(self.layer, "wq", self.wq, x), ctx.project(self.layer, "wk", self.wk, x),
                     ctx.project(self.layer, "wv", self.wv, x))
         kv = self.n_kv_heads * self.head_dim
-        q, k, v = self.wqkv(x).split([self.n_heads * self.head_dim, kv, kv], dim=-1)
+        q, k, v = ctx.linear(self.wqkv, x).split([self.n_heads * self.head_dim, kv, kv], dim=-1)
         if ctx.lora is not None:
             q, k, v = (ctx.lora.apply(self.layer, t, x, y) for t, y in (("wq", q), ("wk", k), ("wv", v)))
         return q, k, v
@@ -112,18 +148,22 @@ class FeedForward(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext | None = None) -> torch.Tensor:
         lora, ops = (None, None) if ctx is None else (ctx.lora, ctx.ops)
+
+        def linear(proj: nn.Module | None, v: torch.Tensor) -> torch.Tensor:
+            assert proj is not None
+            return proj(v) if ctx is None else ctx.linear(proj, v)  # type: ignore[no-any-return]
+
         if self.w13 is None:
-            assert self.w1 is not None and self.w3 is not None
-            gate, up = self.w1(x), self.w3(x)
+            gate, up = linear(self.w1, x), linear(self.w3, x)
             if lora is not None:
                 gate, up = lora.apply(self.layer, "w1", x, gate), lora.apply(self.layer, "w3", x, up)
             h = silu_mul(gate, up, ops)
         elif lora is None:
-            h = gated(self.w13, x, ops)
+            h = swiglu(self.w13(x), ops) if ctx is None else ctx.gated(self.w13, x)
         else:
-            gate, up = self.w13(x).chunk(2, dim=-1)
+            gate, up = linear(self.w13, x).chunk(2, dim=-1)
             h = silu_mul(lora.apply(self.layer, "w1", x, gate), lora.apply(self.layer, "w3", x, up), ops)
-        y = self.w2(h)
+        y = linear(self.w2, h)
         return y if lora is None else lora.apply(self.layer, "w2", h, y)
 
 
@@ -133,11 +173,6 @@ def silu_mul(a: torch.Tensor, b: torch.Tensor, ops: ModuleType | None = None) ->
     if fast is not None and a.shape == b.shape:
         return fast.silu_mul(a.contiguous(), b.contiguous())
     return F.silu(a) * b
-
-
-def gated(proj: nn.Module, x: torch.Tensor, ops: ModuleType | None = None) -> torch.Tensor:
-    """swiglu(proj(x)) for a fused [gate | up] projection."""
-    return swiglu(proj(x), ops)
 
 
 def swiglu(gu: torch.Tensor, ops: ModuleType | None = None) -> torch.Tensor:

@@ -16,6 +16,14 @@ is 0.0028 with them, 0.0031 on the torch backend (bf16 activations), and was 0.0
 activations they replaced (two parts for wqkv and w2 only; with one part everywhere SmolLM2 answered "What is
 the capital of France?" with "L'Étoile").
 
+On AMX, prompt tokens (the rows `PromptRows` names) take another product over the same int4 codes:
+`amx_linear_q4` dequantises them to bf16 tiles once per call and sums x (bf16, as is) times them in fp32
+over all of K, ~2-3x faster than q4_linear's per-block int8 products at prefill sizes (SmolLM2's 120
+products: 213 -> 62 ms at 512 rows; at 1 row, 7.6 ms against 2.2: decodes stay int8). Each row is still
+computed the same way alone or in any batch: a prompt token always by the one, a generated token always
+by the other (the engine then keeps generated tokens' KV blocks out of the prefix cache, see
+souverain/engine/blocks.py).
+
 The projections that read the same input are fused, one matmul instead of several: wq/wk/wv into
 `Attention.wqkv` and w1/w3 into `FeedForward.w13` (fewer, larger calls; the outputs are split).
 
@@ -34,7 +42,7 @@ from torch import nn
 
 from souverain.kernels import tiles as amx_tiles
 from souverain.kernels.backend import TORCH, Backend
-from souverain.model.layers import Attention, FeedForward
+from souverain.model.layers import Attention, FeedForward, PromptRows, swiglu
 from souverain.model.moe import MoeFeedForward
 from souverain.model.transformer import Transformer
 
@@ -61,6 +69,7 @@ def _int4_codes(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class QuantLinear(nn.Module):
+    splits_prompt_rows = True  # ForwardContext.linear passes `prompt`
     dense_t: torch.Tensor | None
     # Set by `prepare` for the C++ backends: the weight in q4_linear's (int4) or q8_linear's (int8) layout.
     codes: torch.Tensor | None
@@ -104,6 +113,7 @@ class QuantLinear(nn.Module):
         self.out_features = linear.out_features
         self.backend = TORCH  # what `prepare` packed the weights for
         self.ops: ModuleType | None = None
+        self.prompt_bf16 = False  # prompt rows through amx_linear_q4 (set by `prepare`)
 
     def prepare(self, backend: Backend) -> None:
         """Pack the weights for `backend`, once, dropping the forms it does not read:
@@ -129,10 +139,28 @@ class QuantLinear(nn.Module):
         self.codes, self.code_scales = amx_tiles.pack_q4(*codes) if codes is not None else \
             amx_tiles.pack_q8(self.qweight, self.scales)
         self.ops, self.backend = backend.ops, backend
+        self.prompt_bf16 = codes is not None and backend.amx and n % 32 == 0
         self.qweight = self.scales = nn.Buffer(torch.empty(0))  # every step reads the codes now
         self.dense_t = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, prompt: PromptRows | None = None, glu: bool = False) -> torch.Tensor:
+        """x [..., in] -> [..., out]. `prompt`: which of x's rows (flattened) are prompt tokens; on AMX those
+        take the bf16 product (see the module's docstring), the others q4_linear's. `glu`: this is a fused
+        [gate | up] projection, return swiglu of its output ([..., out / 2]; the same bits)."""
+        codes, code_scales = self.codes, self.code_scales
+        if prompt is not None and self.prompt_bf16 and self.ops is not None and codes is not None and \
+                code_scales is not None and not (torch.is_grad_enabled() and x.requires_grad):
+            shape = x.shape
+            fuse = glu and self.bias is None and self.out_features % 64 == 0  # whole 32-column halves
+            y = self._split(x.reshape(-1, shape[-1]).to(torch.bfloat16), prompt, codes, code_scales, fuse)
+            if self.bias is not None:
+                y = y + self.bias.to(y.dtype)
+            if glu and not fuse:
+                y = swiglu(y, self.ops)
+            return y.to(x.dtype).reshape(*shape[:-1], y.shape[-1])
+        return swiglu(self._plain(x), self.ops) if glu else self._plain(x)
+
+    def _plain(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).to(torch.bfloat16)
         codes, code_scales = self.codes, self.code_scales
@@ -153,6 +181,20 @@ class QuantLinear(nn.Module):
         if not (self.logits and y.dtype == torch.float32):
             y = y.to(x.dtype)
         return y.reshape(*shape[:-1], self.out_features)
+
+    def _split(self, x2: torch.Tensor, prompt: PromptRows, codes: torch.Tensor, scales: torch.Tensor,
+               glu: bool) -> torch.Tensor:
+        ops = self.ops
+        assert ops is not None
+        if x2.stride(-1) != 1:
+            x2 = x2.contiguous()
+        if prompt.rows is None or prompt.others is None:
+            return ops.amx_linear_q4(x2, codes, scales, glu)
+        y = x2.new_empty(x2.shape[0], self.out_features // 2 if glu else self.out_features)
+        y[prompt.rows] = ops.amx_linear_q4(x2[prompt.rows], codes, scales, glu)
+        rest = self._q4(x2[prompt.others], codes, scales)
+        y[prompt.others] = ops.swiglu(rest) if glu else rest
+        return y
 
     def _q4(self, x2: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
         if self.ops is None or (torch.is_grad_enabled() and x2.requires_grad):

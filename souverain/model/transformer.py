@@ -11,7 +11,7 @@ from torch import nn
 from souverain.model.args import ModelArgs
 from souverain.model.attention import window_mask
 from souverain.model.kv import KVView
-from souverain.model.layers import ForwardContext, RMSNorm, TransformerBlock
+from souverain.model.layers import ForwardContext, PromptRows, RMSNorm, TransformerBlock
 from souverain.model.lora import LoraBatch
 from souverain.model.rope import rope_cos_sin, rope_inv_freq
 
@@ -33,7 +33,8 @@ class Transformer(nn.Module):
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
                 kv: KVView | None = None, output_rows: torch.Tensor | None = None,
-                lora: LoraBatch | None = None, ops: ModuleType | None = None) -> torch.Tensor:
+                lora: LoraBatch | None = None, ops: ModuleType | None = None,
+                prompt: PromptRows | None = None) -> torch.Tensor:
         """tokens [B, T] -> logits [B, T, V].
 
         positions [B, T] defaults to 0..T-1. Without `kv` this is plain causal attention over the
@@ -41,14 +42,15 @@ class Transformer(nn.Module):
         step's keys/values and attends over what it holds. `output_rows` (indices into the
         flattened B*T tokens) asks for those rows' logits only: [R, V]. `lora` adds adapters' updates
         to the rows it names. `ops`: the backend's C++ kernels for the element-wise ops and attention
-        (None: PyTorch ops); the projections use what `prepare` packed them for.
+        (None: PyTorch ops); the projections use what `prepare` packed them for. `prompt`: which rows
+        are prompt tokens (None: none), for projections that compute those their own way.
         """
         b, t = tokens.shape
         if positions is None:
             positions = torch.arange(t, device=tokens.device).expand(b, t)
         h = self.tok_embeddings(tokens)
         cos, sin = self.rope_tables(positions, h.dtype)
-        ctx = ForwardContext(cos, sin, positions, self._mask(positions) if kv is None else None, kv, lora, ops)
+        ctx = ForwardContext(cos, sin, positions, self._mask(positions) if kv is None else None, kv, lora, ops, prompt)
         for layer in self.layers:
             h = layer(h, ctx)
         if output_rows is not None:

@@ -64,6 +64,26 @@ def test_salt_isolates_tenants() -> None:
     assert same.num_computed == 8
 
 
+def test_generated_blocks_are_named_apart_where_prompts_compute_differently() -> None:
+    """An answer's blocks serve a later prompt that repeats them (the next turn of a chat) only where the
+    model computes prompt and generated tokens the same way (share_generated)."""
+    for share in (True, False):
+        bm = BlockManager(num_blocks=16, block_size=4, share_generated=share)
+        first = seq(list(range(6)))  # a 6-token prompt, then 6 generated tokens
+        first.token_ids += [50, 51, 52, 53, 54, 55]
+        computed(bm, first)
+        turn = seq([*range(6), 50, 51, 52, 53, 54, 55, 7, 8], seq_id=1)  # all of it a prompt now
+        bm.admit(turn)
+        # Block 0 is all prompt either way; blocks 1 and 2 hold generated tokens.
+        assert turn.num_computed == (12 if share else 4)
+    bm = BlockManager(num_blocks=16, block_size=4, share_generated=False)
+    again = seq(list(range(12)), seq_id=2)
+    computed(bm, again)  # a prompt's own blocks are shared as before
+    probe = seq([*range(12), 1], seq_id=3)
+    bm.admit(probe)
+    assert probe.num_computed == 12
+
+
 def test_window_release() -> None:
     bm = BlockManager(num_blocks=8, block_size=4)
     s = computed(bm, seq(list(range(16))))

@@ -9,6 +9,7 @@ from torch import nn
 from souverain import kernels
 from souverain.kernels import tiles
 from souverain.kernels.backend import Backend
+from souverain.model.layers import PromptRows
 from souverain.model.quant import QuantLinear, _int4_codes
 
 fast = kernels.load()
@@ -42,21 +43,27 @@ def test_amx_linear_is_matmul(n: int, k: int) -> None:
         assert torch.equal(fast.amx_linear(x[-1:], packed), got[-1:])
 
 
-@pytest.mark.parametrize("n,k", [(96, 64), (64, 160)])
+@pytest.mark.parametrize("n,k", [(96, 64), (64, 160), (1024, 32)])
 @torch.inference_mode()
-def test_amx_linear_int4_is_the_dequantised_product(n: int, k: int) -> None:
+def test_amx_linear_q4_is_the_dequantised_product(n: int, k: int) -> None:
+    """q4_linear's int4 codes, dequantised to bf16 tiles: x times the bf16 weight, summed in fp32; a row
+    alone gives the bits it gets in any batch."""
     torch.manual_seed(n * k)
     codes, sz = _int4_codes(torch.randn(n, k))
-    nibbles, scales = tiles.pack_int4_tiles(codes, sz)
-    w = tiles.unpack_int4_tiles(nibbles, scales)
-    # Dequantised as defined: (q - 8) * scale + zero, per 32 values of a row.
-    s, z = (sz[..., i].float().t().repeat_interleave(32, dim=1) for i in (0, 1))
-    torch.testing.assert_close(w.float(), ((codes.float() - 8) * s + z).to(torch.bfloat16).float(), rtol=0, atol=0)
+    packed, scales = tiles.pack_q4(codes, sz)
+    # Dequantised as defined: (q - 8) * scale + zero per 32 values of a row, rounded to bf16.
+    w = tiles.dequantise_int4(codes, sz).to(torch.bfloat16)
     for m in ROWS:
         x = torch.randn(m, k).to(torch.bfloat16)
-        got = fast.amx_linear_int4(x, nibbles, scales)
+        got = fast.amx_linear_q4(x, packed, scales)
+        assert got.shape == (m, n) and got.dtype == torch.bfloat16
         within_rounding(got, x.float() @ w.float().t())
-        assert torch.equal(fast.amx_linear_int4(x[:1], nibbles, scales), got[:1])
+        for r in (0, m - 1):
+            assert torch.equal(fast.amx_linear_q4(x[r : r + 1], packed, scales), got[r : r + 1])
+        # Strided rows (a view of a wider tensor) read the same.
+        wide = torch.randn(m, k + 32).to(torch.bfloat16)
+        wide[:, :k] = x
+        assert torch.equal(fast.amx_linear_q4(wide[:, :k], packed, scales), got)
 
 
 @pytest.mark.parametrize("form", ["int4", "bf16"])
@@ -67,26 +74,26 @@ def test_glu_is_swiglu_of_the_product(form: str) -> None:
     torch.manual_seed(3)
     w = torch.randn(192, 64)
     if form == "int4":
-        nibbles, scales = tiles.pack_int4_tiles(*_int4_codes(w))
+        packed, scales = tiles.pack_q4(*_int4_codes(w))
         def product(x: torch.Tensor, glu: bool = False) -> torch.Tensor:
-            return fast.amx_linear_int4(x, nibbles, scales, glu)
+            return fast.amx_linear_q4(x, packed, scales, glu)
     else:
-        packed = tiles.pack_tiles(w)
+        dense = tiles.pack_tiles(w)
         def product(x: torch.Tensor, glu: bool = False) -> torch.Tensor:
-            return fast.amx_linear(x, packed, glu)
+            return fast.amx_linear(x, dense, glu)
     for m in [*ROWS, 200]:  # up to 32 rows the one-pass kernel, beyond it the panel one
         x = (3 * torch.randn(m, 64)).to(torch.bfloat16)
         got = product(x, True)
         assert got.shape == (m, 96)
         assert torch.equal(got, fast.swiglu(product(x)))
     with pytest.raises(RuntimeError, match="whole 32-column blocks"):
-        fast.amx_linear_int4(x, *tiles.pack_int4_tiles(*_int4_codes(w[:96])), True)
+        fast.amx_linear_q4(x, *tiles.pack_q4(*_int4_codes(w[:96])), True)
 
 
 def test_amx_refuses_bad_input() -> None:
     w = torch.randn(64, 64).to(torch.bfloat16)
     packed = tiles.pack_tiles(w)
-    nibbles, scales = tiles.pack_int4_tiles(*_int4_codes(w.float()))
+    codes, scales = tiles.pack_q4(*_int4_codes(w.float()))
     x = torch.randn(3, 64).to(torch.bfloat16)
     with pytest.raises(RuntimeError, match="bfloat16"):
         fast.amx_linear(x.float(), packed)
@@ -95,7 +102,11 @@ def test_amx_refuses_bad_input() -> None:
     with pytest.raises(RuntimeError, match="packed"):
         fast.amx_linear(x, w)
     with pytest.raises(RuntimeError, match="scales and zeros"):
-        fast.amx_linear_int4(x, nibbles, scales[:, :1])
+        fast.amx_linear_q4(x, codes, scales[:, :1])
+    with pytest.raises(RuntimeError, match="multiple of 32"):  # 48 columns: q4_linear's, not whole 32-column blocks
+        fast.amx_linear_q4(x, *tiles.pack_q4(*_int4_codes(torch.randn(48, 64))))
+    with pytest.raises(RuntimeError, match="columns"):
+        fast.amx_linear_q4(torch.randn(3, 96).to(torch.bfloat16), codes, scales)
     with pytest.raises(ValueError, match="multiples of 32"):
         tiles.pack_tiles(torch.randn(48, 64))
 
@@ -124,3 +135,31 @@ def test_quant_linear_on_tiles(bits: int) -> None:
     xg = x.clone().requires_grad_()
     q(xg).float().sum().backward()
     assert xg.grad is not None and xg.grad.abs().sum().item() > 0
+
+
+@torch.inference_mode()
+def test_prompt_rows_take_the_bf16_product() -> None:
+    """Packed for AMX, an int4 layer computes the rows `PromptRows` names with amx_linear_q4 and the others
+    with q4_linear, whatever else is in the batch; glu gives swiglu of the same output, to the bit."""
+    torch.manual_seed(5)
+    lin = nn.Linear(96, 128, bias=False).to(torch.bfloat16)
+    q = QuantLinear(lin, 4)
+    q.prepare(AMX)
+    assert q.prompt_bf16 and q.codes is not None and q.code_scales is not None
+    x = torch.randn(7, 96).to(torch.bfloat16)
+    bf16 = fast.amx_linear_q4(x, q.codes, q.code_scales)
+    int8 = fast.q4_linear(x, q.codes, q.code_scales, AMX.q4_isa)
+    assert not torch.equal(bf16, int8)
+    assert torch.equal(q(x), int8)  # no PromptRows: every row a generated token
+    assert torch.equal(q(x, prompt=PromptRows()), bf16)
+    kinds = [True, False, False, True, True, False, True]
+    mixed = q(x, prompt=PromptRows.of(kinds))
+    for r, k in enumerate(kinds):
+        assert torch.equal(mixed[r], (bf16 if k else int8)[r])
+    assert PromptRows.of([False, False]) is None
+    for prompt in (PromptRows(), PromptRows.of(kinds)):
+        assert torch.equal(q(x, prompt=prompt, glu=True), fast.swiglu(q(x, prompt=prompt)))
+    # A layer with a bias adds it before swiglu.
+    biased = QuantLinear(nn.Linear(96, 128, bias=True).to(torch.bfloat16), 4)
+    biased.prepare(AMX)
+    assert torch.equal(biased(x, prompt=PromptRows(), glu=True), fast.swiglu(biased(x, prompt=PromptRows())))
