@@ -41,10 +41,19 @@ class ModelRunner:
         """Logits [R, V] for the items that sample, in their order, in the model's dtype (`sample` converts
         them as it needs). Items whose request names an adapter get its LoRA update, in the same forward
         as the others (`adapter` looks them up)."""
+        # Rows of prompt tokens first, then any item holding both kinds (a recompute after preemption),
+        # then generated tokens: each kind one run of rows for the projections that compute them apart.
+        def kind(item: ScheduledSeq) -> int:
+            end, prompt_len = item.start + item.num_tokens, item.seq.prompt_len
+            return 0 if end <= prompt_len else 1 if item.start < prompt_len else 2
+
+        order = sorted(range(len(items)), key=lambda i: kind(items[i]))
+        last_row = [0] * len(items)
+        sampled = [i for i in range(len(items)) if items[i].sample]
+        items = [items[i] for i in order]
         tokens: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
-        out_rows: list[int] = []
         offsets: list[int] = []
         kinds: list[bool] = []  # per row: a prompt token (else a generated one)
         bs = self.cache.block_size
@@ -56,8 +65,8 @@ class ModelRunner:
             kinds += [p < seq.prompt_len for p in range(a, a + n)]
             table = seq.block_table
             slots += [table[p // bs] * bs + p % bs for p in range(a, a + n)]
-            if item.sample:
-                out_rows.append(len(tokens) - 1)
+            last_row[order[len(offsets) - 1]] = len(tokens) - 1
+        out_rows = [last_row[i] for i in sampled]  # the logits in the callers' order
         dev = self.device
         lora = self._lora(items, adapter)
         slot_t = torch.tensor(slots, dtype=torch.long, device=dev)

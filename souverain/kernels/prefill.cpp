@@ -87,10 +87,12 @@ inline __m512i interleave_rows(const bf16* a, const bf16* b, __mmask16 valid = 0
 // [Hkv, hd, bs] per layer) into pack_keys' layout: 16 keys of a tile lie in one cache block
 // (bs a multiple of 16), each dimension's 16 values contiguous, so a tile row is two dimensions' rows
 // interleaved. kc points at kv head g of the layer; `block_stride` values from one cache block to the next.
+template <typename Ahead>
 void pack_keys_cached(const bf16* kc, int64_t block_stride, const int32_t* table, int64_t bs, int64_t n, int64_t hd,
-                      bf16* out) {
+                      bf16* out, Ahead ahead) {
   const int64_t blocks = (n + 31) / 32, steps = hd / 32;
   for (int64_t kb = 0; kb < blocks; ++kb) {
+    ahead(kb);
     for (int64_t h = 0; h < 2; ++h) {
       const int64_t first = kb * 32 + h * 16, valid = std::clamp<int64_t>(n - first, 0, 16);
       const __mmask16 present = static_cast<__mmask16>((1u << valid) - 1);
@@ -494,9 +496,22 @@ void prefill_attention_cached(torch::Tensor q, torch::Tensor k_cache, torch::Ten
   const int64_t bs = block_size, block_stride = kv_heads * hd * bs;
   attend_spans(q, out, kv_heads, ss, scale, [&](const Span& s, int64_t g, bf16* keys, bf16* values) {
     const int32_t* table = tp + (&s - ss.data()) * width;
-    pack_keys_cached(kc + g * hd * bs, block_stride, table, bs, s.keys, hd, keys);
-    pack_values([&](int64_t key) { return vc + ((table[key / bs] * bs + key % bs) * kv_heads + g) * hd; }, s.keys, hd,
-                values);
+    const bf16* kg = kc + g * hd * bs;
+    auto value_row = [&](int64_t key) { return vc + ((table[key / bs] * bs + key % bs) * kv_heads + g) * hd; };
+    // The cache is read in 32-key steps from blocks wherever the table puts them, too scattered for the
+    // hardware's prefetchers: while block kb's keys are packed, the next block's keys and this block's
+    // values (packed after all the keys) are fetched.
+    pack_keys_cached(kg, block_stride, table, bs, s.keys, hd, keys, [&](int64_t kb) {
+      for (int64_t key = (kb + 1) * 32; key < std::min(s.keys, (kb + 2) * 32); key += 16) {
+        const char* base = reinterpret_cast<const char*>(kg + table[key / bs] * block_stride + key % bs);
+        for (int64_t d = 0; d < hd; d += bs == 16 ? 2 : 1) _mm_prefetch(base + d * bs * 2, _MM_HINT_T0);
+      }
+      for (int64_t key = kb * 32; key < std::min(s.keys, (kb + 1) * 32); ++key) {
+        const char* row = reinterpret_cast<const char*>(value_row(key));
+        for (int64_t b = 0; b < hd * 2; b += 64) _mm_prefetch(row + b, _MM_HINT_T1);
+      }
+    });
+    pack_values(value_row, s.keys, hd, values);
   });
 #endif
 }

@@ -23,8 +23,10 @@ class PromptRows:
     """Which rows of a forward's flattened tokens are prompt tokens (the others: tokens the model generated,
     or recomputes after a preemption). On AMX, int4 projections compute prompt rows as bf16 products and
     generated rows as q4_linear's int4 x int8 ones (souverain/model/quant.py): each token always one way,
-    whatever the batch. `rows`/`others`: the two kinds' row indices; rows None: every row is a prompt row."""
+    whatever the batch. `count`: the first `count` rows are the prompt rows (the engine orders them so: views,
+    no gathers); else `rows`/`others`, the two kinds' row indices; all None: every row is a prompt row."""
 
+    count: int | None = None
     rows: torch.Tensor | None = None
     others: torch.Tensor | None = None
 
@@ -35,9 +37,12 @@ class PromptRows:
             return cls()
         if not any(kinds):
             return None
+        count = kinds.index(False)
+        if not any(kinds[count:]):
+            return cls(count=count)
         rows = [i for i, k in enumerate(kinds) if k]
         others = [i for i, k in enumerate(kinds) if not k]
-        return cls(torch.tensor(rows, device=device), torch.tensor(others, device=device))
+        return cls(rows=torch.tensor(rows, device=device), others=torch.tensor(others, device=device))
 
 
 @dataclass

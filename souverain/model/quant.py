@@ -188,12 +188,18 @@ class QuantLinear(nn.Module):
         assert ops is not None
         if x2.stride(-1) != 1:
             x2 = x2.contiguous()
+        def generated(rows: torch.Tensor) -> torch.Tensor:
+            out = self._q4(rows, codes, scales)
+            return ops.swiglu(out) if glu else out
+
+        if prompt.count is not None:  # no gathers or scatters (ATen's index ops wake OpenMP's threads)
+            p = prompt.count
+            return torch.cat([ops.amx_linear_q4(x2[:p], codes, scales, glu), generated(x2[p:])])
         if prompt.rows is None or prompt.others is None:
             return ops.amx_linear_q4(x2, codes, scales, glu)
         y = x2.new_empty(x2.shape[0], self.out_features // 2 if glu else self.out_features)
         y[prompt.rows] = ops.amx_linear_q4(x2[prompt.rows], codes, scales, glu)
-        rest = self._q4(x2[prompt.others], codes, scales)
-        y[prompt.others] = ops.swiglu(rest) if glu else rest
+        y[prompt.others] = generated(x2[prompt.others])
         return y
 
     def _q4(self, x2: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:

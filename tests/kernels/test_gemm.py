@@ -157,6 +157,9 @@ def test_prompt_rows_take_the_bf16_product() -> None:
     for r, k in enumerate(kinds):
         assert torch.equal(mixed[r], (bf16 if k else int8)[r])
     assert PromptRows.of([False, False]) is None
+    run = PromptRows.of([True] * 4 + [False] * 3)  # the engine's order: prompt rows first, as views
+    assert run is not None and run.count == 4 and run.rows is None
+    assert torch.equal(q(x, prompt=run), torch.cat([bf16[:4], int8[4:]]))
     for prompt in (PromptRows(), PromptRows.of(kinds)):
         assert torch.equal(q(x, prompt=prompt, glu=True), fast.swiglu(q(x, prompt=prompt)))
     # A layer with a bias adds it before swiglu.
