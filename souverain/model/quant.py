@@ -20,10 +20,9 @@ On AMX, prompt tokens (the rows `PromptRows` names) take another product over th
 `amx_linear_q4` dequantises them to bf16 tiles once per call and sums x (bf16, as is) times them in fp32
 over all of K (the zeros times x's block sums apart), 1.6-1.8x faster than q4_linear's per-block int8
 products at 512 rows (at 1 row 3.5x slower: decodes stay int8); SmolLM2's mean KL on prompt rows 0.0038
-(bench/accuracy.py; 0.0028 on generated rows). Each row is still
-computed the same way alone or in any batch: a prompt token always by the one, a generated token always
-by the other (the engine then keeps generated tokens' KV blocks out of the prefix cache, see
-souverain/engine/blocks.py).
+(bench/accuracy.py; 0.0028 on generated rows). Each row is still computed the same way alone or in any
+batch: a prompt token always by the one, a generated token always by the other (the engine then keeps
+generated tokens' KV blocks out of the prefix cache, see souverain/engine/blocks.py).
 
 The projections that read the same input are fused, one matmul instead of several: wq/wk/wv into
 `Attention.wqkv` and w1/w3 into `FeedForward.w13` (fewer, larger calls; the outputs are split).

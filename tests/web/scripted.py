@@ -67,7 +67,8 @@ class ScriptedModel(Transformer):
         self.delay = delay
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None, kv: Any = None,
-                output_rows: torch.Tensor | None = None, lora: Any = None, ops: Any = None) -> torch.Tensor:
+                output_rows: torch.Tensor | None = None, lora: Any = None, ops: Any = None,
+                prompt: Any = None) -> torch.Tensor:
         time.sleep(self.delay)
         flat = tokens.reshape(-1)
         last = flat[output_rows] if output_rows is not None else flat
