@@ -105,7 +105,8 @@ class LLMEngine:
         # The C++ decode kernel reads keys stored transposed; the PyTorch path reads either layout.
         transposed = fast is not None and p.dtype in (torch.bfloat16, torch.float32) and fast.decode_supported(
             args.n_heads, args.n_kv_heads, args.hd, config.block_size)
-        # On AMX every query, decoded or prefilled, attends on the tiles (bf16 models, keys from position 0).
+        # On AMX prompt tokens' queries attend on the tiles (bf16 models, keys from position 0), generated
+        # tokens' through the vector kernel (kv_cache.py's TileSplit).
         tiles = fast is not None and transposed and backend.amx and p.dtype == torch.bfloat16 and \
             args.sliding_window is None and config.block_size % 16 == 0 and \
             fast.prefill_supported(args.n_heads, args.n_kv_heads, args.hd)
@@ -113,13 +114,13 @@ class LLMEngine:
                                   p.dtype, p.device, k_transposed=transposed, ops=fast if transposed else None,
                                   tiles=tiles)
         # Generated tokens' KV blocks serve later prompts only where prompt rows are computed as generated ones.
-        split = any(isinstance(m, QuantLinear) and m.prompt_bf16 for m in model.modules())
+        split = tiles or any(isinstance(m, QuantLinear) and m.prompt_bf16 for m in model.modules())
         self.blocks = BlockManager(num_blocks, config.block_size, share_generated=not split)
         self.scheduler = Scheduler(self.blocks, SchedulerConfig(
             max_num_seqs=config.max_num_seqs, max_batched_tokens=config.max_batched_tokens,
             max_waiting=config.max_waiting, max_model_len=max_len, sliding_window=args.sliding_window,
         ), tokenizer.eos_ids)
-        decoder = build_decoder(model, backend, config.block_size, tiles) if transposed else None
+        decoder = build_decoder(model, backend, config.block_size) if transposed else None
         self.runner = ModelRunner(model, self.cache, tokenizer.eos_ids, decoder)
         self.stats = EngineStats(kv_blocks_total=num_blocks)
         self._ids = count()

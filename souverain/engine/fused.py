@@ -23,9 +23,9 @@ from souverain.model.quant import GROUP, QuantLinear
 from souverain.model.transformer import Transformer
 
 
-def build_decoder(model: Transformer, backend: Backend, block_size: int, tiles: bool = False) -> Any | None:
+def build_decoder(model: Transformer, backend: Backend, block_size: int) -> Any | None:
     """The C++ decoder over `model`'s layers (sharing their tensors, as `prepare` packed them for
-    `backend`), or None where it does not apply. `tiles`: attend on AMX tiles, as the engine's cache does."""
+    `backend`), or None where it does not apply."""
     fast = backend.ops
     if fast is None:
         return None
@@ -61,7 +61,7 @@ def build_decoder(model: Transformer, backend: Backend, block_size: int, tiles: 
             return None
         n = len(qkv)
         layers.append(fast.Layer(**norms, qkv=parts[:n], wo=parts[n], gate_up=parts[n + 1 : -1], down=parts[-1]))
-    return fast.Decoder(layers, args.n_heads, args.n_kv_heads, args.hd, args.norm_eps, tiles)
+    return fast.Decoder(layers, args.n_heads, args.n_kv_heads, args.hd, args.norm_eps)
 
 
 def _linear(fast: ModuleType, m: nn.Module | None) -> Any | None:

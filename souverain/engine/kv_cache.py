@@ -22,8 +22,9 @@ class PagedKVCache:
     """`k_transposed` stores keys as [layers, blocks, Hkv, hd, block_size], the layout the C++ decode
     kernel reads (a block's keys for a head one contiguous tile, transposed); values, and keys
     otherwise, are [layers, slots, Hkv, hd]. `ops`: the backend's C++ kernels that steps attend with
-    (None: PyTorch); `tiles`: every query attends on AMX tiles (prefill_attention_cached), else through
-    paged_decode_attention."""
+    (None: PyTorch); `tiles`: prompt tokens' queries attend on AMX tiles (prefill_attention_cached) and
+    generated tokens' through paged_decode_attention (each token always one way: see `TileSplit`), else
+    every query through paged_decode_attention."""
 
     def __init__(self, n_layers: int, num_blocks: int, block_size: int, n_kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device | str = "cpu", k_transposed: bool = False,
@@ -58,6 +59,53 @@ class RowKeys:
     spans: list[tuple[int, int, int]]
     seq_tables: torch.Tensor
     runs: list[tuple[int, int]]
+    split: TileSplit | None = None  # with an AMX cache (`tiles`)
+
+
+@dataclass
+class TileSplit:
+    """Which rows of a step attend on AMX tiles (prompt tokens) and which through the vector kernel
+    (generated tokens). The tiles pay for packing a sequence's keys and values into their layout, once
+    for all of a prompt chunk's rows but for each decoded token anew: at 32 streams of ~300 keys the
+    packing took about a third of a decode step and the vector kernel, reading the cache in place, is
+    ~1.7x faster than packing + tiles there. Each token is computed one way whatever shares its step
+    (the two kernels round differently), as the int4 projections split the same rows (PromptRows).
+    `spans`/`tables`: the prompt part of each sequence's rows, for prefill_attention_cached (None: no prompt
+    row); `rows`: the generated rows (a slice, or indices where a recomputed sequence puts prompt rows
+    between them; None: none) with their own RowKeys for paged_decode_attention (rows renumbered from 0)."""
+
+    spans: list[tuple[int, int, int]]
+    tables: torch.Tensor | None
+    rows: slice | torch.Tensor | None
+    keys: RowKeys | None
+
+    @classmethod
+    def of(cls, r: RowKeys, kinds: list[bool]) -> TileSplit:
+        """From the step's RowKeys and each row's kind (True: a prompt token). A sequence's prompt rows
+        come before its generated ones."""
+        spans: list[tuple[int, int, int]] = []
+        picks: list[int] = []
+        generated: list[int] = []
+        runs: list[tuple[int, int]] = []
+        for i, (row, start, n) in enumerate(r.spans):
+            prompt = sum(kinds[row : row + n])
+            if prompt:
+                spans.append((row, start, prompt))
+                picks.append(i)
+            if prompt < n:
+                if n - prompt > 1:
+                    runs.append((len(generated), n - prompt))
+                generated += range(row + prompt, row + n)
+        dev = r.lo.device
+        tables = None if not picks else r.seq_tables if len(picks) == len(r.spans) else \
+            r.seq_tables.index_select(0, torch.tensor(picks, device=dev))
+        if not generated:
+            return cls(spans, tables, None, None)
+        first = generated[0]
+        rows: slice | torch.Tensor = slice(first, first + len(generated)) \
+            if generated == list(range(first, first + len(generated))) else torch.tensor(generated, device=dev)
+        keys = RowKeys(r.tables[rows], r.lo[rows], r.hi[rows], [], r.seq_tables, runs)
+        return cls(spans, tables, rows, keys)
 
 
 @dataclass
@@ -111,13 +159,23 @@ class PagedStep:
             if fast is None:
                 raise RuntimeError("this step's attention metadata is for the C++ kernels, which do not take "
                                    f"{flat_q.dtype} tensors on {flat_q.device}")
-            if self.cache.tiles:
-                out = torch.empty_like(flat_q)
-                fast.prefill_attention_cached(kernels.rows_contiguous(flat_q), kc, vc, out, r.spans, r.seq_tables,
-                                              self.cache.block_size, q.shape[-1] ** -0.5)
-                return out[None]
-            return fast.paged_decode_attention(flat_q.contiguous(), kc, vc, r.tables, r.lo, r.hi,
-                                               self.cache.block_size, q.shape[-1] ** -0.5, r.runs)[None]
+            bs, scale = self.cache.block_size, q.shape[-1] ** -0.5
+            split = r.split
+            every_row = split is not None and isinstance(split.rows, slice) and split.rows == slice(0, len(flat_q))
+            if split is None or every_row:  # every row through the vector kernel
+                keys = r if split is None else split.keys
+                assert keys is not None
+                return fast.paged_decode_attention(flat_q.contiguous(), kc, vc, keys.tables, keys.lo, keys.hi, bs,
+                                                   scale, keys.runs)[None]
+            out = torch.empty_like(flat_q)
+            if split.tables is not None:
+                fast.prefill_attention_cached(kernels.rows_contiguous(flat_q), kc, vc, out, split.spans, split.tables,
+                                              bs, scale)
+            if split.keys is not None:
+                gen = split.keys
+                out[split.rows] = fast.paged_decode_attention(flat_q[split.rows].contiguous(), kc, vc, gen.tables,
+                                                              gen.lo, gen.hi, bs, scale, gen.runs)
+            return out[None]
         if len(self.groups) == 1 and self.groups[0].identity:  # all decodes: the common case
             g = self.groups[0]
             return attend_exact(flat_q[:, None], self._keys(kc, g), self._values(vc, g), g.mask).transpose(0, 1)

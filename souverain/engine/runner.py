@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from souverain.engine.kv_cache import AttentionGroup, PagedKVCache, PagedStep, build_group, row_keys
+from souverain.engine.kv_cache import AttentionGroup, PagedKVCache, PagedStep, TileSplit, build_group, row_keys
 from souverain.engine.request import Sequence
 from souverain.engine.sampling import SamplingTensors, apply_mask, apply_penalties, logprobs_of, sample
 from souverain.engine.scheduler import ScheduledSeq
@@ -74,6 +74,8 @@ class ModelRunner:
         counts = [i.num_tokens for i in items]
         # The C++ kernels attend every query the same way: the block table and key range of each row.
         rows = None if self.cache.ops is None else row_keys([i.start for i in items], counts, tables, self.window, dev)
+        if rows is not None and self.cache.tiles:
+            rows.split = TileSplit.of(rows, kinds)
         prompt = PromptRows.of(kinds, dev)
         decodes = len(tokens) == len(out_rows) == len(items) and prompt is None
         if self.decoder is not None and rows is not None and lora is None and decodes:

@@ -2,8 +2,8 @@
 
     amx     Intel AMX: prompt tokens through bf16 products on AMX tiles (int4 codes dequantised,
             gemm.cpp's amx_linear_q4), generated tokens through int4 x int8 products on the tiles for wide
-            decode steps (q4.cpp, the same bits as AVX-512 VNNI's, which takes the narrow ones), attention
-            on the tiles for every query (prefill.cpp)
+            decode steps (q4.cpp, the same bits as AVX-512 VNNI's, which takes the narrow ones); prompt
+            tokens attend on the tiles (prefill.cpp), generated ones through cpu.cpp's vector kernel
     avx512  AVX-512 with VNNI (AMD Zen 4, Intel Ice Lake and later): every int4 product through
             q4.cpp's 512-bit kernel
     avx2    AVX2 with FMA (older and smaller CPUs): q4.cpp's 256-bit kernel

@@ -136,31 +136,54 @@ void attend_item(const DecodeArgs& a, const T* qp, const T* kp, const T* vp, T* 
   scores.resize(RQ * span);
   constexpr int64_t line = 64 / sizeof(T);  // values per cache line
   auto tile_of = [&](int64_t b) { return kp + (static_cast<int64_t>(blocks[b]) * a.hkv + g) * hd * bs; };
-  // Blocks lie anywhere in the pool: tiles are fetched two blocks ahead of the one computed.
-  for (int64_t b = first; b <= std::min(last, first + 1); ++b) {
-    for (int64_t k = 0; k < hd * bs; k += line) __builtin_prefetch(tile_of(b) + k);
-  }
-  for (int64_t b = first; b <= last; ++b) {
-    const T* tile = tile_of(b);  // [hd, bs]
-    const T* next = b + 2 <= last ? tile_of(b + 2) : nullptr;
-    for (int64_t o = 0; o < bs; o += W) {
-      fVec acc[RQ];
-      for (int i = 0; i < RQ; ++i) acc[i] = fVec(0.f);
-      const T* col = tile + o;
-      for (int64_t d = 0; d < hd; ++d) {
-        if (next != nullptr && o == 0 && (d * bs) % line == 0) __builtin_prefetch(next + d * bs);
-        const fVec k = loadv(col + d * bs);
-        for (int i = 0; i < RQ; ++i) acc[i] = at::vec::fmadd(fVec(qf[i][d]), k, acc[i]);
-      }
-      for (int i = 0; i < RQ; ++i) acc[i].store(scores.data() + i * span + (b - first) * bs + o);
+  // NV vectors of W keys at a time (NV * RQ independent chains of FMAs: with RQ = 3 alone, each FMA
+  // waited for the one before it), each key's score the same chain over the dimensions either way.
+  constexpr int NV = RQ >= 8 ? 1 : RQ >= 4 ? 2 : 3;
+  constexpr int64_t kStep = 8;  // dimensions between prefetches
+  const int64_t per_block = bs / W, vectors = (last - first + 1) * per_block;
+  auto column = [&](int64_t v) { return tile_of(first + v / per_block) + v % per_block * W; };
+  // Blocks lie anywhere in the pool: the tiles of the group two ahead are fetched while one is computed.
+  auto starting = [&](int64_t v) { return v < vectors && v % per_block == 0 ? column(v) : nullptr; };
+  for (int64_t v = 0; v < 2 * NV; ++v) {
+    if (const T* t = starting(v)) {
+      for (int64_t k = 0; k < hd * bs; k += line) __builtin_prefetch(t + k);
     }
   }
-  // Where each key's values are.
+  for (int64_t v0 = 0; v0 < vectors; v0 += NV) {
+    const int nv = static_cast<int>(std::min<int64_t>(NV, vectors - v0));
+    const T* col[NV];
+    const T* next[NV];
+    for (int j = 0; j < NV; ++j) {
+      col[j] = column(v0 + std::min(j, nv - 1));  // (a short last group repeats its last vector)
+      next[j] = starting(v0 + 2 * NV + j);
+    }
+    fVec acc[NV][RQ];
+    for (int j = 0; j < NV; ++j)
+      for (int i = 0; i < RQ; ++i) acc[j][i] = fVec(0.f);
+    for (int64_t d0 = 0; d0 < hd; d0 += kStep) {
+      for (int j = 0; j < NV; ++j) {
+        if (next[j] != nullptr) {
+          for (int64_t k = d0 * bs; k < (d0 + kStep) * bs; k += line) __builtin_prefetch(next[j] + k);
+        }
+      }
+#pragma GCC unroll 8
+      for (int64_t d = d0; d < d0 + kStep; ++d) {
+#pragma GCC unroll 4
+        for (int j = 0; j < NV; ++j) {
+          const fVec k = loadv(col[j] + d * bs);
+#pragma GCC unroll 8
+          for (int i = 0; i < RQ; ++i) acc[j][i] = at::vec::fmadd(fVec(qf[i][d]), k, acc[j][i]);
+        }
+      }
+    }
+    for (int j = 0; j < nv; ++j)
+      for (int i = 0; i < RQ; ++i) acc[j][i].store(scores.data() + i * span + (v0 + j) * W);
+  }
+  // Where each key's values are (every slot of the blocks in reach).
   values.resize(span);
-  for (int64_t j = lo - first * bs; j < hi - first * bs; ++j) {
-    const int64_t pos = first * bs + j;
-    const int64_t slot = static_cast<int64_t>(blocks[pos / bs]) * bs + pos % bs;
-    values[j] = vp + (slot * a.hkv + g) * hd;
+  for (int64_t b = first; b <= last; ++b) {
+    const T* base = vp + (static_cast<int64_t>(blocks[b]) * bs * a.hkv + g) * hd;
+    for (int64_t o = 0; o < bs; ++o) values[(b - first) * bs + o] = base + o * a.hkv * hd;
   }
   constexpr int64_t ahead = 12;  // value rows fetched this many keys ahead
   for (int q = 0; q < NQ; ++q) {

@@ -81,11 +81,10 @@ struct Layer {
 
 class Decoder {
  public:
-  // tiles: attend on AMX tiles (prefill_attention_cached, as the backend's prefill does: the same bits
-  // for a token decoded or prefilled), else with paged_decode_attention.
-  Decoder(std::vector<Layer> layers, int64_t n_heads, int64_t n_kv_heads, int64_t head_dim, double eps, bool tiles)
-      : layers_(std::move(layers)), heads_(n_heads), kv_heads_(n_kv_heads), hd_(head_dim), eps_(eps), tiles_(tiles) {
-    TORCH_CHECK(!tiles || prefill_supported(n_heads, n_kv_heads, head_dim), "Decoder: no AMX attention for these shapes");
+  // Attention through paged_decode_attention on every backend: the tokens it decodes are generated ones,
+  // which the engine's steps attend the same way (souverain/engine/kv_cache.py's TileSplit on AMX).
+  Decoder(std::vector<Layer> layers, int64_t n_heads, int64_t n_kv_heads, int64_t head_dim, double eps)
+      : layers_(std::move(layers)), heads_(n_heads), kv_heads_(n_kv_heads), hd_(head_dim), eps_(eps) {
     for (const auto& l : layers_) {
       TORCH_CHECK(l.qkv.size() == 1 || l.qkv.size() == 3, "Decoder: a layer takes one qkv projection or three");
       TORCH_CHECK(l.moe ? l.moe->gate_up.size() == l.moe->down.size() && !l.moe->gate_up.empty()
@@ -106,15 +105,6 @@ class Decoder {
                 "Decoder: the caches must hold one entry per layer");
     const int64_t n = h.size(0), q_width = heads_ * hd_, kv_width = kv_heads_ * hd_;
     const double scale = std::pow(static_cast<double>(hd_), -0.5);
-    std::vector<std::tuple<int64_t, int64_t, int64_t>> spans;  // AMX attention: (row, keys before, 1)
-    if (tiles_) {
-      const auto* l = lo.data_ptr<int32_t>();
-      const auto* e = hi.data_ptr<int32_t>();
-      for (int64_t r = 0; r < n; ++r) {
-        TORCH_CHECK(l[r] == 0, "Decoder: AMX attention reads every key from position 0 (no sliding window)");
-        spans.emplace_back(r, e[r] - 1, 1);
-      }
-    }
     for (size_t i = 0; i < layers_.size(); ++i) {
       const Layer& l = layers_[i];
       const at::Tensor kc = k_cache[i], vc = v_cache[i];
@@ -133,13 +123,7 @@ class Decoder {
       q = rope(q.view({n, heads_, hd_}), cos, sin);
       k = rope(k.view({n, kv_heads_, hd_}), cos, sin);
       store_kv(k, v.view({n, kv_heads_, hd_}), kc, vc, slots);
-      at::Tensor o;
-      if (tiles_) {
-        o = at::empty_like(q);
-        prefill_attention_cached(q, kc, vc, o, spans, tables, block_size, scale);
-      } else {
-        o = paged_decode_attention(q, kc, vc, tables, lo, hi, block_size, scale);
-      }
+      const at::Tensor o = paged_decode_attention(q, kc, vc, tables, lo, hi, block_size, scale);
       h = at::add(h, l.wo(o.view({n, q_width})));
       const at::Tensor f = rms_norm(h, l.ffn_norm, eps_);
       if (l.moe) {
@@ -156,7 +140,6 @@ class Decoder {
   std::vector<Layer> layers_;
   int64_t heads_, kv_heads_, hd_;
   double eps_;
-  bool tiles_;
 };
 
 }  // namespace
@@ -196,8 +179,8 @@ void bind_decoder(pybind11::module& m) {
            py::kw_only(), py::arg("attention_norm"), py::arg("ffn_norm"), py::arg("qkv"), py::arg("wo"),
            py::arg("gate_up") = std::vector<Linear>{}, py::arg("down") = py::none(), py::arg("moe") = py::none());
   py::class_<Decoder>(m, "Decoder", "the decoder layers of a decode step, in one call")
-      .def(py::init<std::vector<Layer>, int64_t, int64_t, int64_t, double, bool>(), py::arg("layers"),
-           py::arg("n_heads"), py::arg("n_kv_heads"), py::arg("head_dim"), py::arg("eps"), py::arg("tiles") = false)
+      .def(py::init<std::vector<Layer>, int64_t, int64_t, int64_t, double>(), py::arg("layers"),
+           py::arg("n_heads"), py::arg("n_kv_heads"), py::arg("head_dim"), py::arg("eps"))
       .def("forward", &Decoder::forward, py::arg("h"), py::arg("cos"), py::arg("sin"), py::arg("k_cache"),
            py::arg("v_cache"), py::arg("slots"), py::arg("tables"), py::arg("lo"), py::arg("hi"),
            py::arg("block_size"), py::call_guard<py::gil_scoped_release>());

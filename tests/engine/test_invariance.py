@@ -3,7 +3,8 @@
 SmolLM2 (real weights) as `serve` runs it -- bf16, int4 weights, int8 output projection -- on the backend
 this machine has and on each fallback it can run: 12 greedy prompts of 48 tokens alone, all at once, and
 mixed into 20 other running streams and a long prompt prefilled in chunks; then again with their
-prompts in the prefix cache; and 4 seeded sampled prompts alone and mixed. Every way, the same token ids.
+prompts in the prefix cache; then preempted and recomputed in a small cache; and 4 seeded sampled prompts
+alone and mixed. Every way, the same token ids.
 """
 
 from __future__ import annotations
@@ -88,6 +89,15 @@ def test_same_tokens_alone_batched_mixed_and_cached(smollm2_path: Path, name: st
     cached = {k[1:]: v for k, v in run(busy, ours("c")).items()}
     assert busy.stats.prefix_hits - hits > 16 * 16  # most of each prompt came from the cache
     assert cached == alone
+
+    # Preempted: a cache of 40 blocks for 16 requests of ~6 blocks each, so sequences are evicted and
+    # recomputed, their prompt and generated tokens in one chunk -- each token still computed its kind's way.
+    args = model.args
+    block = 2 * args.n_layers * 16 * args.n_kv_heads * args.hd * 2  # bytes: bf16 keys and values
+    tight = LLMEngine(model, tok, EngineConfig(kv_cache_memory=40 * block, max_batched_tokens=256), backend=backend)
+    preempted = {k[1:]: v for k, v in run(tight, ours("p")).items()}
+    assert tight.stats.preemptions > 0
+    assert preempted == alone
 
 
 @pytest.mark.parametrize("name", available(kernels.load()))
