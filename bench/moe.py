@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 # kernels' pool (the C++ decoder's MoE ran 50 tok/s at batch 1 without it, 388 with it). HF transformers
 # runs faster with spinning threads: `OMP_WAIT_POLICY=ACTIVE .venv/bin/python bench/moe.py` shows its best.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # as `serve` sets it: huge pages for the weights and KV cache
 
 import torch
 

@@ -26,6 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as `souverain serve` sets it: no OpenMP spinning beside the pool
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # as `serve` sets it: huge pages for the weights and KV cache
 
 import torch
 
