@@ -58,7 +58,7 @@ class Perf:
         self.proc.send_signal(signal.SIGINT)
         self.proc.wait(30)
         report = subprocess.run(["perf", "report", "-i", str(self.data), "--no-children", "--sort", "symbol",
-                                 "--percent-limit", "1", "--stdio", "-g", "none"], capture_output=True, text=True)
+                                 "--percent-limit", "0.5", "--stdio", "-g", "none"], capture_output=True, text=True)
         print(f"[{self.label}] perf: share of samples by function (self time)")
         for line in report.stdout.splitlines():
             if "%" in line and not line.startswith("#"):

@@ -5,9 +5,11 @@ share cached prompts: prefix-cache timing leaks them, CVE-2025-46570). A block w
 leaves keeps its contents and its name, parked in an LRU, until its slot is needed again.
 
 Where the model computes prompt tokens and generated tokens differently (AMX: bf16 products for the one,
-int8 for the other, souverain/model/quant.py), a block holding generated tokens is named apart
-(`share_generated=False`): a later prompt that repeats them (the next turn of a chat) computes them
-again as prompt tokens, so its result never depends on what earlier requests left in the cache.
+int8 for the other, souverain/model/quant.py; AMX and AVX-512 BF16: prompt tokens attend through
+prefill.cpp, generated ones through the vector kernel, kv_cache.py's TileSplit), a block holding
+generated tokens is named apart (`share_generated=False`): a later prompt that repeats them (the next
+turn of a chat) computes them again as prompt tokens, so its result never depends on what earlier
+requests left in the cache.
 """
 
 from __future__ import annotations

@@ -105,16 +105,17 @@ class LLMEngine:
         # The C++ decode kernel reads keys stored transposed; the PyTorch path reads either layout.
         transposed = fast is not None and p.dtype in (torch.bfloat16, torch.float32) and fast.decode_supported(
             args.n_heads, args.n_kv_heads, args.hd, config.block_size)
-        # On AMX prompt tokens' queries attend on the tiles (bf16 models, keys from position 0), generated
-        # tokens' through the vector kernel (kv_cache.py's TileSplit).
-        tiles = fast is not None and transposed and backend.amx and p.dtype == torch.bfloat16 and \
+        # Prompt tokens' queries attend on AMX tiles, or the same products on AVX-512 BF16 (bf16 models, keys
+        # from position 0), generated tokens' through the vector kernel (kv_cache.py's TileSplit).
+        isa = backend.prefill_isa
+        tiles = isa if fast is not None and transposed and isa and p.dtype == torch.bfloat16 and \
             args.sliding_window is None and config.block_size % 16 == 0 and \
-            fast.prefill_supported(args.n_heads, args.n_kv_heads, args.hd)
+            fast.prefill_supported(args.n_heads, args.n_kv_heads, args.hd, isa) else 0
         self.cache = PagedKVCache(args.n_layers, num_blocks, config.block_size, args.n_kv_heads, args.hd,
                                   p.dtype, p.device, k_transposed=transposed, ops=fast if transposed else None,
                                   tiles=tiles)
         # Generated tokens' KV blocks serve later prompts only where prompt rows are computed as generated ones.
-        split = tiles or any(isinstance(m, QuantLinear) and m.prompt_bf16 for m in model.modules())
+        split = bool(tiles) or any(isinstance(m, QuantLinear) and m.prompt_bf16 for m in model.modules())
         self.blocks = BlockManager(num_blocks, config.block_size, share_generated=not split)
         self.scheduler = Scheduler(self.blocks, SchedulerConfig(
             max_num_seqs=config.max_num_seqs, max_batched_tokens=config.max_batched_tokens,

@@ -22,13 +22,13 @@ class PagedKVCache:
     """`k_transposed` stores keys as [layers, blocks, Hkv, hd, block_size], the layout the C++ decode
     kernel reads (a block's keys for a head one contiguous tile, transposed); values, and keys
     otherwise, are [layers, slots, Hkv, hd]. `ops`: the backend's C++ kernels that steps attend with
-    (None: PyTorch); `tiles`: prompt tokens' queries attend on AMX tiles (prefill_attention_cached) and
-    generated tokens' through paged_decode_attention (each token always one way: see `TileSplit`), else
-    every query through paged_decode_attention."""
+    (None: PyTorch); `tiles`: prompt tokens' queries attend through prefill_attention_cached on that isa's
+    products (1024: AMX tiles, 512: AVX-512 BF16) and generated tokens' through paged_decode_attention (each
+    token always one way: see `TileSplit`); 0: every query through paged_decode_attention."""
 
     def __init__(self, n_layers: int, num_blocks: int, block_size: int, n_kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device | str = "cpu", k_transposed: bool = False,
-                 ops: ModuleType | None = None, tiles: bool = False) -> None:
+                 ops: ModuleType | None = None, tiles: int = 0) -> None:
         slots = num_blocks * block_size
         shape = (n_layers, slots, n_kv_heads, head_dim)
         k_shape = (n_layers, num_blocks, n_kv_heads, head_dim, block_size) if k_transposed else shape
@@ -50,7 +50,7 @@ class PagedKVCache:
 class RowKeys:
     """What the C++ attention reads for the query rows of a step, prefill and decode alike: each row's
     block table (int32 [N, W]) and the key positions it attends, [lo, hi) (int32 [N]); and per sequence,
-    for the AMX kernel, (first row, keys before it, rows) and its block table (int32 [G, W]); `runs`: the
+    for prefill_attention_cached, (first row, keys before it, rows) and its block table (int32 [G, W]); `runs`: the
     (first row, rows) of the sequences with more than one row, which the vector kernel computes together."""
 
     tables: torch.Tensor
@@ -59,16 +59,17 @@ class RowKeys:
     spans: list[tuple[int, int, int]]
     seq_tables: torch.Tensor
     runs: list[tuple[int, int]]
-    split: TileSplit | None = None  # with an AMX cache (`tiles`)
+    split: TileSplit | None = None  # with a cache whose prompt rows take the tiles' products (`tiles`)
 
 
 @dataclass
 class TileSplit:
-    """Which rows of a step attend on AMX tiles (prompt tokens) and which through the vector kernel
-    (generated tokens). The tiles pay for packing a sequence's keys and values into their layout, once
-    for all of a prompt chunk's rows but for each decoded token anew: at 32 streams of ~300 keys the
-    packing took about a third of a decode step and the vector kernel, reading the cache in place, is
-    ~1.7x faster than packing + tiles there. Each token is computed one way whatever shares its step
+    """Which rows of a step attend through prefill_attention_cached (prompt tokens: on AMX tiles, or the
+    same products on AVX-512 BF16) and which through the vector kernel (generated tokens). The tiles pay
+    for packing a sequence's keys and values into their layout, once for all of a prompt chunk's rows but
+    for each decoded token anew: at 32 streams of ~300 keys the packing took about a third of a decode
+    step and the vector kernel, reading the cache in place, is ~1.7x faster than packing + tiles there
+    (AMX). Each token is computed one way whatever shares its step
     (the two kernels round differently), as the int4 projections split the same rows (PromptRows).
     `spans`/`tables`: the prompt part of each sequence's rows, for prefill_attention_cached (None: no prompt
     row); `rows`: the generated rows (a slice, or indices where a recomputed sequence puts prompt rows
@@ -170,7 +171,7 @@ class PagedStep:
             out = torch.empty_like(flat_q)
             if split.tables is not None:
                 fast.prefill_attention_cached(kernels.rows_contiguous(flat_q), kc, vc, out, split.spans, split.tables,
-                                              bs, scale)
+                                              bs, scale, self.cache.tiles)
             if split.keys is not None:
                 gen = split.keys
                 out[split.rows] = fast.paged_decode_attention(flat_q[split.rows].contiguous(), kc, vc, gen.tables,

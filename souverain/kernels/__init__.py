@@ -8,9 +8,10 @@ plain PyTorch code beside its call: same results, slower. Nothing is built at im
 here decides which kernels a model uses: `backend.choose()` does, once, in the wiring code, and the
 backend is passed to the model (`prepare`) and the engine.
 
-cpu.cpp holds the element-wise and attention kernels, gemm.cpp the AMX matrix product and
-prefill.cpp the AMX causal attention of prefill chunks (both compiled only where the CPU has AMX;
-`amx_available()` says whether it runs here), q4.cpp the int4 x int8 product for AVX-512 VNNI and
+cpu.cpp holds the element-wise and attention kernels, gemm.cpp the AMX matrix product (compiled
+only where the CPU has AMX; `amx_available()` says whether it runs here), prefill.cpp the causal
+attention of prefill chunks on AMX tiles or, with the same bf16 products, on AVX-512 BF16 (compiled
+where the CPU has either; `prefill_supported` says), q4.cpp the int4 x int8 product for AVX-512 VNNI and
 AVX2, decoder.cpp a decode step's layers in one call (`Decoder`, built by souverain/engine/fused.py),
 pool.cpp the thread pool their parallel loops share;
 kernels.h declares what they share, amx.h what the AMX kernels share.

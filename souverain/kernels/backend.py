@@ -5,7 +5,9 @@
             decode steps (q4.cpp, the same bits as AVX-512 VNNI's, which takes the narrow ones); prompt
             tokens attend on the tiles (prefill.cpp), generated ones through cpu.cpp's vector kernel
     avx512  AVX-512 with VNNI (AMD Zen 4, Intel Ice Lake and later): every int4 product through
-            q4.cpp's 512-bit kernel
+            q4.cpp's 512-bit kernel; where the CPU has AVX-512 BF16 (Zen 4, Cooper Lake, Sapphire Rapids),
+            prompt tokens attend through prefill.cpp with vdpbf16ps in place of the tiles, generated ones
+            through cpu.cpp's vector kernel
     avx2    AVX2 with FMA (older and smaller CPUs): q4.cpp's 256-bit kernel
     torch   PyTorch ops only (no compiler, SOUVERAIN_KERNELS=torch, or autograd)
     cuda    a CUDA device: PyTorch ops on the GPU
@@ -48,6 +50,12 @@ class Backend:
         """q4_linear's `isa` on this backend: 1024 AMX tiles (and AVX-512 VNNI up to 4 rows), 512 AVX-512
         VNNI, 256 AVX2; 0: not used."""
         return {"amx": 1024, "avx512": 512, "avx2": 256}.get(self.name, 0)
+
+    @property
+    def prefill_isa(self) -> int:
+        """prefill_attention's `isa` on this backend (prompt tokens' attention): 1024 AMX tiles, 512 the same
+        products on AVX-512 BF16 (where the build has it: `prefill_supported` says); 0: not used."""
+        return {"amx": 1024, "avx512": 512}.get(self.name, 0)
 
     @property
     def device(self) -> str:

@@ -623,15 +623,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "32), dequantised to bf16 on AMX tiles: fp32 sums over all of K, bf16 out; glu: silu(gate) * up of a fused "
         "[gate | up] weight", py::arg("x"), py::arg("codes"), py::arg("sz"), py::arg("glu") = false,
         py::call_guard<py::gil_scoped_release>());
-  m.def("prefill_supported", &prefill_supported, "whether prefill_attention runs here for these shapes (AMX)");
+  m.def("prefill_supported", &prefill_supported, "whether prefill_attention runs here for these shapes on isa's "
+        "products (1024: AMX tiles, 512: AVX-512 BF16)", py::arg("n_heads"), py::arg("n_kv_heads"),
+        py::arg("head_dim"), py::arg("isa"));
   m.def("prefill_attention", &prefill_attention, "causal attention of chunks starting their sequences, into out",
-        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("spans"), py::arg("scale"),
+        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("spans"), py::arg("scale"), py::arg("isa"),
         py::call_guard<py::gil_scoped_release>());
   m.def("prefill_attention_cached", &prefill_attention_cached,
         "causal attention of chunks continuing their sequences, every key read from one layer's paged cache "
         "(this step's keys stored first); spans are (row, cached keys, rows)", py::arg("q"), py::arg("k_cache"),
         py::arg("v_cache"), py::arg("out"), py::arg("spans"), py::arg("tables"), py::arg("block_size"),
-        py::arg("scale"), py::call_guard<py::gil_scoped_release>());
+        py::arg("scale"), py::arg("isa"), py::call_guard<py::gil_scoped_release>());
   m.def("q4_supported", &q4_supported, "whether q4_linear's instructions for isa (1024: AMX tiles, 512: AVX-512 "
         "VNNI, 256: AVX2) run here");
   m.def("q4_linear", &q4_linear, "x [M, K] bf16 (quantised to 11 bits per 32 values, two int8 parts) times an int4 "

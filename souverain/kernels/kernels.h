@@ -30,13 +30,13 @@ torch::Tensor amx_linear(torch::Tensor x, torch::Tensor packed, bool glu = false
 // x times q4_linear's int4 codes (q4.cpp's layout, N a multiple of 32) dequantised to bf16 tiles, fp32 sums.
 torch::Tensor amx_linear_q4(torch::Tensor x, torch::Tensor codes, torch::Tensor sz, bool glu = false);
 
-// prefill.cpp
-bool prefill_supported(int64_t n_heads, int64_t n_kv_heads, int64_t head_dim);
+// prefill.cpp; isa 1024: AMX tiles, 512: AVX-512 BF16 vector products
+bool prefill_supported(int64_t n_heads, int64_t n_kv_heads, int64_t head_dim, int64_t isa);
 void prefill_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor out,
-                       std::vector<std::pair<int64_t, int64_t>> spans, double scale);
+                       std::vector<std::pair<int64_t, int64_t>> spans, double scale, int64_t isa);
 void prefill_attention_cached(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor out,
                               std::vector<std::tuple<int64_t, int64_t, int64_t>> spans, torch::Tensor tables,
-                              int64_t block_size, double scale);
+                              int64_t block_size, double scale, int64_t isa);
 
 // q4.cpp: isa 1024 (AMX tiles beyond 4 rows, AVX-512 VNNI up to 4), 512 (AVX-512 VNNI) or 256 (AVX2)
 bool q4_supported(int64_t isa);

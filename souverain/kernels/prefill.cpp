@@ -1,4 +1,5 @@
-// Causal attention of prefill chunks on AMX tiles (bf16): chunks that start their sequences
+// Causal attention of prefill chunks in bf16 products, on AMX tiles (isa 1024) or on AVX-512 BF16's
+// vector units (isa 512: AMD Zen 4, Intel Cooper Lake and later; `VectorTiles`): chunks that start their sequences
 // (`prefill_attention`: keys and values from this step's rows) and chunks that continue them after
 // cached keys (`prefill_attention_cached`: every key read from the paged cache, this step's stored
 // first), e.g. a prompt split over steps or a conversation's next turn after a prefix-cache hit.
@@ -23,10 +24,16 @@
 // interleaved): 0.75-0.95x. From the cache, against the engine's masked SDPA over gathered keys
 // (40 rounds): 176 queries after 24 cached keys 224 us against 631; 200 after 1,000: 1.63 ms against
 // 2.53; 1,000 after none: 3.6 ms against 9.5.
+//
+// Without AMX (AMD EPYC Zen 4, 2 cores) the prompt rows went through cpu.cpp's vector kernel (fp32 dot
+// products per key): in bench/step_profile.py's prefill of 1,000 tokens (two steps of 512) it took 28%
+// of the time. With the same algorithm on vdpbf16ps it takes 13%: the step 1322 -> 972-997 ms (median),
+// bench/serve.py's TTFT of a 1k-token prompt 1.16 -> 0.94 s.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
+#include <immintrin.h>
 
 #include "amx.h"
 #include "kernels.h"
@@ -42,14 +49,93 @@
 
 namespace {
 
-#ifdef SOUVERAIN_AMX
-using souverain::amx::kBlock;
-using souverain::amx::kTile;
-using souverain::amx::multiply_block;
-using souverain::amx::store_accumulators;
-using souverain::amx::to_bf16;
-using souverain::amx::zero_accumulators;
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+#define SOUVERAIN_BF16 1  // vdpbf16ps: the tiles' products on the vector units (every AMX CPU has it too)
+#endif
+
+#ifdef SOUVERAIN_BF16
 using bf16 = at::BFloat16;
+constexpr int64_t kTile = 16 * 32;     // bf16 values in one tile: 16 rows of 64 bytes (amx.h's)
+constexpr int64_t kBlock = 2 * kTile;  // two tiles side by side: 32 columns of a packed operand
+constexpr int64_t kIsaAmx = 1024, kIsaAvx512 = 512;
+
+// 32 fp32 values to bf16, rounding to nearest even (as ATen's conversion).
+inline __m512i to_bf16(__m512 lo, __m512 hi) {
+  const __m512bh v = _mm512_cvtne2ps_pbh(hi, lo);
+  return reinterpret_cast<const __m512i&>(v);
+}
+
+// The three tile operations the attention is written in -- zero a 32 x 32 fp32 accumulator block, add A (32
+// rows of 32 bf16 values) times a packed block of B (two tiles, pairs of K in VNNI order), store the block --
+// on AMX tiles or on AVX-512 BF16's vector units. One object per thread; `rows(half)` before a block's
+// products: whether rows 16-31 are in use (AMX configures its tiles for it).
+#ifdef SOUVERAIN_AMX
+class AmxTiles {
+ public:
+  AmxTiles() = default;
+  AmxTiles(const AmxTiles&) = delete;
+  AmxTiles& operator=(const AmxTiles&) = delete;
+  ~AmxTiles() {
+    if (configured_ >= 0) _tile_release();
+  }
+  void rows(int half) {
+    if (half != configured_) {
+      souverain::amx::configure(16, half);
+      configured_ = half;
+    }
+  }
+  static void zero(bool two) { souverain::amx::zero_accumulators(two); }
+  static void multiply(const bf16* a, int64_t lda, const bf16* b, bool two) {
+    souverain::amx::multiply_block(a, lda, b, two);
+  }
+  static void store(float* acc, int64_t ld, bool two) { souverain::amx::store_accumulators(acc, ld, two); }
+
+ private:
+  int configured_ = -1;
+};
+#endif
+
+// The same products with `vdpbf16ps` (AMD Zen 4, Intel Cooper Lake and later): the accumulators in memory
+// (4 KB, in L1), each half of B's 32 columns held in 16 registers while 8 rows of A at a time (8
+// independent chains: the instruction's latency is covered) take its pairs, broadcast, lane by lane as the
+// tiles do. Sums in another order than AMX's: results agree to fp32 rounding, not to the bit.
+class VectorTiles {
+ public:
+  void rows(int) {}
+  void zero(bool two) { std::memset(c_, 0, (two ? 32 : 16) * 32 * sizeof(float)); }
+  void multiply(const bf16* a, int64_t lda, const bf16* b, bool two) {
+    const int64_t n = two ? 32 : 16;
+    for (int64_t h = 0; h < 2; ++h) {
+      __m512bh w[16];
+      for (int64_t r = 0; r < 16; ++r) {
+        w[r] = reinterpret_cast<__m512bh>(_mm512_loadu_si512(b + h * kTile + r * 32));
+      }
+      for (int64_t i0 = 0; i0 < n; i0 += 8) {
+        __m512 acc[8];
+        for (int64_t i = 0; i < 8; ++i) acc[i] = _mm512_load_ps(c_ + (i0 + i) * 32 + h * 16);
+#pragma GCC unroll 16
+        for (int64_t r = 0; r < 16; ++r) {
+#pragma GCC unroll 8
+          for (int64_t i = 0; i < 8; ++i) {
+            int32_t pair;  // A's values 2r, 2r + 1 of row i0 + i
+            std::memcpy(&pair, a + (i0 + i) * lda + 2 * r, sizeof(pair));
+            acc[i] = _mm512_dpbf16_ps(acc[i], reinterpret_cast<__m512bh>(_mm512_set1_epi32(pair)), w[r]);
+          }
+        }
+        for (int64_t i = 0; i < 8; ++i) _mm512_store_ps(c_ + (i0 + i) * 32 + h * 16, acc[i]);
+      }
+    }
+  }
+  void store(float* acc, int64_t ld, bool two) const {
+    for (int64_t i = 0; i < (two ? 32 : 16); ++i) {
+      _mm512_storeu_ps(acc + i * ld, _mm512_load_ps(c_ + i * 32));
+      _mm512_storeu_ps(acc + i * ld + 16, _mm512_load_ps(c_ + i * 32 + 16));
+    }
+  }
+
+ private:
+  alignas(64) float c_[32 * 32];
+};
 
 // rows [n, hd] (rows `ld` apart) -> [ceil(n/32), hd/32, 2, 16, 32]: as a weight [keys, hd] (gemm.cpp's
 // layout), keys past n zero. Lane 2c + j of tile row r in block (kb, ks, h) is
@@ -154,10 +240,12 @@ struct QueryRow {
 // few rows fill one block. A row's result depends on its own query and keys only (tile rows are
 // independent, keys are taken in chunks aligned to position 0, masked keys add exact zeros): the same
 // bits whatever rows share its block -- a token decoded, or prefilled in any chunking.
+template <typename Tiles>
 class QueryBlock {
  public:
-  QueryBlock(const QueryRow* rows, int64_t n, const bf16* kp, const bf16* vp, const Span& s, int64_t hd, float scale)
-      : kp_(kp), vp_(vp), s_(s), rows_(n), two_(n > 16), live_(n > 16 ? 32 : 16), hd_(hd), steps_(hd / 32),
+  QueryBlock(Tiles& tiles, const QueryRow* rows, int64_t n, const bf16* kp, const bf16* vp, const Span& s, int64_t hd,
+             float scale)
+      : tiles_(tiles), kp_(kp), vp_(vp), s_(s), rows_(n), two_(n > 16), live_(n > 16 ? 32 : 16), hd_(hd), steps_(hd / 32),
         scale_(scale) {
     // Only what is read is set (a decode step's block has 3 rows of 16 for SmolLM2's 3:1 heads).
     for (int64_t i = 0; i < live_; ++i) {
@@ -200,11 +288,11 @@ class QueryBlock {
   // S = Q K^T for key blocks c0 .. c0 + n - 1, into scores_ (rows kWidth apart).
   void scores(int64_t c0, int64_t n) {
     for (int64_t j = 0; j < n; ++j) {
-      zero_accumulators(two_);
+      tiles_.zero(two_);
       for (int64_t ks = 0; ks < steps_; ++ks) {
-        multiply_block(qbuf_ + ks * 32, hd_, kp_ + ((c0 + j) * steps_ + ks) * kBlock, two_);
+        tiles_.multiply(qbuf_ + ks * 32, hd_, kp_ + ((c0 + j) * steps_ + ks) * kBlock, two_);
       }
-      store_accumulators(scores_ + j * 32, kWidth, two_);
+      tiles_.store(scores_ + j * 32, kWidth, two_);
     }
   }
 
@@ -255,11 +343,11 @@ class QueryBlock {
   // P V for the chunk's n key blocks, 32 columns of the output at a time, summed in the tiles, into pv_.
   void products(int64_t c0, int64_t n) {
     for (int64_t db = 0; db < steps_; ++db) {
-      zero_accumulators(two_);
+      tiles_.zero(two_);
       for (int64_t j = 0; j < n; ++j) {
-        multiply_block(probs_ + j * 32, kWidth, vp_ + (db * s_.blocks + c0 + j) * kBlock, two_);
+        tiles_.multiply(probs_ + j * 32, kWidth, vp_ + (db * s_.blocks + c0 + j) * kBlock, two_);
       }
-      store_accumulators(pv_ + db * 1024, 32, two_);
+      tiles_.store(pv_ + db * 1024, 32, two_);
     }
   }
 
@@ -281,6 +369,7 @@ class QueryBlock {
     }
   }
 
+  Tiles& tiles_;
   const bf16 *kp_, *vp_;
   const Span& s_;
   const int64_t rows_;
@@ -311,22 +400,26 @@ void check_rows(const torch::Tensor& t, const char* name, int64_t n, int64_t hd)
 
 namespace souverain {
 
-bool prefill_supported(int64_t n_heads, int64_t n_kv_heads, int64_t head_dim) {
-#ifdef SOUVERAIN_AMX
-  return amx_available() && n_kv_heads > 0 && n_heads % n_kv_heads == 0 && head_dim % 32 == 0 && head_dim <= 256;
-#else
-  return false;
+bool prefill_supported(int64_t n_heads, int64_t n_kv_heads, int64_t head_dim, int64_t isa) {
+  const bool shapes = n_kv_heads > 0 && n_heads % n_kv_heads == 0 && head_dim % 32 == 0 && head_dim <= 256;
+#ifdef SOUVERAIN_BF16
+  if (isa == kIsaAvx512) return shapes;
 #endif
+#ifdef SOUVERAIN_AMX
+  if (isa == kIsaAmx) return shapes && amx_available();
+#endif
+  return false;
 }
 
 namespace {
 
-#ifdef SOUVERAIN_AMX
+#ifdef SOUVERAIN_BF16
 // One block of up to 32 rows of span s, kv head g (rows (position, query head), position-major, from row
-// `first` of the span's count * group), against the packed keys and values at kp, vp. `configured`: the
-// second half's rows the calling thread's tiles are set for.
-void attend_block(const torch::Tensor& q, const torch::Tensor& out, const Span& s, int64_t g, int64_t group,
-                  int64_t first, const bf16* kp, const bf16* vp, float scale, int& configured) {
+// `first` of the span's count * group), against the packed keys and values at kp, vp, on the calling
+// thread's tiles.
+template <typename Tiles>
+void attend_block(Tiles& tiles, const torch::Tensor& q, const torch::Tensor& out, const Span& s, int64_t g,
+                  int64_t group, int64_t first, const bf16* kp, const bf16* vp, float scale) {
   const int64_t hd = q.size(2), n = std::min<int64_t>(32, s.count * group - first);
   const auto* qp = q.data_ptr<bf16>();
   auto* op = out.data_ptr<bf16>();
@@ -338,12 +431,8 @@ void attend_block(const torch::Tensor& q, const torch::Tensor& out, const Span& 
                s.start + pos + 1};
     most = std::max(most, rows[i].keys);
   }
-  const int half = n > 16 ? 16 : 0;
-  if (half != configured) {
-    souverain::amx::configure(16, half);
-    configured = half;
-  }
-  QueryBlock block(rows, n, kp, vp, s, hd, scale);
+  tiles.rows(n > 16 ? 16 : 0);
+  QueryBlock<Tiles> block(tiles, rows, n, kp, vp, s, hd, scale);
   block.run((most - 1) / 32);
   block.write();
 }
@@ -354,7 +443,7 @@ void attend_block(const torch::Tensor& q, const torch::Tensor& out, const Span& 
 // into one buffer, megabytes for 32 sequences, then reading them back was a third of a 32-stream decode
 // step); the others (prefill chunks) are packed first, then their blocks shared out. The same arithmetic
 // for a row either way: its result does not depend on the path.
-template <typename Pack>
+template <typename Tiles, typename Pack>
 void attend_spans(const torch::Tensor& q, const torch::Tensor& out, int64_t kv_heads, std::vector<Span>& ss,
                   double scale, Pack pack) {
   const int64_t heads = q.size(1), hd = q.size(2), group = heads / kv_heads;
@@ -365,7 +454,7 @@ void attend_spans(const torch::Tensor& q, const torch::Tensor& out, int64_t kv_h
   }
   souverain::parallel_for(0, static_cast<int64_t>(small.size()) * kv_heads, 1, [&](int64_t begin, int64_t end) {
     thread_local std::vector<bf16> own_keys, own_values;
-    int configured = -1;
+    Tiles tiles;
     for (int64_t j = begin; j < end; ++j) {
       const Span& s = ss[small[j / kv_heads]];
       const int64_t g = j % kv_heads, size = s.blocks * 32 * hd;
@@ -374,9 +463,8 @@ void attend_spans(const torch::Tensor& q, const torch::Tensor& out, int64_t kv_h
         own_values.resize(size);
       }
       pack(s, g, own_keys.data(), own_values.data());
-      attend_block(q, out, s, g, group, 0, own_keys.data(), own_values.data(), sc, configured);
+      attend_block(tiles, q, out, s, g, group, 0, own_keys.data(), own_values.data(), sc);
     }
-    if (configured >= 0) _tile_release();
   });
   if (big.empty()) return;
   int64_t packed = 0;
@@ -412,15 +500,24 @@ void attend_spans(const torch::Tensor& q, const torch::Tensor& out, int64_t kv_h
     }
   }
   souverain::parallel_for(0, static_cast<int64_t>(units.size()), 1, [&](int64_t begin, int64_t end) {
-    int configured = -1;
+    Tiles tiles;
     for (int64_t u = begin; u < end; ++u) {
       const auto [si, g, ub] = units[u];
       const Span& s = ss[si];
       const int64_t off = s.packed + g * s.blocks * 32 * hd;
-      attend_block(q, out, s, g, group, ub * 32, keys + off, values + off, sc, configured);
+      attend_block(tiles, q, out, s, g, group, ub * 32, keys + off, values + off, sc);
     }
-    if (configured >= 0) _tile_release();
   });
+}
+
+// attend_spans on `isa`'s tiles (prefill_supported said yes).
+template <typename Pack>
+void attend_spans_on(int64_t isa, const torch::Tensor& q, const torch::Tensor& out, int64_t kv_heads,
+                     std::vector<Span>& ss, double scale, Pack pack) {
+#ifdef SOUVERAIN_AMX
+  if (isa == kIsaAmx) return attend_spans<AmxTiles>(q, out, kv_heads, ss, scale, pack);
+#endif
+  attend_spans<VectorTiles>(q, out, kv_heads, ss, scale, pack);
 }
 #endif
 
@@ -432,16 +529,16 @@ void check_span(int64_t row, int64_t count, int64_t n) {
 }  // namespace
 
 void prefill_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor out,
-                       std::vector<std::pair<int64_t, int64_t>> spans, double scale) {
+                       std::vector<std::pair<int64_t, int64_t>> spans, double scale, int64_t isa) {
   const int64_t n = q.size(0), heads = q.size(1), hd = q.size(2), kv_heads = k.size(1);
-  TORCH_CHECK(prefill_supported(heads, kv_heads, hd), "prefill_attention: not supported here for ", heads,
-              " heads, ", kv_heads, " kv heads, head size ", hd);
+  TORCH_CHECK(prefill_supported(heads, kv_heads, hd, isa), "prefill_attention: not supported here (isa ", isa,
+              ") for ", heads, " heads, ", kv_heads, " kv heads, head size ", hd);
   check_rows(q, "q", n, hd);
   check_rows(k, "k", n, hd);
   check_rows(v, "v", n, hd);
   check_rows(out, "out", n, hd);
   TORCH_CHECK(v.size(1) == kv_heads && out.size(1) == heads, "prefill_attention: head counts differ");
-#ifdef SOUVERAIN_AMX
+#ifdef SOUVERAIN_BF16
   std::vector<Span> ss;
   for (const auto& [row, count] : spans) {
     check_span(row, count, n);
@@ -450,7 +547,7 @@ void prefill_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch:
   const auto* kp = k.data_ptr<bf16>();
   const auto* vp = v.data_ptr<bf16>();
   const int64_t ldk = k.stride(0), ldv = v.stride(0);
-  attend_spans(q, out, kv_heads, ss, scale, [&](const Span& s, int64_t g, bf16* keys, bf16* values) {
+  attend_spans_on(isa, q, out, kv_heads, ss, scale, [&](const Span& s, int64_t g, bf16* keys, bf16* values) {
     pack_keys(kp + s.row * ldk + g * hd, ldk, s.count, hd, keys);
     pack_values([&](int64_t key) { return vp + (s.row + key) * ldv + g * hd; }, s.count, hd, values);
   });
@@ -459,10 +556,10 @@ void prefill_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch:
 
 void prefill_attention_cached(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor out,
                               std::vector<std::tuple<int64_t, int64_t, int64_t>> spans, torch::Tensor tables,
-                              int64_t block_size, double scale) {
+                              int64_t block_size, double scale, int64_t isa) {
   const int64_t n = q.size(0), heads = q.size(1), hd = q.size(2), kv_heads = v_cache.dim() == 3 ? v_cache.size(1) : 0;
-  TORCH_CHECK(prefill_supported(heads, kv_heads, hd), "prefill_attention: not supported here for ", heads,
-              " heads, ", kv_heads, " kv heads, head size ", hd);
+  TORCH_CHECK(prefill_supported(heads, kv_heads, hd, isa), "prefill_attention: not supported here (isa ", isa,
+              ") for ", heads, " heads, ", kv_heads, " kv heads, head size ", hd);
   check_rows(q, "q", n, hd);
   check_rows(out, "out", n, hd);
   TORCH_CHECK(out.size(1) == heads, "prefill_attention: head counts differ");
@@ -476,7 +573,7 @@ void prefill_attention_cached(torch::Tensor q, torch::Tensor k_cache, torch::Ten
   TORCH_CHECK(tables.scalar_type() == at::kInt && tables.dim() == 2 && tables.is_contiguous() &&
                   tables.size(0) == static_cast<int64_t>(spans.size()),
               "prefill_attention: tables must be int32 [spans, blocks]");
-#ifdef SOUVERAIN_AMX
+#ifdef SOUVERAIN_BF16
   const int64_t width = tables.size(1), cache_blocks = k_cache.size(0);
   const int32_t* tp = tables.data_ptr<int32_t>();
   std::vector<Span> ss;
@@ -494,7 +591,7 @@ void prefill_attention_cached(torch::Tensor q, torch::Tensor k_cache, torch::Ten
   const auto* kc = k_cache.data_ptr<bf16>();
   const auto* vc = v_cache.data_ptr<bf16>();
   const int64_t bs = block_size, block_stride = kv_heads * hd * bs;
-  attend_spans(q, out, kv_heads, ss, scale, [&](const Span& s, int64_t g, bf16* keys, bf16* values) {
+  attend_spans_on(isa, q, out, kv_heads, ss, scale, [&](const Span& s, int64_t g, bf16* keys, bf16* values) {
     const int32_t* table = tp + (&s - ss.data()) * width;
     const bf16* kg = kc + g * hd * bs;
     auto value_row = [&](int64_t key) { return vc + ((table[key / bs] * bs + key % bs) * kv_heads + g) * hd; };
