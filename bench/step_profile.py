@@ -5,7 +5,7 @@ runs it (bf16, int4 weights, int8 output projection, the CPU's kernel backend), 
 Run: .venv/bin/python bench/step_profile.py [prefill|decode|both] [--kernels amx|avx512|avx2|torch] [--seconds 15]
 
 The model loads and warms up first; then `perf record` attaches to this process for the measured part only
-and `perf report` prints the functions that took more than 1% of the samples (the C++ kernels by name:
+and `perf report` prints the functions that took more than 0.5% of the samples (the C++ kernels by name:
 q4.cpp's tiles_amx / tile_avx512 / tile_avx2 are the int4 products, paged_decode_attention and
 prefill_attention_cached the attention). Without perf it prints the step times only. 2 threads, as the
 servers in bench/serve.py.
