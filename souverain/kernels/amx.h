@@ -8,14 +8,29 @@
 
 #include <cstdint>
 
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
-#define SOUVERAIN_AMX 1
+// The tiles' operand layout and the rounding, also for prefill.cpp's AVX-512 BF16 products.
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+#define SOUVERAIN_BF16 1
 #include <immintrin.h>
 
 namespace souverain::amx {
 
 constexpr int64_t kTile = 16 * 32;     // bf16 values in one tile: 16 rows of 64 bytes
 constexpr int64_t kBlock = 2 * kTile;  // two tiles side by side: 32 columns of a packed operand
+
+// 32 fp32 values to bf16, rounding to nearest even (as ATen's conversion).
+inline __m512i to_bf16(__m512 lo, __m512 hi) {
+  const __m512bh v = _mm512_cvtne2ps_pbh(hi, lo);
+  return reinterpret_cast<const __m512i&>(v);
+}
+
+}  // namespace souverain::amx
+#endif
+
+#if defined(SOUVERAIN_BF16) && defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#define SOUVERAIN_AMX 1
+
+namespace souverain::amx {
 
 struct TileConfig {
   uint8_t palette = 1;
@@ -35,12 +50,6 @@ inline void configure(int rows0, int rows1) {
     cfg.colsb[t] = rows[t] ? 64 : 0;
   }
   _tile_loadconfig(&cfg);
-}
-
-// 32 fp32 values to bf16, rounding to nearest even (as ATen's conversion).
-inline __m512i to_bf16(__m512 lo, __m512 hi) {
-  const __m512bh v = _mm512_cvtne2ps_pbh(hi, lo);
-  return reinterpret_cast<const __m512i&>(v);
 }
 
 // `two`: both row halves (32 rows); else rows 0-15 only, tiles 2, 3 and 5 untouched (configure(rows, 0)).

@@ -49,21 +49,12 @@
 
 namespace {
 
-#if defined(__AVX512BF16__) && defined(__AVX512BW__)
-#define SOUVERAIN_BF16 1  // vdpbf16ps: the tiles' products on the vector units (every AMX CPU has it too)
-#endif
-
-#ifdef SOUVERAIN_BF16
+#ifdef SOUVERAIN_BF16  // amx.h: vdpbf16ps, the tiles' products on the vector units (every AMX CPU has it too)
 using bf16 = at::BFloat16;
-constexpr int64_t kTile = 16 * 32;     // bf16 values in one tile: 16 rows of 64 bytes (amx.h's)
-constexpr int64_t kBlock = 2 * kTile;  // two tiles side by side: 32 columns of a packed operand
+using souverain::amx::kBlock;
+using souverain::amx::kTile;
+using souverain::amx::to_bf16;
 constexpr int64_t kIsaAmx = 1024, kIsaAvx512 = 512;
-
-// 32 fp32 values to bf16, rounding to nearest even (as ATen's conversion).
-inline __m512i to_bf16(__m512 lo, __m512 hi) {
-  const __m512bh v = _mm512_cvtne2ps_pbh(hi, lo);
-  return reinterpret_cast<const __m512i&>(v);
-}
 
 // The three tile operations the attention is written in -- zero a 32 x 32 fp32 accumulator block, add A (32
 // rows of 32 bf16 values) times a packed block of B (two tiles, pairs of K in VNNI order), store the block --
