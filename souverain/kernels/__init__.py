@@ -8,8 +8,9 @@ plain PyTorch code beside its call: same results, slower. Nothing is built at im
 here decides which kernels a model uses: `backend.choose()` does, once, in the wiring code, and the
 backend is passed to the model (`prepare`) and the engine.
 
-cpu.cpp holds the element-wise and attention kernels, gemm.cpp the AMX matrix product (compiled
-only where the CPU has AMX; `amx_available()` says whether it runs here), prefill.cpp the causal
+cpu.cpp holds the element-wise and attention kernels, gemm.cpp the bf16 matrix products of prompt rows on
+AMX tiles or AVX-512 BF16 (compiled where the CPU has either; `amx_available()` and `bf16_supported()` say
+what runs here), prefill.cpp the causal
 attention of prefill chunks on AMX tiles or, with the same bf16 products, on AVX-512 BF16 (compiled
 where the CPU has either; `prefill_supported` says), q4.cpp the int4 x int8 product for AVX-512 VNNI and
 AVX2, decoder.cpp a decode step's layers in one call (`Decoder`, built by souverain/engine/fused.py),

@@ -1,13 +1,13 @@
 """The kernel backend a model and an engine run on, chosen once by the wiring code and passed down.
 
     amx     Intel AMX: prompt tokens through bf16 products on AMX tiles (int4 codes dequantised,
-            gemm.cpp's amx_linear_q4), generated tokens through int4 x int8 products on the tiles for wide
+            gemm.cpp's q4_linear_bf16), generated tokens through int4 x int8 products on the tiles for wide
             decode steps (q4.cpp, the same bits as AVX-512 VNNI's, which takes the narrow ones); prompt
             tokens attend on the tiles (prefill.cpp), generated ones through cpu.cpp's vector kernel
     avx512  AVX-512 with VNNI (AMD Zen 4, Intel Ice Lake and later): every int4 product through
             q4.cpp's 512-bit kernel; where the CPU has AVX-512 BF16 (Zen 4, Cooper Lake, Sapphire Rapids),
-            prompt tokens attend through prefill.cpp with vdpbf16ps in place of the tiles, generated ones
-            through cpu.cpp's vector kernel
+            prompt tokens take gemm.cpp's and prefill.cpp's bf16 products with vdpbf16ps in place of the
+            tiles (q4_linear_bf16, prefill attention), generated ones q4.cpp's and cpu.cpp's vector kernels
     avx2    AVX2 with FMA (older and smaller CPUs): q4.cpp's 256-bit kernel
     torch   PyTorch ops only (no compiler, SOUVERAIN_KERNELS=torch, or autograd)
     cuda    a CUDA device: PyTorch ops on the GPU
@@ -53,8 +53,9 @@ class Backend:
 
     @property
     def prefill_isa(self) -> int:
-        """prefill_attention's `isa` on this backend (prompt tokens' attention): 1024 AMX tiles, 512 the same
-        products on AVX-512 BF16 (where the build has it: `prefill_supported` says); 0: not used."""
+        """The `isa` of prompt tokens' bf16 products on this backend (q4_linear_bf16, prefill_attention): 1024
+        AMX tiles, 512 the same products on AVX-512 BF16 (where the build has it: `bf16_supported` and
+        `prefill_supported` say); 0: not used."""
         return {"amx": 1024, "avx512": 512}.get(self.name, 0)
 
     @property

@@ -619,10 +619,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("amx_available", &amx_available, "whether amx_linear runs here (an AMX CPU, and the OS grants the tiles)");
   m.def("amx_linear", &amx_linear, "x [M, K] bf16 times a weight packed by pack_tiles, as x @ w.T; glu: "
         "silu(gate) * up of a fused [gate | up] weight", py::arg("x"), py::arg("packed"), py::arg("glu") = false);
-  m.def("amx_linear_q4", &amx_linear_q4, "x [M, K] bf16 times q4_linear's int4 weight (pack_q4; N a multiple of "
-        "32), dequantised to bf16 on AMX tiles: fp32 sums over all of K, bf16 out; glu: silu(gate) * up of a fused "
-        "[gate | up] weight", py::arg("x"), py::arg("codes"), py::arg("sz"), py::arg("glu") = false,
-        py::call_guard<py::gil_scoped_release>());
+  m.def("bf16_supported", &bf16_supported, "whether q4_linear_bf16 runs here on isa's products (1024: AMX tiles, "
+        "granted by the OS; 512: AVX-512 BF16)", py::arg("isa"));
+  m.def("q4_linear_bf16", &q4_linear_bf16, "x [M, K] bf16 times q4_linear's int4 weight (pack_q4; N a multiple of "
+        "32), dequantised to bf16, on AMX tiles (isa 1024) or AVX-512 BF16 (512): fp32 sums over all of K, bf16 "
+        "out; glu: silu(gate) * up of a fused [gate | up] weight", py::arg("x"), py::arg("codes"), py::arg("sz"),
+        py::arg("glu") = false, py::arg("isa"), py::call_guard<py::gil_scoped_release>());
   m.def("prefill_supported", &prefill_supported, "whether prefill_attention runs here for these shapes on isa's "
         "products (1024: AMX tiles, 512: AVX-512 BF16)", py::arg("n_heads"), py::arg("n_kv_heads"),
         py::arg("head_dim"), py::arg("isa"));

@@ -27,8 +27,10 @@ torch::Tensor argmax_rows(torch::Tensor x);
 bool amx_available();
 // glu: the weight is a fused [gate | up] projection; return silu(gate) * up (the halves' columns).
 torch::Tensor amx_linear(torch::Tensor x, torch::Tensor packed, bool glu = false);
-// x times q4_linear's int4 codes (q4.cpp's layout, N a multiple of 32) dequantised to bf16 tiles, fp32 sums.
-torch::Tensor amx_linear_q4(torch::Tensor x, torch::Tensor codes, torch::Tensor sz, bool glu = false);
+// x times q4_linear's int4 codes (q4.cpp's layout, N a multiple of 32) dequantised to bf16, fp32 sums; isa 1024:
+// AMX tiles, 512: AVX-512 BF16 vector products (bf16_supported says which run here)
+bool bf16_supported(int64_t isa);
+torch::Tensor q4_linear_bf16(torch::Tensor x, torch::Tensor codes, torch::Tensor sz, bool glu, int64_t isa);
 
 // prefill.cpp; isa 1024: AMX tiles, 512: AVX-512 BF16 vector products
 bool prefill_supported(int64_t n_heads, int64_t n_kv_heads, int64_t head_dim, int64_t isa);

@@ -16,13 +16,14 @@ is 0.0028 with them, 0.0031 on the torch backend (bf16 activations), and was 0.0
 activations they replaced (two parts for wqkv and w2 only; with one part everywhere SmolLM2 answered "What is
 the capital of France?" with "L'Étoile").
 
-On AMX, prompt tokens (the rows `PromptRows` names) take another product over the same int4 codes:
-`amx_linear_q4` dequantises them to bf16 tiles once per call and sums x (bf16, as is) times them in fp32
-over all of K (the zeros times x's block sums apart), 1.6-1.8x faster than q4_linear's per-block int8
-products at 512 rows (at 1 row 3.5x slower: decodes stay int8); SmolLM2's mean KL on prompt rows 0.0038
-(bench/accuracy.py; 0.0028 on generated rows). Each row is still computed the same way alone or in any
-batch: a prompt token always by the one, a generated token always by the other (the engine then keeps
-generated tokens' KV blocks out of the prefix cache, see souverain/engine/blocks.py).
+On AMX and on AVX-512 BF16 (AMD Zen 4, Intel Cooper Lake and later), prompt tokens (the rows `PromptRows`
+names) take another product over the same int4 codes: `q4_linear_bf16` dequantises them to bf16 once per call
+and sums x (bf16, as is) times them in fp32 over all of K (the zeros times x's block sums apart), on AMX tiles
+1.6-1.8x faster than q4_linear's per-block int8 products at 512 rows (at 1 row 3.5x slower: decodes stay int8),
+with vdpbf16ps on AMD Zen 4 1.2-1.4x faster at 128-512 rows (about even at 12-32); SmolLM2's mean KL on prompt
+rows 0.0038-0.0039 (bench/accuracy.py; 0.0028-0.0032 on generated rows). Each row is still computed the same
+way alone or in any batch: a prompt token always by the one, a generated token always by the other (the engine
+then keeps generated tokens' KV blocks out of the prefix cache, see souverain/engine/blocks.py).
 
 The projections that read the same input are fused, one matmul instead of several: wq/wk/wv into
 `Attention.wqkv` and w1/w3 into `FeedForward.w13` (fewer, larger calls; the outputs are split).
@@ -113,7 +114,7 @@ class QuantLinear(nn.Module):
         self.out_features = linear.out_features
         self.backend = TORCH  # what `prepare` packed the weights for
         self.ops: ModuleType | None = None
-        self.prompt_bf16 = False  # prompt rows through amx_linear_q4 (set by `prepare`)
+        self.prompt_bf16 = False  # prompt rows through q4_linear_bf16 (set by `prepare`)
 
     def prepare(self, backend: Backend) -> None:
         """Pack the weights for `backend`, once, dropping the forms it does not read:
@@ -139,7 +140,8 @@ class QuantLinear(nn.Module):
         self.codes, self.code_scales = amx_tiles.pack_q4(*codes) if codes is not None else \
             amx_tiles.pack_q8(self.qweight, self.scales)
         self.ops, self.backend = backend.ops, backend
-        self.prompt_bf16 = codes is not None and backend.amx and n % 32 == 0
+        isa = backend.prefill_isa
+        self.prompt_bf16 = codes is not None and n % 32 == 0 and isa > 0 and backend.ops.bf16_supported(isa)
         self.qweight = self.scales = nn.Buffer(torch.empty(0))  # every step reads the codes now
         self.dense_t = None
 
@@ -184,7 +186,7 @@ class QuantLinear(nn.Module):
 
     def _split(self, x2: torch.Tensor, prompt: PromptRows, codes: torch.Tensor, scales: torch.Tensor,
                glu: bool) -> torch.Tensor:
-        ops = self.ops
+        ops, isa = self.ops, self.backend.prefill_isa
         assert ops is not None
         if x2.stride(-1) != 1:
             x2 = x2.contiguous()
@@ -194,11 +196,11 @@ class QuantLinear(nn.Module):
 
         if prompt.count is not None:  # no gathers or scatters (ATen's index ops wake OpenMP's threads)
             p = prompt.count
-            return torch.cat([ops.amx_linear_q4(x2[:p], codes, scales, glu), generated(x2[p:])])
+            return torch.cat([ops.q4_linear_bf16(x2[:p], codes, scales, glu, isa), generated(x2[p:])])
         if prompt.rows is None or prompt.others is None:
-            return ops.amx_linear_q4(x2, codes, scales, glu)
+            return ops.q4_linear_bf16(x2, codes, scales, glu, isa)
         y = x2.new_empty(x2.shape[0], self.out_features // 2 if glu else self.out_features)
-        y[prompt.rows] = ops.amx_linear_q4(x2[prompt.rows], codes, scales, glu)
+        y[prompt.rows] = ops.q4_linear_bf16(x2[prompt.rows], codes, scales, glu, isa)
         y[prompt.others] = generated(x2[prompt.others])
         return y
 

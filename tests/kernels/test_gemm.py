@@ -1,4 +1,5 @@
-"""The AMX matrix products (gemm.cpp) against PyTorch's, and QuantLinear on them."""
+"""The bf16 matrix products (gemm.cpp: AMX tiles, or AVX-512 BF16's vector units for int4 weights) against
+PyTorch's, and QuantLinear on them."""
 
 from __future__ import annotations
 
@@ -14,9 +15,16 @@ from souverain.model.quant import QuantLinear, _int4_codes
 
 fast = kernels.load()
 AMX = Backend("amx", fast)
-pytestmark = pytest.mark.skipif(fast is None or not fast.amx_available(),
-                                reason="no AMX here (or no compiler): QuantLinear keeps its PyTorch paths")
-ROWS = [1, 5, 16, 17, 32, 33, 100]  # partial tiles, one and two tiles of rows, several row blocks
+HAS_AMX = fast is not None and fast.amx_available()
+needs_amx = pytest.mark.skipif(not HAS_AMX, reason="no AMX here (or no compiler)")
+# q4_linear_bf16's products this machine runs: 1024 AMX tiles, 512 AVX-512 BF16 (every AMX CPU has both).
+ISAS = [isa for isa in (1024, 512) if fast is not None and fast.bf16_supported(isa)]
+BACKENDS = {1024: "amx", 512: "avx512"}
+each_isa = pytest.mark.parametrize("isa", ISAS or [pytest.param(0, marks=pytest.mark.skip(
+    reason="no AMX or AVX-512 BF16 here (or no compiler): prompt rows take q4_linear"))])
+# Partial tiles, one and two tiles of rows, several row blocks; the vector kernel's blocks of 12 rows and the
+# rows past them.
+ROWS = [1, 5, 12, 13, 16, 17, 25, 32, 33, 100]
 
 
 def within_rounding(got: torch.Tensor, want: torch.Tensor) -> None:
@@ -26,6 +34,7 @@ def within_rounding(got: torch.Tensor, want: torch.Tensor) -> None:
     assert (err <= want.abs() / 128 + 1e-3).all(), err.max().item()
 
 
+@needs_amx
 @pytest.mark.parametrize("n,k", [(96, 64), (64, 160), (1024, 32)])  # 1024 x 32: threads split the columns
 @torch.inference_mode()
 def test_amx_linear_is_matmul(n: int, k: int) -> None:
@@ -43,10 +52,11 @@ def test_amx_linear_is_matmul(n: int, k: int) -> None:
         assert torch.equal(fast.amx_linear(x[-1:], packed), got[-1:])
 
 
-@pytest.mark.parametrize("n,k", [(96, 64), (64, 160), (1024, 32)])
+@each_isa
+@pytest.mark.parametrize("n,k", [(96, 64), (64, 160), (1024, 32), (64, 1536)])  # 1536: SmolLM2's w2
 @torch.inference_mode()
-def test_amx_linear_q4_is_the_dequantised_product(n: int, k: int) -> None:
-    """q4_linear's int4 codes on bf16 tiles: x times (q - 8) * scale (rounded to bf16) plus each block's sum
+def test_q4_linear_bf16_is_the_dequantised_product(n: int, k: int, isa: int) -> None:
+    """q4_linear's int4 codes in bf16 products: x times (q - 8) * scale (rounded to bf16) plus each block's sum
     times its zero, summed in fp32 -- the int4 weight's product to bf16 rounding, even where the zeros
     dominate; a row alone gives the bits it gets in any batch."""
     torch.manual_seed(n * k)
@@ -59,28 +69,42 @@ def test_amx_linear_q4_is_the_dequantised_product(n: int, k: int) -> None:
     w = ((codes.float() - 8) * scale).to(torch.bfloat16).float() + zero
     for m in ROWS:
         x = torch.randn(m, k).to(torch.bfloat16)
-        got = fast.amx_linear_q4(x, packed, scales)
+        got = fast.q4_linear_bf16(x, packed, scales, False, isa)
         assert got.shape == (m, n) and got.dtype == torch.bfloat16
         within_rounding(got, x.float() @ w.float().t())
         for r in (0, m - 1):
-            assert torch.equal(fast.amx_linear_q4(x[r : r + 1], packed, scales), got[r : r + 1])
+            assert torch.equal(fast.q4_linear_bf16(x[r : r + 1], packed, scales, False, isa), got[r : r + 1])
         # Strided rows (a view of a wider tensor) read the same.
         wide = torch.randn(m, k + 32).to(torch.bfloat16)
         wide[:, :k] = x
-        assert torch.equal(fast.amx_linear_q4(wide[:, :k], packed, scales), got)
+        assert torch.equal(fast.q4_linear_bf16(wide[:, :k], packed, scales, False, isa), got)
 
 
-@pytest.mark.parametrize("form", ["int4", "bf16"])
+@pytest.mark.skipif(ISAS != [1024, 512], reason="needs AMX: the tiles against the vector products")
+@torch.inference_mode()
+def test_the_vector_products_agree_with_the_tiles() -> None:
+    """AVX-512 BF16's products and AMX's multiply the same bf16 operands: they differ only in the order of
+    the fp32 sums, so by at most the output's bf16 rounding, and mostly not at all."""
+    torch.manual_seed(11)
+    packed, scales = tiles.pack_q4(*_int4_codes(torch.randn(192, 576)))
+    x = torch.randn(77, 576).to(torch.bfloat16)
+    tiles_out, vector_out = (fast.q4_linear_bf16(x, packed, scales, False, isa).float() for isa in (1024, 512))
+    assert ((tiles_out - vector_out).abs() <= tiles_out.abs() / 128 + 1e-3).all()
+    assert (tiles_out == vector_out).float().mean().item() > 0.9
+
+
+@pytest.mark.parametrize("form", [*(f"int4-{isa}" for isa in ISAS), pytest.param("bf16", marks=needs_amx)])
 @torch.inference_mode()
 def test_glu_is_swiglu_of_the_product(form: str) -> None:
     """glu=True: silu(gate) * up of a fused [gate | up] weight, to the bit what swiglu makes of the
     product's output (each half 96 columns: three blocks, so a thread may take an odd number)."""
     torch.manual_seed(3)
     w = torch.randn(192, 64)
-    if form == "int4":
+    isa = int(form.split("-")[1]) if form.startswith("int4") else 1024
+    if form.startswith("int4"):
         packed, scales = tiles.pack_q4(*_int4_codes(w))
         def product(x: torch.Tensor, glu: bool = False) -> torch.Tensor:
-            return fast.amx_linear_q4(x, packed, scales, glu)
+            return fast.q4_linear_bf16(x, packed, scales, glu, isa)
     else:
         dense = tiles.pack_tiles(w)
         def product(x: torch.Tensor, glu: bool = False) -> torch.Tensor:
@@ -91,13 +115,16 @@ def test_glu_is_swiglu_of_the_product(form: str) -> None:
         assert got.shape == (m, 96)
         assert torch.equal(got, fast.swiglu(product(x)))
     with pytest.raises(RuntimeError, match="whole 32-column blocks"):
-        fast.amx_linear_q4(x, *tiles.pack_q4(*_int4_codes(w[:96])), True)
+        if form.startswith("int4"):
+            fast.q4_linear_bf16(x, *tiles.pack_q4(*_int4_codes(w[:96])), True, isa)
+        else:
+            fast.amx_linear(x, tiles.pack_tiles(w[:96]), True)
 
 
+@needs_amx
 def test_amx_refuses_bad_input() -> None:
     w = torch.randn(64, 64).to(torch.bfloat16)
     packed = tiles.pack_tiles(w)
-    codes, scales = tiles.pack_q4(*_int4_codes(w.float()))
     x = torch.randn(3, 64).to(torch.bfloat16)
     with pytest.raises(RuntimeError, match="bfloat16"):
         fast.amx_linear(x.float(), packed)
@@ -105,16 +132,29 @@ def test_amx_refuses_bad_input() -> None:
         fast.amx_linear(torch.randn(3, 96).to(torch.bfloat16), packed)
     with pytest.raises(RuntimeError, match="packed"):
         fast.amx_linear(x, w)
-    with pytest.raises(RuntimeError, match="scales and zeros"):
-        fast.amx_linear_q4(x, codes, scales[:, :1])
-    with pytest.raises(RuntimeError, match="multiple of 32"):  # 48 columns: q4_linear's, not whole 32-column blocks
-        fast.amx_linear_q4(x, *tiles.pack_q4(*_int4_codes(torch.randn(48, 64))))
-    with pytest.raises(RuntimeError, match="columns"):
-        fast.amx_linear_q4(torch.randn(3, 96).to(torch.bfloat16), codes, scales)
     with pytest.raises(ValueError, match="multiples of 32"):
         tiles.pack_tiles(torch.randn(48, 64))
 
 
+@pytest.mark.skipif(fast is None, reason="no compiler: no kernels")
+def test_q4_linear_bf16_refuses_bad_input() -> None:
+    codes, scales = tiles.pack_q4(*_int4_codes(torch.randn(64, 64)))
+    x = torch.randn(3, 64).to(torch.bfloat16)
+    for isa in (0, 256, *(i for i in (1024, 512) if i not in ISAS)):  # what this machine cannot run
+        with pytest.raises(RuntimeError, match=f"isa {isa} does not run here"):
+            fast.q4_linear_bf16(x, codes, scales, False, isa)
+    for isa in ISAS:
+        with pytest.raises(RuntimeError, match="bfloat16"):
+            fast.q4_linear_bf16(x.float(), codes, scales, False, isa)
+        with pytest.raises(RuntimeError, match="scales and zeros"):
+            fast.q4_linear_bf16(x, codes, scales[:, :1], False, isa)
+        with pytest.raises(RuntimeError, match="multiple of 32"):  # 48 columns: q4_linear's, not 32-column blocks
+            fast.q4_linear_bf16(x, *tiles.pack_q4(*_int4_codes(torch.randn(48, 64))), False, isa)
+        with pytest.raises(RuntimeError, match="columns"):
+            fast.q4_linear_bf16(torch.randn(3, 96).to(torch.bfloat16), codes, scales, False, isa)
+
+
+@needs_amx
 @pytest.mark.parametrize("bits", [4, 8])
 def test_quant_linear_on_tiles(bits: int) -> None:
     """Packed for AMX, a layer keeps what it computes: int8 layers the same weights, int4 ones the int4
@@ -141,18 +181,21 @@ def test_quant_linear_on_tiles(bits: int) -> None:
     assert xg.grad is not None and xg.grad.abs().sum().item() > 0
 
 
+@each_isa
 @torch.inference_mode()
-def test_prompt_rows_take_the_bf16_product() -> None:
-    """Packed for AMX, an int4 layer computes the rows `PromptRows` names with amx_linear_q4 and the others
-    with q4_linear, whatever else is in the batch; glu gives swiglu of the same output, to the bit."""
+def test_prompt_rows_take_the_bf16_product(isa: int) -> None:
+    """Packed for AMX or AVX-512 (with BF16), an int4 layer computes the rows `PromptRows` names with
+    q4_linear_bf16 and the others with q4_linear, whatever else is in the batch; glu gives swiglu of the
+    same output, to the bit."""
     torch.manual_seed(5)
+    backend = Backend(BACKENDS[isa], fast)
     lin = nn.Linear(96, 128, bias=False).to(torch.bfloat16)
     q = QuantLinear(lin, 4)
-    q.prepare(AMX)
+    q.prepare(backend)
     assert q.prompt_bf16 and q.codes is not None and q.code_scales is not None
     x = torch.randn(7, 96).to(torch.bfloat16)
-    bf16 = fast.amx_linear_q4(x, q.codes, q.code_scales)
-    int8 = fast.q4_linear(x, q.codes, q.code_scales, AMX.q4_isa)
+    bf16 = fast.q4_linear_bf16(x, q.codes, q.code_scales, False, isa)
+    int8 = fast.q4_linear(x, q.codes, q.code_scales, backend.q4_isa)
     assert not torch.equal(bf16, int8)
     assert torch.equal(q(x), int8)  # no PromptRows: every row a generated token
     assert torch.equal(q(x, prompt=PromptRows()), bf16)
@@ -168,5 +211,5 @@ def test_prompt_rows_take_the_bf16_product() -> None:
         assert torch.equal(q(x, prompt=prompt, glu=True), fast.swiglu(q(x, prompt=prompt)))
     # A layer with a bias adds it before swiglu.
     biased = QuantLinear(nn.Linear(96, 128, bias=True).to(torch.bfloat16), 4)
-    biased.prepare(AMX)
+    biased.prepare(backend)
     assert torch.equal(biased(x, prompt=PromptRows(), glu=True), fast.swiglu(biased(x, prompt=PromptRows())))
