@@ -28,7 +28,10 @@
 // Without AMX (AMD EPYC Zen 4, 2 cores) the prompt rows went through cpu.cpp's vector kernel (fp32 dot
 // products per key): in bench/step_profile.py's prefill of 1,000 tokens (two steps of 512) it took 28%
 // of the time. With the same algorithm on vdpbf16ps it takes 13%: the step 1322 -> 972-997 ms (median),
-// bench/serve.py's TTFT of a 1k-token prompt 1.16 -> 0.94 s.
+// bench/serve.py's TTFT of a 1k-token prompt 1.16 -> 0.94 s. With the products' accumulators in registers over
+// a whole block's sum (`VectorTiles::product`) instead of loaded and stored around each 32-value step, 14.6% ->
+// 13.3% of the (then 1,020 ms) step, after gemm.cpp's vector products had taken the linears; the products are
+// then about 2/3 of the attention's time at vdpbf16ps's peak, the softmax's exp most of the rest.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -56,10 +59,11 @@ using souverain::amx::kTile;
 using souverain::amx::to_bf16;
 constexpr int64_t kIsaAmx = 1024, kIsaAvx512 = 512;
 
-// The three tile operations the attention is written in -- zero a 32 x 32 fp32 accumulator block, add A (32
-// rows of 32 bf16 values) times a packed block of B (two tiles, pairs of K in VNNI order), store the block --
-// on AMX tiles or on AVX-512 BF16's vector units. One object per thread; `rows(half)` before a block's
-// products: whether rows 16-31 are in use (AMX configures its tiles for it).
+// The one tile operation the attention is written in -- a 32 x 32 fp32 block (rows `ldo` floats apart) =
+// the sum over t < `blocks` of A_t (32 rows of 32 bf16 values from a + 32 t, rows `lda` apart) times the
+// packed block of B at b + t * kBlock (two tiles, pairs of K in VNNI order) -- on AMX tiles or on AVX-512
+// BF16's vector units. One object per thread; `rows(half)` before a block's products: whether rows 16-31 are
+// in use (AMX configures its tiles for it; `two` in the products says the same).
 #ifdef SOUVERAIN_AMX
 class AmxTiles {
  public:
@@ -75,57 +79,53 @@ class AmxTiles {
       configured_ = half;
     }
   }
-  static void zero(bool two) { souverain::amx::zero_accumulators(two); }
-  static void multiply(const bf16* a, int64_t lda, const bf16* b, bool two) {
-    souverain::amx::multiply_block(a, lda, b, two);
+  static void product(const bf16* a, int64_t lda, const bf16* b, int64_t blocks, bool two, float* out, int64_t ldo) {
+    souverain::amx::zero_accumulators(two);
+    for (int64_t t = 0; t < blocks; ++t) souverain::amx::multiply_block(a + t * 32, lda, b + t * kBlock, two);
+    souverain::amx::store_accumulators(out, ldo, two);
   }
-  static void store(float* acc, int64_t ld, bool two) { souverain::amx::store_accumulators(acc, ld, two); }
 
  private:
   int configured_ = -1;
 };
 #endif
 
-// The same products with `vdpbf16ps` (AMD Zen 4, Intel Cooper Lake and later): the accumulators in memory
-// (4 KB, in L1), each half of B's 32 columns held in 16 registers while 8 rows of A at a time (8
-// independent chains: the instruction's latency is covered) take its pairs, broadcast, lane by lane as the
-// tiles do. Sums in another order than AMX's: results agree to fp32 rounding, not to the bit.
+// The same products with `vdpbf16ps` (AMD Zen 4, Intel Cooper Lake and later): 8 rows of A at a time against
+// B's 32 columns, their 16 accumulators in registers over all the blocks (16 independent chains: the
+// instruction's latency is covered); per pair of K, two loads of B and 8 broadcasts of A's pairs feed 16
+// products, lane by lane as the tiles do. Sums in another order than AMX's: results agree to fp32 rounding,
+// not to the bit. (Accumulators kept in memory between blocks instead, loaded and stored around each
+// block's products, took 14.6% of a 1,000-token prefill on AMD Zen 4; see the top.)
 class VectorTiles {
  public:
   void rows(int) {}
-  void zero(bool two) { std::memset(c_, 0, (two ? 32 : 16) * 32 * sizeof(float)); }
-  void multiply(const bf16* a, int64_t lda, const bf16* b, bool two) {
-    const int64_t n = two ? 32 : 16;
-    for (int64_t h = 0; h < 2; ++h) {
-      __m512bh w[16];
-      for (int64_t r = 0; r < 16; ++r) {
-        w[r] = reinterpret_cast<__m512bh>(_mm512_loadu_si512(b + h * kTile + r * 32));
-      }
-      for (int64_t i0 = 0; i0 < n; i0 += 8) {
-        __m512 acc[8];
-        for (int64_t i = 0; i < 8; ++i) acc[i] = _mm512_load_ps(c_ + (i0 + i) * 32 + h * 16);
+  static void product(const bf16* a, int64_t lda, const bf16* b, int64_t blocks, bool two, float* out, int64_t ldo) {
+    for (int64_t i0 = 0; i0 < (two ? 32 : 16); i0 += 8) {
+      __m512 acc[8][2];
+      for (int64_t i = 0; i < 8; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+      for (int64_t t = 0; t < blocks; ++t) {
+        const bf16* bt = b + t * kBlock;
+        const bf16* at = a + i0 * lda + t * 32;
 #pragma GCC unroll 16
         for (int64_t r = 0; r < 16; ++r) {
+          const __m512bh w0 = reinterpret_cast<__m512bh>(_mm512_loadu_si512(bt + r * 32));
+          const __m512bh w1 = reinterpret_cast<__m512bh>(_mm512_loadu_si512(bt + kTile + r * 32));
 #pragma GCC unroll 8
           for (int64_t i = 0; i < 8; ++i) {
             int32_t pair;  // A's values 2r, 2r + 1 of row i0 + i
-            std::memcpy(&pair, a + (i0 + i) * lda + 2 * r, sizeof(pair));
-            acc[i] = _mm512_dpbf16_ps(acc[i], reinterpret_cast<__m512bh>(_mm512_set1_epi32(pair)), w[r]);
+            std::memcpy(&pair, at + i * lda + 2 * r, sizeof(pair));
+            const __m512bh x = reinterpret_cast<__m512bh>(_mm512_set1_epi32(pair));
+            acc[i][0] = _mm512_dpbf16_ps(acc[i][0], x, w0);
+            acc[i][1] = _mm512_dpbf16_ps(acc[i][1], x, w1);
           }
         }
-        for (int64_t i = 0; i < 8; ++i) _mm512_store_ps(c_ + (i0 + i) * 32 + h * 16, acc[i]);
+      }
+      for (int64_t i = 0; i < 8; ++i) {
+        _mm512_storeu_ps(out + (i0 + i) * ldo, acc[i][0]);
+        _mm512_storeu_ps(out + (i0 + i) * ldo + 16, acc[i][1]);
       }
     }
   }
-  void store(float* acc, int64_t ld, bool two) const {
-    for (int64_t i = 0; i < (two ? 32 : 16); ++i) {
-      _mm512_storeu_ps(acc + i * ld, _mm512_load_ps(c_ + i * 32));
-      _mm512_storeu_ps(acc + i * ld + 16, _mm512_load_ps(c_ + i * 32 + 16));
-    }
-  }
-
- private:
-  alignas(64) float c_[32 * 32];
 };
 
 // rows [n, hd] (rows `ld` apart) -> [ceil(n/32), hd/32, 2, 16, 32]: as a weight [keys, hd] (gemm.cpp's
@@ -279,11 +279,7 @@ class QueryBlock {
   // S = Q K^T for key blocks c0 .. c0 + n - 1, into scores_ (rows kWidth apart).
   void scores(int64_t c0, int64_t n) {
     for (int64_t j = 0; j < n; ++j) {
-      tiles_.zero(two_);
-      for (int64_t ks = 0; ks < steps_; ++ks) {
-        tiles_.multiply(qbuf_ + ks * 32, hd_, kp_ + ((c0 + j) * steps_ + ks) * kBlock, two_);
-      }
-      tiles_.store(scores_ + j * 32, kWidth, two_);
+      tiles_.product(qbuf_, hd_, kp_ + (c0 + j) * steps_ * kBlock, steps_, two_, scores_ + j * 32, kWidth);
     }
   }
 
@@ -334,11 +330,7 @@ class QueryBlock {
   // P V for the chunk's n key blocks, 32 columns of the output at a time, summed in the tiles, into pv_.
   void products(int64_t c0, int64_t n) {
     for (int64_t db = 0; db < steps_; ++db) {
-      tiles_.zero(two_);
-      for (int64_t j = 0; j < n; ++j) {
-        tiles_.multiply(probs_ + j * 32, kWidth, vp_ + (db * s_.blocks + c0 + j) * kBlock, two_);
-      }
-      tiles_.store(pv_ + db * 1024, 32, two_);
+      tiles_.product(probs_, kWidth, vp_ + (db * s_.blocks + c0) * kBlock, n, two_, pv_ + db * 1024, 32);
     }
   }
 
