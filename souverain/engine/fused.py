@@ -10,16 +10,14 @@ it for steps of decodes only without LoRA, and the Python forward for everything
 
 from __future__ import annotations
 
-from types import ModuleType
 from typing import Any
 
 import torch
-from torch import nn
 
 from souverain.kernels.backend import Backend
 from souverain.model.layers import FeedForward, TransformerBlock
 from souverain.model.moe import MoeFeedForward
-from souverain.model.quant import GROUP, QuantLinear
+from souverain.model.quant import kernel_linear
 from souverain.model.transformer import Transformer
 
 
@@ -41,41 +39,20 @@ def build_decoder(model: Transformer, backend: Backend, block_size: int) -> Any 
             return None
         att, ff = block.attention, block.feed_forward
         qkv = [att.wqkv] if att.wqkv is not None else [att.wq, att.wk, att.wv]
-        attention = [_linear(fast, m) for m in [*qkv, att.wo]]
+        attention = [kernel_linear(fast, m) for m in [*qkv, att.wo]]
         norms = dict(attention_norm=block.attention_norm.weight.detach(), ffn_norm=block.ffn_norm.weight.detach())
-        if isinstance(ff, MoeFeedForward):  # its experts quantised (QuantLinear each), as `serve` runs them
-            if ff.w13s is None or ff.w2s is None:
+        if isinstance(ff, MoeFeedForward):  # its experts quantised, as `serve` runs them: the module's C++ form
+            moe = ff.fused
+            if moe is None or any(part is None for part in attention):
                 return None
-            router = _linear(fast, ff.gate)
-            experts = [[_linear(fast, m) for m in ff.w13s], [_linear(fast, m) for m in ff.w2s]]
-            if router is None or any(part is None for part in [*attention, *experts[0], *experts[1]]):
-                return None
-            moe = fast.Moe(router=router, gate_up=experts[0], down=experts[1], top_k=ff.top_k)
             layers.append(fast.Layer(**norms, qkv=attention[:-1], wo=attention[-1], moe=moe))
             continue
         if not isinstance(ff, FeedForward):
             return None
         gate_up = [ff.w13] if ff.w13 is not None else [ff.w1, ff.w3]
-        parts = [*attention, *[_linear(fast, m) for m in [*gate_up, ff.w2]]]
+        parts = [*attention, *[kernel_linear(fast, m) for m in [*gate_up, ff.w2]]]
         if any(part is None for part in parts):
             return None
         n = len(qkv)
         layers.append(fast.Layer(**norms, qkv=parts[:n], wo=parts[n], gate_up=parts[n + 1 : -1], down=parts[-1]))
     return fast.Decoder(layers, args.n_heads, args.n_kv_heads, args.hd, args.norm_eps)
-
-
-def _linear(fast: ModuleType, m: nn.Module | None) -> Any | None:
-    """A projection's forms for the C++ decoder: an exact nn.Linear or a QuantLinear, in bf16."""
-    if type(m) is nn.Linear:
-        if m.weight.dtype != torch.bfloat16:
-            return None
-        return fast.Linear(weight=m.weight.detach(), bias=None if m.bias is None else m.bias.detach())
-    if isinstance(m, QuantLinear):
-        bias = None if m.bias is None else m.bias.detach()
-        if m.ops is not None and m.ops is not fast:
-            return None  # packed for another backend's kernels
-        return fast.Linear(qweight=m.qweight, scales=m.scales, dense_t=m.dense_t, codes=m.codes,
-                           code_scales=m.code_scales, bias=bias, bits=m.bits,
-                           dense_rows=-1 if m.dense_rows is None else m.dense_rows, group=GROUP,
-                           isa=m.backend.q4_isa)
-    return None

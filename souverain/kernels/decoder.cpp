@@ -7,7 +7,12 @@
 // with dense feed-forwards, no LoRA in the step, and shapes the kernels take; anything else keeps
 // the Python path.
 
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <optional>
 #include <tuple>
 #include <vector>
@@ -41,32 +46,92 @@ struct Linear {
 };
 
 // A sparse mixture-of-experts feed-forward (souverain/model/moe.py's MoeFeedForward with its experts
-// quantised), applied as its forward applies it, op for op: the same bits.
+// quantised): the router's logits (its nn.Linear, bf16), the k largest per token (largest first, the lower
+// expert first among equal ones; NaN above all, as at::topk), their softmax in fp32 rounded to bf16; tokens
+// grouped by expert (each token's slots in token order), each expert once on its group (gate_up, swiglu,
+// down); each token's k outputs, each times its weight (rounded to bf16), added to zero in expert order in
+// bf16. Plain loops between the projections: at batch 1 the ~25 ATen ops of the Python form (topk,
+// softmax, argsort, bincount, index_select, cat, index_add...) took more than the experts' products
+// (Mixtral-shaped model of bench/moe.py: 1.6x the dense model's decode step). MoeFeedForward's forward calls
+// this object too, where it has one (souverain/model/quant.py's prepare): the same bits either way. Each
+// token's result depends on its own row only: the same alone or in any batch.
 struct Moe {
   Linear router;
   std::vector<Linear> gate_up, down;  // per expert: one [gate | up] projection, and the down projection
   int64_t top_k = 2;
 
-  at::Tensor operator()(const at::Tensor& x) const {
-    const int64_t experts = static_cast<int64_t>(gate_up.size());
-    // Softmax over the chosen k only, in fp32; tokens sorted by expert (stably), each expert once on its group.
-    const auto [top_logits, chosen] = at::topk(router(x).to(at::kFloat), top_k, -1);
-    const at::Tensor weights = at::softmax(top_logits, -1).to(x.scalar_type());
-    const at::Tensor flat = chosen.flatten();
-    const at::Tensor order = at::argsort(flat, /*stable=*/true, 0, false);
-    const at::Tensor token_of = at::floor_divide(order, top_k);
-    const at::Tensor counts = at::bincount(flat, {}, experts);
-    const at::Tensor grouped = x.index_select(0, token_of);
-    const auto* count = counts.data_ptr<int64_t>();
-    std::vector<at::Tensor> outs;
-    for (int64_t e = 0, start = 0; e < experts; start += count[e], ++e) {
-      if (count[e] == 0) continue;
-      const auto halves = gate_up[e](grouped.narrow(0, start, count[e])).chunk(2, -1);
-      outs.push_back(down[e](at::mul(at::silu(halves[0]), halves[1])));
+  at::Tensor operator()(const at::Tensor& x_in) const {
+    using bVec = at::vec::Vectorized<at::BFloat16>;
+    using fVec = at::vec::Vectorized<float>;
+    TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kBFloat16, "Moe: x must be bfloat16 [N, dim]");
+    const at::Tensor x = x_in.contiguous();
+    const int64_t n = x.size(0), d = x.size(1), experts = static_cast<int64_t>(gate_up.size()), k = top_k;
+    at::Tensor out = at::zeros_like(x);
+    if (n == 0) return out;
+    const at::Tensor logits = router(x).to(at::kFloat).contiguous();
+    TORCH_CHECK(logits.size(1) == experts, "Moe: the router gives ", logits.size(1), " logits, for ", experts,
+                " experts");
+    const float* lp = logits.data_ptr<float>();
+    std::vector<int64_t> chosen(n * k), count(experts + 1, 0);
+    std::vector<at::BFloat16> weight(n * k);
+    std::vector<char> taken(experts);
+    for (int64_t t = 0; t < n; ++t) {
+      const float* row = lp + t * experts;
+      std::fill(taken.begin(), taken.end(), 0);
+      float top[64];
+      for (int64_t j = 0; j < k; ++j) {
+        int64_t best = -1;
+        for (int64_t e = 0; e < experts; ++e) {
+          if (taken[e]) continue;
+          const float v = row[e];
+          if (best < 0 || (std::isnan(v) && !std::isnan(row[best])) || v > row[best]) best = e;
+        }
+        taken[best] = 1;
+        chosen[t * k + j] = best;
+        top[j] = row[best];
+        ++count[best + 1];
+      }
+      const float most = top[0];
+      float sum = 0.f;
+      for (int64_t j = 0; j < k; ++j) sum += (top[j] = std::exp(top[j] - most));
+      for (int64_t j = 0; j < k; ++j) weight[t * k + j] = static_cast<at::BFloat16>(top[j] / sum);
     }
-    const at::Tensor y = at::mul(at::cat(outs).to(x.scalar_type()), weights.flatten().index_select(0, order).unsqueeze(1));
-    // Each token's k outputs are added in expert order, whatever its neighbours.
-    return at::zeros_like(x).index_add_(0, token_of, y);
+    // Slots grouped by expert, in token order within each: position p holds token slot[p] / k's row.
+    for (int64_t e = 0; e < experts; ++e) count[e + 1] += count[e];
+    std::vector<int64_t> slot(n * k), next(count.begin(), count.end() - 1);
+    for (int64_t i = 0; i < n * k; ++i) slot[next[chosen[i]]++] = i;
+    at::Tensor grouped = at::empty({n * k, d}, x.options());
+    const auto* xp = x.data_ptr<at::BFloat16>();
+    auto* gp = grouped.data_ptr<at::BFloat16>();
+    for (int64_t p = 0; p < n * k; ++p) std::memcpy(gp + p * d, xp + slot[p] / k * d, d * sizeof(at::BFloat16));
+    auto* op = out.data_ptr<at::BFloat16>();
+    for (int64_t e = 0; e < experts; ++e) {
+      const int64_t start = count[e], rows = count[e + 1] - start;
+      if (rows == 0) continue;
+      const at::Tensor y = down[e](swiglu(gate_up[e](grouped.narrow(0, start, rows)))).contiguous();
+      TORCH_CHECK(y.scalar_type() == at::kBFloat16 && y.size(1) == d, "Moe: an expert's output must be bfloat16 [N, dim]");
+      const auto* yp = y.data_ptr<at::BFloat16>();
+      for (int64_t r = 0; r < rows; ++r) {  // out[token] += round(y * w), rounded: tokens' slots in expert order
+        const int64_t i = slot[start + r];
+        const float wf = static_cast<float>(weight[i]);
+        const fVec w(wf);
+        const at::BFloat16* src = yp + r * d;
+        at::BFloat16* dst = op + i / k * d;
+        int64_t c = 0;
+        for (; c + bVec::size() <= d; c += bVec::size()) {
+          const auto [y0, y1] = at::vec::convert_to_float<at::BFloat16>(bVec::loadu(src + c));
+          const auto [p0, p1] = at::vec::convert_to_float<at::BFloat16>(
+              at::vec::convert_from_float<at::BFloat16>(y0 * w, y1 * w));
+          const auto [o0, o1] = at::vec::convert_to_float<at::BFloat16>(bVec::loadu(dst + c));
+          at::vec::convert_from_float<at::BFloat16>(o0 + p0, o1 + p1).store(dst + c);
+        }
+        for (; c < d; ++c) {
+          const float prod = static_cast<float>(static_cast<at::BFloat16>(static_cast<float>(src[c]) * wf));
+          dst[c] = static_cast<at::BFloat16>(static_cast<float>(dst[c]) + prod);
+        }
+      }
+    }
+    return out;
   }
 };
 
@@ -166,11 +231,12 @@ void bind_decoder(pybind11::module& m) {
   py::class_<Moe>(m, "Moe", "a mixture-of-experts feed-forward's router and experts, as its forward applies them")
       .def(py::init([](Linear router, std::vector<Linear> gate_up, std::vector<Linear> down, int64_t top_k) {
              TORCH_CHECK(!gate_up.empty() && gate_up.size() == down.size() && top_k > 0 &&
-                             top_k <= static_cast<int64_t>(gate_up.size()),
-                         "Moe: one gate_up and one down projection per expert, and 0 < top_k <= experts");
+                             top_k <= static_cast<int64_t>(std::min<size_t>(gate_up.size(), 64)),
+                         "Moe: one gate_up and one down projection per expert, and 0 < top_k <= min(experts, 64)");
              return Moe{router, std::move(gate_up), std::move(down), top_k};
            }),
-           py::kw_only(), py::arg("router"), py::arg("gate_up"), py::arg("down"), py::arg("top_k"));
+           py::kw_only(), py::arg("router"), py::arg("gate_up"), py::arg("down"), py::arg("top_k"))
+      .def("__call__", &Moe::operator(), py::arg("x"), py::call_guard<py::gil_scoped_release>());
   py::class_<Layer>(m, "Layer", "one decoder layer's weights")
       .def(py::init([](at::Tensor attention_norm, at::Tensor ffn_norm, std::vector<Linear> qkv, Linear wo,
                        std::vector<Linear> gate_up, std::optional<Linear> down, std::optional<Moe> moe) {

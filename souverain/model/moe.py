@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -13,7 +15,10 @@ class MoeFeedForward(nn.Module):
     """Experts are stacked: w1, w3 [E, F, D] and w2 [E, D, F]. Tokens are sorted by expert and each
     expert runs once on its contiguous group, so the cost is one matmul chain per active expert.
     `quantized(w13, w2)` swaps the stacks for one fused [gate | up] and one down projection module per
-    expert (souverain.model.quant's QuantLinear: int4 weights, each token's result the same in any batch)."""
+    expert (souverain.model.quant's QuantLinear: int4 weights, each token's result the same in any batch);
+    `fused`, set by souverain.model.quant's `prepare` on a C++ kernel backend, is then the whole feed-forward
+    in one C++ call (souverain/kernels/decoder.cpp's Moe: the same steps, plain loops between the experts'
+    products instead of ~25 ATen ops; the C++ decoder runs the same object)."""
 
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
@@ -26,6 +31,7 @@ class MoeFeedForward(nn.Module):
         self.w3 = nn.Parameter(torch.empty(e, f, d))
         self.w13s: nn.ModuleList | None = None
         self.w2s: nn.ModuleList | None = None
+        self.fused: Any | None = None
 
     def quantized(self, w13: list[nn.Module], w2: list[nn.Module]) -> None:
         self.w13s, self.w2s = nn.ModuleList(w13), nn.ModuleList(w2)
@@ -40,6 +46,9 @@ class MoeFeedForward(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # [N, D]
+        if self.fused is not None and x.dtype == torch.bfloat16 and x.device.type == "cpu" and \
+                not (torch.is_grad_enabled() and x.requires_grad):
+            return self.fused(x).view(shape)
         # Softmax over the chosen k only (= full softmax, top-k, renormalise), in fp32.
         logits = self.gate(x)  # [N, E]
         top_logits, experts = torch.topk(logits.float(), self.top_k, dim=-1)  # [N, k]

@@ -36,7 +36,7 @@ round to bf16).
 from __future__ import annotations
 
 from types import ModuleType
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -218,12 +218,39 @@ class QuantLinear(nn.Module):
 
 
 def prepare(model: _M, backend: Backend) -> _M:
-    """Pack every QuantLinear of `model` for `backend` (see QuantLinear.prepare), in place; the wiring
-    code calls it once, before building engines on the model."""
+    """Pack every QuantLinear of `model` for `backend` (see QuantLinear.prepare), in place, and give each
+    mixture of experts with quantised experts its C++ form (decoder.cpp's Moe, which the C++ decoder runs
+    too); the wiring code calls it once, before building engines on the model."""
     for module in model.modules():
         if isinstance(module, QuantLinear):
             module.prepare(backend)
+    fast = backend.ops
+    for module in model.modules():
+        if isinstance(module, MoeFeedForward) and fast is not None and module.w13s is not None and \
+                module.w2s is not None:
+            router = kernel_linear(fast, module.gate)
+            experts = [[kernel_linear(fast, m) for m in module.w13s], [kernel_linear(fast, m) for m in module.w2s]]
+            if router is not None and all(part is not None for part in [*experts[0], *experts[1]]):
+                module.fused = fast.Moe(router=router, gate_up=experts[0], down=experts[1], top_k=module.top_k)
     return model
+
+
+def kernel_linear(fast: ModuleType, m: nn.Module | None) -> Any | None:
+    """A projection's forms for the C++ kernels (decoder.cpp's Linear): an exact nn.Linear or a QuantLinear,
+    in bf16; None for anything else."""
+    if type(m) is nn.Linear:
+        if m.weight.dtype != torch.bfloat16:
+            return None
+        return fast.Linear(weight=m.weight.detach(), bias=None if m.bias is None else m.bias.detach())
+    if isinstance(m, QuantLinear):
+        bias = None if m.bias is None else m.bias.detach()
+        if m.ops is not None and m.ops is not fast:
+            return None  # packed for another backend's kernels
+        return fast.Linear(qweight=m.qweight, scales=m.scales, dense_t=m.dense_t, codes=m.codes,
+                           code_scales=m.code_scales, bias=bias, bits=m.bits,
+                           dense_rows=-1 if m.dense_rows is None else m.dense_rows, group=GROUP,
+                           isa=m.backend.q4_isa)
+    return None
 
 
 def resolve_bits(bits: str | int, quantization: str | None) -> int:
