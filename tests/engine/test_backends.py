@@ -80,7 +80,8 @@ def same_or_tie(model: Transformer, prompt: list[int], got: list[int], want: lis
 
 def test_two_engines_on_different_backends_in_one_process() -> None:
     """Each engine gets its backend by argument: no process-wide switch. AVX2 and AVX-512 compute the
-    same integer sums and the same fp32 steps, so their tokens agree too."""
+    same integer sums and the same fp32 steps for generated tokens; where the CPU has AVX-512 BF16, avx512's
+    prompt tokens take the bf16 product instead (QuantLinear.prompt_bf16), else every token agrees too."""
     names = [n for n in HERE if n in ("avx512", "avx2")] or ["torch"]
     names = [*names, "torch"] if len(names) == 1 else names
     engines = {n: make_engine(int4_model(), block_size=16, backend=choose(name=n)) for n in names}
@@ -101,7 +102,9 @@ def test_two_engines_on_different_backends_in_one_process() -> None:
         for i, p in enumerate(ps):
             same_or_tie(engine.model, p, got[n][i], list(generate_tokens(engine.model, p, max_tokens=16,
                                                                          stop_ids=[EOS])))
-    if set(names) == {"avx512", "avx2"}:
+    bf16_prompts = "avx512" in engines and any(
+        isinstance(m, QuantLinear) and m.prompt_bf16 for m in engines["avx512"].model.modules())
+    if set(names) == {"avx512", "avx2"} and not bf16_prompts:
         assert got["avx512"] == got["avx2"]
 
 
