@@ -1,5 +1,5 @@
 """Weights in the layouts of our C++ products (`amx_linear` in gemm.cpp, `q4_linear` in q4.cpp, which
-`amx_linear_q4` reads too), and back (plain PyTorch, no build)."""
+`q4_linear_bf16` reads too), and back (plain PyTorch, no build)."""
 
 from __future__ import annotations
 
