@@ -401,14 +401,14 @@ torch::Tensor product(const torch::Tensor& x, int64_t NB, int64_t KB, Panel pane
         // find the panel in L2 and leave it there: the weight's tiles are loaded with the streaming
         // hint and not prefetched into L1, where they would evict the block of x's rows that every
         // panel of the group reads again.
-        auto multiply = [&](const PanelRef& p, float* into) {
-          const bool from_memory = m0 == 0 && p.ahead != nullptr;
+        auto multiply = [&](const PanelRef& ref, float* into) {
+          const bool from_memory = m0 == 0 && ref.ahead != nullptr;
           any_block<true>(rows, p.x + m0 * ldx, ldx, KB, into, [&](int64_t kb) {
             // Read bytes some blocks ahead (past the end this fetches nothing useful, and never faults).
             if (from_memory) {
-              for (int64_t i = 0; i < p.ahead_step; i += 64) _mm_prefetch(p.ahead + kb * p.ahead_step + i, _MM_HINT_T0);
+              for (int64_t i = 0; i < ref.ahead_step; i += 64) _mm_prefetch(ref.ahead + kb * ref.ahead_step + i, _MM_HINT_T0);
             }
-            return p.w + kb * kBlock;
+            return ref.w + kb * kBlock;
           });
         };
         for (int64_t nb = g0; nb < g1; ++nb) {

@@ -12,6 +12,8 @@ import time
 import urllib.parse
 from typing import Any
 
+import pytest
+
 from souverain.db import accounts, keys, usage
 from souverain.db.database import Database
 from souverain.server.registry import Registry
@@ -193,15 +195,25 @@ def test_disconnect_cancels_and_is_still_billed(url: str, db: Database) -> None:
     assert 1 <= rows[0].completion_tokens < 400
 
 
-def test_pro_outranks_free_in_the_engine_queue(url: str, registry: Registry) -> None:
+def test_pro_outranks_free_in_the_engine_queue(url: str, registry: Registry, monkeypatch: pytest.MonkeyPatch) -> None:
     free, pro = org_key(url, "free-co", plan="free"), org_key(url, "pro-co", plan="pro")
-    stats = registry.models["serial"].engine.engine.stats
+    engine = registry.models["serial"].engine.engine
+    stats, scheduler = engine.stats, engine.scheduler
+    # The order is read where it is decided, in the engine thread: the clients' threads return in any order
+    # (Pro's response can reach its thread after Free's 4 tokens are done; CI saw that once).
+    lengths = {500: "blocker", 4: "free", 5: "pro"}
     finished: list[str] = []
+    finish = scheduler.finish
 
-    def run(name: str, key: str, tokens: int) -> None:
+    def recording_finish(seq: Any, reason: Any) -> None:
+        finished.append(lengths.get(seq.params.max_tokens, "other"))
+        finish(seq, reason)
+
+    monkeypatch.setattr(scheduler, "finish", recording_finish)
+
+    def run(key: str, tokens: int) -> None:
         body = {**COMPLETION, "model": "serial", "max_tokens": tokens, "min_tokens": tokens}
         assert call(url, "POST", "/v1/completions", key, body)[0] == 200
-        finished.append(name)
 
     def wait_for(cond: Any) -> None:
         deadline = time.monotonic() + 30
@@ -210,13 +222,13 @@ def test_pro_outranks_free_in_the_engine_queue(url: str, registry: Registry) -> 
             time.sleep(0.002)
 
     # Occupy the one-sequence engine, then queue Free before Pro: Pro must be served first.
-    threads = [threading.Thread(target=run, args=("blocker", ROOT, 500))]
+    threads = [threading.Thread(target=run, args=(ROOT, 500))]
     threads[0].start()
     wait_for(lambda: stats.running == 1)
-    threads.append(threading.Thread(target=run, args=("free", free, 4)))
+    threads.append(threading.Thread(target=run, args=(free, 4)))
     threads[1].start()
     wait_for(lambda: stats.waiting == 1)
-    threads.append(threading.Thread(target=run, args=("pro", pro, 4)))
+    threads.append(threading.Thread(target=run, args=(pro, 5)))
     threads[2].start()
     wait_for(lambda: stats.waiting == 2)
     assert not finished, "the blocker finished too early: the queue order was not tested"
