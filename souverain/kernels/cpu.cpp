@@ -358,6 +358,72 @@ void rms_norm_impl(const torch::Tensor& x, const torch::Tensor& w, double eps, t
   });
 }
 
+// The residual stream's sum h = x + r, rounded to the dtype as ATen's add rounds it, and (with a weight)
+// RMSNorm of h as rms_norm_impl computes it: one pass over the rows instead of an add, then a norm.
+template <typename T>
+void add_rows_impl(const torch::Tensor& x, const torch::Tensor& r, const torch::Tensor* w, double eps,
+                   torch::Tensor& h, torch::Tensor* out) {
+  const int64_t rows = x.numel() / x.size(-1), dim = x.size(-1);
+  const T* xp = x.data_ptr<T>();
+  const T* rp = r.data_ptr<T>();
+  T* hp = h.data_ptr<T>();
+  const T* wp = w ? w->data_ptr<T>() : nullptr;
+  T* op = out ? out->data_ptr<T>() : nullptr;
+  souverain::parallel_for(0, rows, std::max<int64_t>(1, kInlineWork / dim), [&](int64_t begin, int64_t end) {
+    std::vector<float> y(dim);
+    for (int64_t row = begin; row < end; ++row) {
+      fVec ssv(0.f);
+      for (int64_t d = 0; d < dim; d += W) {
+        const fVec v = round_to<T>(loadv(xp + row * dim + d) + loadv(rp + row * dim + d));
+        v.store(y.data() + d);
+        ssv = at::vec::fmadd(v, v, ssv);
+      }
+      store_row(y.data(), hp + row * dim, dim);
+      if (wp == nullptr) continue;
+      const float inv = 1.f / std::sqrt(ssv.reduce_add() / static_cast<float>(dim) + static_cast<float>(eps));
+      const fVec invv(inv);
+      for (int64_t d = 0; d < dim; d += W) {
+        (loadv(wp + d) * round_to<T>(loadv(y.data() + d) * invv)).store(y.data() + d);
+      }
+      store_row(y.data(), op + row * dim, dim);
+    }
+  });
+}
+
+static void check_add(const torch::Tensor& x, const torch::Tensor& r) {
+  check_cpu(x, "x");
+  check_cpu(r, "r");
+  TORCH_CHECK(x.sizes() == r.sizes() && x.scalar_type() == r.scalar_type(), "x and r must have one shape and dtype");
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat, "add takes bfloat16 or float32");
+  TORCH_CHECK(x.dim() > 0 && x.size(-1) % W == 0, "the rows' length must be a multiple of ", W);
+}
+
+torch::Tensor add_rows(torch::Tensor x, torch::Tensor r) {
+  check_add(x, r);
+  auto h = torch::empty_like(x);
+  if (x.scalar_type() == at::kBFloat16) {
+    add_rows_impl<BFloat16>(x, r, nullptr, 0., h, nullptr);
+  } else {
+    add_rows_impl<float>(x, r, nullptr, 0., h, nullptr);
+  }
+  return h;
+}
+
+std::tuple<torch::Tensor, torch::Tensor> add_rms_norm(torch::Tensor x, torch::Tensor r, torch::Tensor weight,
+                                                      double eps) {
+  check_add(x, r);
+  check_cpu(weight, "weight");
+  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == x.size(-1) && weight.scalar_type() == x.scalar_type(),
+              "weight must be [dim] in x's dtype");
+  auto h = torch::empty_like(x), out = torch::empty_like(x);
+  if (x.scalar_type() == at::kBFloat16) {
+    add_rows_impl<BFloat16>(x, r, &weight, eps, h, &out);
+  } else {
+    add_rows_impl<float>(x, r, &weight, eps, h, &out);
+  }
+  return {h, out};
+}
+
 torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {
   check_cpu(x, "x");
   check_cpu(weight, "weight");
@@ -611,6 +677,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("k_end"), py::arg("block_size"), py::arg("scale"),
         py::arg("runs") = std::vector<std::pair<int64_t, int64_t>>{});
   m.def("rms_norm", &rms_norm, "RMSNorm");
+  m.def("add_rows", &add_rows, "x + r, rounded as ATen's add rounds it");
+  m.def("add_rms_norm", &add_rms_norm, "(h, RMSNorm(h)) for h = x + r: a residual add and the next norm in one pass");
   m.def("store_kv", &store_kv, "write keys and values into the paged cache");
   m.def("argmax_rows", &argmax_rows, "argmax of each row of a float32 or bfloat16 matrix");
   m.def("silu_mul", &silu_mul, "silu(a) * b");

@@ -170,10 +170,13 @@ class Decoder {
                 "Decoder: the caches must hold one entry per layer");
     const int64_t n = h.size(0), q_width = heads_ * hd_, kv_width = kv_heads_ * hd_;
     const double scale = std::pow(static_cast<double>(hd_), -0.5);
+    // Each residual add goes with the norm after it (add_rms_norm), the last one alone: the same bits as
+    // the separate ops.
+    if (layers_.empty()) return h;
+    at::Tensor a = rms_norm(h, layers_[0].attention_norm, eps_);
     for (size_t i = 0; i < layers_.size(); ++i) {
       const Layer& l = layers_[i];
       const at::Tensor kc = k_cache[i], vc = v_cache[i];
-      const at::Tensor a = rms_norm(h, l.attention_norm, eps_);
       at::Tensor q, k, v;
       if (l.qkv.size() == 1) {
         const at::Tensor y = l.qkv[0](a);
@@ -189,14 +192,20 @@ class Decoder {
       k = rope(k.view({n, kv_heads_, hd_}), cos, sin);
       store_kv(k, v.view({n, kv_heads_, hd_}), kc, vc, slots);
       const at::Tensor o = paged_decode_attention(q, kc, vc, tables, lo, hi, block_size, scale);
-      h = at::add(h, l.wo(o.view({n, q_width})));
-      const at::Tensor f = rms_norm(h, l.ffn_norm, eps_);
+      at::Tensor f;
+      std::tie(h, f) = add_rms_norm(h, l.wo(o.view({n, q_width})), l.ffn_norm, eps_);
+      at::Tensor out;
       if (l.moe) {
-        h = at::add(h, (*l.moe)(f));
-        continue;
+        out = (*l.moe)(f);
+      } else {
+        const at::Tensor g = l.gate_up.size() == 1 ? swiglu(l.gate_up[0](f)) : silu_mul(l.gate_up[0](f), l.gate_up[1](f));
+        out = (*l.down)(g);
       }
-      const at::Tensor g = l.gate_up.size() == 1 ? swiglu(l.gate_up[0](f)) : silu_mul(l.gate_up[0](f), l.gate_up[1](f));
-      h = at::add(h, (*l.down)(g));
+      if (i + 1 < layers_.size()) {
+        std::tie(h, a) = add_rms_norm(h, out, layers_[i + 1].attention_norm, eps_);
+      } else {
+        h = add_rows(h, out);
+      }
     }
     return h;
   }

@@ -4,6 +4,7 @@
 #include <torch/extension.h>
 
 #include <functional>
+#include <tuple>
 
 namespace souverain {
 
@@ -17,6 +18,8 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, tor
                                      int64_t block_size, double scale,
                                      std::vector<std::pair<int64_t, int64_t>> runs = {});
 torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps);
+torch::Tensor add_rows(torch::Tensor x, torch::Tensor r);
+std::tuple<torch::Tensor, torch::Tensor> add_rms_norm(torch::Tensor x, torch::Tensor r, torch::Tensor weight, double eps);
 torch::Tensor silu_mul(torch::Tensor a, torch::Tensor b);
 torch::Tensor swiglu(torch::Tensor gu);
 torch::Tensor rope(torch::Tensor x, torch::Tensor cos, torch::Tensor sin);

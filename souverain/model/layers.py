@@ -94,6 +94,25 @@ class RMSNorm(nn.Module):
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(x.dtype)
 
+    def add_forward(self, x: torch.Tensor, r: torch.Tensor, ops: ModuleType | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x + r, this norm of it): a residual add and the norm after it, in one pass where the kernels run
+        (the same bits as the two ops)."""
+        fast = kernels.usable(ops, x, r, self.weight, multiple=x.shape[-1])
+        if fast is not None and x.shape == r.shape:
+            return fast.add_rms_norm(x.contiguous(), r.contiguous(), self.weight, self.eps)
+        h = x + r
+        return h, self.forward(h, ops)
+
+
+def add(x: torch.Tensor, r: torch.Tensor, ops: ModuleType | None = None) -> torch.Tensor:
+    """x + r: on the kernels' thread pool where they run (ATen's add would take OpenMP's threads, whose second
+    one waits for the core the pool's worker holds)."""
+    fast = kernels.usable(ops, x, r, multiple=x.shape[-1])
+    if fast is not None and x.shape == r.shape:
+        return fast.add_rows(x.contiguous(), r.contiguous())
+    return x + r
+
 
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs, layer: int) -> None:
@@ -200,7 +219,7 @@ class TransformerBlock(nn.Module):
         self.feed_forward: nn.Module = MoeFeedForward(args) if args.moe else FeedForward(args, layer)
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x, ctx.ops), ctx)
+        h, f = self.ffn_norm.add_forward(x, self.attention(self.attention_norm(x, ctx.ops), ctx), ctx.ops)
         if self.moe:  # LoRA adapts attention only in MoE models
-            return h + self.feed_forward(self.ffn_norm(h, ctx.ops))
-        return h + self.feed_forward(self.ffn_norm(h, ctx.ops), ctx)
+            return add(h, self.feed_forward(f), ctx.ops)
+        return add(h, self.feed_forward(f, ctx), ctx.ops)

@@ -14,13 +14,35 @@ from souverain.engine.simple import generate_tokens
 from souverain.kernels.backend import TORCH, Backend, available, choose
 from souverain.model import ModelArgs, Transformer
 from souverain.model.attention import attend
-from souverain.model.layers import RMSNorm, silu_mul
+from souverain.model.layers import RMSNorm, add, silu_mul
 from souverain.model.rope import apply_rope
 from tests.engine.toy import EOS, make_engine, run_all, tokens_of
 
 fast = kernels.load()
 pytestmark = pytest.mark.skipif(fast is None, reason="no C++ compiler here: the PyTorch ops serve")
 DTYPES = [torch.float32, torch.bfloat16]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@torch.inference_mode()
+def test_the_residual_add_and_its_norm_are_the_separate_ops(dtype: torch.dtype) -> None:
+    """add_rows is ATen's add to the bit; add_rms_norm is that sum and rms_norm of it, to the bit."""
+    torch.manual_seed(1)
+    norm = RMSNorm(576, 1e-5).to(dtype)
+    norm.weight.data = torch.randn(576).to(dtype)
+    for rows in (1, 7, 300):  # 300 rows take the threaded path
+        x, r = (torch.randn(rows, 576) * 3).to(dtype), (torch.randn(rows, 576) * 5).to(dtype)
+        assert torch.equal(add(x, r, fast), x + r)
+        h, normed = norm.add_forward(x, r, fast)
+        assert torch.equal(h, x + r) and torch.equal(normed, norm(x + r, fast))
+        # Strided inputs (a narrowed view) are read as they are.
+        wide = (torch.randn(rows, 1152) * 3).to(dtype)
+        assert torch.equal(add(wide[:, :576], r, fast), wide[:, :576] + r)
+    with pytest.raises(RuntimeError, match="one shape"):
+        fast.add_rows(torch.zeros(2, 64, dtype=dtype), torch.zeros(3, 64, dtype=dtype))
+    with pytest.raises(RuntimeError, match="weight"):
+        zeros = torch.zeros(2, 64, dtype=dtype)
+        fast.add_rms_norm(zeros, zeros, torch.ones(32, dtype=dtype), 1e-5)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
