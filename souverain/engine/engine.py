@@ -45,7 +45,7 @@ class EngineConfig:
     kv_cache_memory: int = 1 << 30  # bytes for the KV block pool
     block_size: int = 16
     max_num_seqs: int = 64
-    max_batched_tokens: int = 512  # per step: bounds how long a prompt chunk can stall decodes
+    max_batched_tokens: int = 1024  # per step: bounds how long a prompt chunk can stall decodes (vLLM-CPU: 2048)
     max_waiting: int = 256
     max_model_len: int | None = None  # default: the model's context, capped by the pool
 

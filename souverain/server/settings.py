@@ -32,7 +32,7 @@ class Settings(BaseModel):
     kv_cache_memory: int = Field(1 << 30, ge=1)  # bytes for each model's KV block pool
     max_model_len: int | None = Field(None, ge=16)  # default: each model's context, capped by its pool
     max_num_seqs: int = Field(64, ge=1)  # sequences decoded together
-    max_num_batched_tokens: int = Field(512, ge=16)  # tokens per engine step (prompt chunks + decodes)
+    max_num_batched_tokens: int = Field(1024, ge=16)  # tokens per engine step (prompt chunks + decodes)
     chat_template: str | None = None  # a Jinja template (its text) replacing the first chat model's own
     served_model_names: list[str] = Field(default_factory=list)  # the first chat model's id, then its aliases
     max_waiting: int = 256
