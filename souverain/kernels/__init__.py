@@ -96,9 +96,21 @@ def _capability() -> list[str]:
     return []
 
 
+def _ninja_on_path() -> None:
+    """PyTorch runs `ninja` from PATH; the `ninja` package puts it beside this Python, which is not on PATH when
+    `.venv/bin/souverain` runs without the venv activated (and no system ninja is installed)."""
+    import shutil
+    import sys
+
+    here = str(Path(sys.executable).parent)
+    if shutil.which("ninja") is None and shutil.which("ninja", path=here) is not None:
+        os.environ["PATH"] = os.pathsep.join([here, os.environ.get("PATH", "")])
+
+
 def _build() -> ModuleType:
     from torch.utils import cpp_extension
 
+    _ninja_on_path()
     where = build_dir()
     where.mkdir(parents=True, exist_ok=True)
     built = where / "souverain_cpu_kernels.so"

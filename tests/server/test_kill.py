@@ -2,7 +2,7 @@
 
 Every request whose stream reached `data: [DONE]` must have its usage row, because the row is committed
 before `[DONE]` is sent. Two servers at a time share the database (several writer processes), each killed in
-turn. Rounds in all: SOUVERAIN_KILL_ROUNDS (default 50).
+turn. Rounds in all: SOUVERAIN_KILL_ROUNDS (default 30: ~60 s; more for a deeper run).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from souverain.db import accounts, keys, usage
 from souverain.db.database import open_database, sqlite_url
 from tests.serving import free_port
 
-ROUNDS = int(os.environ.get("SOUVERAIN_KILL_ROUNDS", "50"))
+ROUNDS = int(os.environ.get("SOUVERAIN_KILL_ROUNDS", "30"))
 CLIENTS = 4
 
 
