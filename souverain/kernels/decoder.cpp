@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <exception>
 #include <optional>
 #include <tuple>
 #include <vector>
@@ -105,10 +106,11 @@ struct Moe {
     auto* gp = grouped.data_ptr<at::BFloat16>();
     for (int64_t p = 0; p < n * k; ++p) std::memcpy(gp + p * d, xp + slot[p] / k * d, d * sizeof(at::BFloat16));
     auto* op = out.data_ptr<at::BFloat16>();
+    const std::vector<at::Tensor> ys = run_experts(grouped, count);
     for (int64_t e = 0; e < experts; ++e) {
       const int64_t start = count[e], rows = count[e + 1] - start;
       if (rows == 0) continue;
-      const at::Tensor y = down[e](swiglu(gate_up[e](grouped.narrow(0, start, rows)))).contiguous();
+      const at::Tensor& y = ys[e];
       TORCH_CHECK(y.scalar_type() == at::kBFloat16 && y.size(1) == d, "Moe: an expert's output must be bfloat16 [N, dim]");
       const auto* yp = y.data_ptr<at::BFloat16>();
       for (int64_t r = 0; r < rows; ++r) {  // out[token] += round(y * w), rounded: tokens' slots in expert order
@@ -132,6 +134,57 @@ struct Moe {
       }
     }
     return out;
+  }
+
+  // Each expert with rows on its group (gate_up, swiglu, down), contiguous. Where every expert runs on our
+  // kernels, the experts are shared out between the pool's threads, each expert whole on one thread (its
+  // products then run inline there: the same bits, since a product's outputs are each computed by one
+  // thread whatever the split): one parallel loop per layer instead of several per expert, whose wake-ups
+  // and joins were most of a small batch's MoE step. Threads get experts by longest-first to the least
+  // loaded, an expert costing its rows plus a fixed share for reading its weights.
+  std::vector<at::Tensor> run_experts(const at::Tensor& grouped, const std::vector<int64_t>& count) const {
+    const int64_t experts = static_cast<int64_t>(gate_up.size());
+    std::vector<at::Tensor> ys(experts);
+    auto one = [&](int64_t e) {
+      ys[e] = down[e](swiglu(gate_up[e](grouped.narrow(0, count[e], count[e + 1] - count[e])))).contiguous();
+    };
+    std::vector<int64_t> active;
+    for (int64_t e = 0; e < experts; ++e) {
+      if (count[e + 1] > count[e]) active.push_back(e);
+    }
+    const bool ours = std::all_of(active.begin(), active.end(), [&](int64_t e) {
+      return gate_up[e].codes.has_value() && down[e].codes.has_value();
+    });
+    const int64_t threads = std::min<int64_t>(at::get_num_threads(), static_cast<int64_t>(active.size()));
+    if (!ours || threads <= 1) {
+      for (const int64_t e : active) one(e);
+      return ys;
+    }
+    constexpr int64_t kWeightCost = 4;  // an expert's weight read, in rows' worth of work
+    std::stable_sort(active.begin(), active.end(), [&](int64_t a, int64_t b) {
+      return count[a + 1] - count[a] > count[b + 1] - count[b];
+    });
+    std::vector<std::vector<int64_t>> share(threads);
+    std::vector<int64_t> load(threads, 0);
+    for (const int64_t e : active) {
+      const int64_t t = std::min_element(load.begin(), load.end()) - load.begin();
+      share[t].push_back(e);
+      load[t] += count[e + 1] - count[e] + kWeightCost;
+    }
+    std::vector<std::exception_ptr> failed(threads);
+    souverain::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        try {
+          for (const int64_t e : share[t]) one(e);
+        } catch (...) {  // an exception must not leave a pool thread
+          failed[t] = std::current_exception();
+        }
+      }
+    });
+    for (const auto& f : failed) {
+      if (f) std::rethrow_exception(f);
+    }
+    return ys;
   }
 };
 
