@@ -85,15 +85,23 @@ def load() -> ModuleType | None:
         return module
 
 
-def _capability() -> list[str]:
-    """ATen's vector classes pick their instruction set from these macros (as PyTorch's own
-    generated kernels do); without them the portable scalar versions compile."""
+def _capability() -> str:
+    """ATen's vector width for this CPU: its vector classes pick their instruction set from the CPU_CAPABILITY
+    macros (as PyTorch's own generated kernels do); without them the portable scalar versions compile."""
     flags = set(_cpu_flags().split())
     if {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags:
-        return ["-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"]
+        return "AVX512"
     if {"avx2", "fma"} <= flags:
-        return ["-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
-    return []
+        return "AVX2"
+    return ""
+
+
+def cflags(march: str = "native", capability: str | None = None) -> list[str]:
+    """The compiler flags the kernels build with: for this CPU, or for another kind of CPU (`march`, and ATen's
+    vector width AVX512 or AVX2), as tests/kernels/test_build.py compiles them."""
+    cap = _capability() if capability is None else capability
+    macros = [f"-DCPU_CAPABILITY={cap}", f"-DCPU_CAPABILITY_{cap}"] if cap else []
+    return ["-O3", f"-march={march}", "-fopenmp", "-ffp-contract=off", *macros]
 
 
 def _ninja_on_path() -> None:
@@ -120,7 +128,6 @@ def _build() -> ModuleType:
         # Once per machine (and after an upgrade): say so, it takes minutes.
         log.warning("building Souverain's C++ kernels for this CPU into %s (1.5-4 min on 2 cores, once; "
                     "ninja compiles the %d sources in parallel)", where, len(SOURCES))
-    flags = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", *_capability()]
     import fcntl
 
     # One build at a time per folder, under a lock the kernel releases if its holder dies: PyTorch's own `lock`
@@ -133,7 +140,7 @@ def _build() -> ModuleType:
             fcntl.flock(held, fcntl.LOCK_EX)
             (where / "lock").unlink(missing_ok=True)
             return cpp_extension.load(name="souverain_cpu_kernels", sources=[str(p) for p in SOURCES],
-                                      build_directory=str(where), extra_cflags=flags, extra_ldflags=["-fopenmp"],
+                                      build_directory=str(where), extra_cflags=cflags(), extra_ldflags=["-fopenmp"],
                                       verbose=False)
     finally:
         done.set()

@@ -333,52 +333,31 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, tor
 }
 
 // ---------------------------------------------------------------------------------------------
-// RMSNorm as the reference computes it: in fp32, rounded to the input dtype, then times the weight.
+// RMSNorm as the reference computes it: in fp32, rounded to the input dtype, then times the weight. With r,
+// the rows are the residual stream's sum x + r first, rounded to the dtype as ATen's add rounds it, and
+// written to h: a residual add and the norm after it in one pass (add_rms_norm); without w, only the sum
+// (add_rows). The same bits as the separate ops.
 template <typename T>
-void rms_norm_impl(const torch::Tensor& x, const torch::Tensor& w, double eps, torch::Tensor& out) {
+void norm_rows_impl(const torch::Tensor& x, const torch::Tensor* r, const torch::Tensor* w, double eps,
+                    torch::Tensor* h, torch::Tensor* out) {
   const int64_t rows = x.numel() / x.size(-1), dim = x.size(-1);
   const T* xp = x.data_ptr<T>();
-  const T* wp = w.data_ptr<T>();
-  T* op = out.data_ptr<T>();
-  // Small inputs (a decode step's rows) run on the calling thread: waking the pool costs more.
-  souverain::parallel_for(0, rows, std::max<int64_t>(1, kInlineWork / dim), [&](int64_t begin, int64_t end) {
-    std::vector<float> y(dim);
-    for (int64_t r = begin; r < end; ++r) {
-      const T* xr = xp + r * dim;
-      fVec ssv(0.f);
-      for (int64_t d = 0; d < dim; d += W) {
-        const fVec v = loadv(xr + d);
-        ssv = at::vec::fmadd(v, v, ssv);
-      }
-      const float inv = 1.f / std::sqrt(ssv.reduce_add() / static_cast<float>(dim) + static_cast<float>(eps));
-      const fVec invv(inv);
-      for (int64_t d = 0; d < dim; d += W) (loadv(wp + d) * round_to<T>(loadv(xr + d) * invv)).store(y.data() + d);
-      store_row(y.data(), op + r * dim, dim);
-    }
-  });
-}
-
-// The residual stream's sum h = x + r, rounded to the dtype as ATen's add rounds it, and (with a weight)
-// RMSNorm of h as rms_norm_impl computes it: one pass over the rows instead of an add, then a norm.
-template <typename T>
-void add_rows_impl(const torch::Tensor& x, const torch::Tensor& r, const torch::Tensor* w, double eps,
-                   torch::Tensor& h, torch::Tensor* out) {
-  const int64_t rows = x.numel() / x.size(-1), dim = x.size(-1);
-  const T* xp = x.data_ptr<T>();
-  const T* rp = r.data_ptr<T>();
-  T* hp = h.data_ptr<T>();
+  const T* rp = r ? r->data_ptr<T>() : nullptr;
   const T* wp = w ? w->data_ptr<T>() : nullptr;
+  T* hp = h ? h->data_ptr<T>() : nullptr;
   T* op = out ? out->data_ptr<T>() : nullptr;
+  // Small inputs (a decode step's rows) run on the calling thread: waking the pool costs more.
   souverain::parallel_for(0, rows, std::max<int64_t>(1, kInlineWork / dim), [&](int64_t begin, int64_t end) {
     std::vector<float> y(dim);
     for (int64_t row = begin; row < end; ++row) {
       fVec ssv(0.f);
       for (int64_t d = 0; d < dim; d += W) {
-        const fVec v = round_to<T>(loadv(xp + row * dim + d) + loadv(rp + row * dim + d));
+        fVec v = loadv(xp + row * dim + d);
+        if (rp) v = round_to<T>(v + loadv(rp + row * dim + d));
         v.store(y.data() + d);
         ssv = at::vec::fmadd(v, v, ssv);
       }
-      store_row(y.data(), hp + row * dim, dim);
+      if (hp) store_row(y.data(), hp + row * dim, dim);
       if (wp == nullptr) continue;
       const float inv = 1.f / std::sqrt(ssv.reduce_add() / static_cast<float>(dim) + static_cast<float>(eps));
       const fVec invv(inv);
@@ -388,6 +367,23 @@ void add_rows_impl(const torch::Tensor& x, const torch::Tensor& r, const torch::
       store_row(y.data(), op + row * dim, dim);
     }
   });
+}
+
+// norm_rows_impl in x's dtype (bfloat16 or float32).
+static void norm_rows(const torch::Tensor& x, const torch::Tensor* r, const torch::Tensor* w, double eps,
+                      torch::Tensor* h, torch::Tensor* out) {
+  if (x.scalar_type() == at::kBFloat16) {
+    norm_rows_impl<BFloat16>(x, r, w, eps, h, out);
+  } else {
+    TORCH_CHECK(x.scalar_type() == at::kFloat, "rms_norm and the adds take bfloat16 or float32");
+    norm_rows_impl<float>(x, r, w, eps, h, out);
+  }
+}
+
+static void check_weight(const torch::Tensor& x, const torch::Tensor& weight) {
+  check_cpu(weight, "weight");
+  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == x.size(-1) && weight.scalar_type() == x.scalar_type(),
+              "weight must be [dim] in x's dtype");
 }
 
 static void check_add(const torch::Tensor& x, const torch::Tensor& r) {
@@ -401,42 +397,25 @@ static void check_add(const torch::Tensor& x, const torch::Tensor& r) {
 torch::Tensor add_rows(torch::Tensor x, torch::Tensor r) {
   check_add(x, r);
   auto h = torch::empty_like(x);
-  if (x.scalar_type() == at::kBFloat16) {
-    add_rows_impl<BFloat16>(x, r, nullptr, 0., h, nullptr);
-  } else {
-    add_rows_impl<float>(x, r, nullptr, 0., h, nullptr);
-  }
+  norm_rows(x, &r, nullptr, 0., &h, nullptr);
   return h;
 }
 
 std::tuple<torch::Tensor, torch::Tensor> add_rms_norm(torch::Tensor x, torch::Tensor r, torch::Tensor weight,
                                                       double eps) {
   check_add(x, r);
-  check_cpu(weight, "weight");
-  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == x.size(-1) && weight.scalar_type() == x.scalar_type(),
-              "weight must be [dim] in x's dtype");
+  check_weight(x, weight);
   auto h = torch::empty_like(x), out = torch::empty_like(x);
-  if (x.scalar_type() == at::kBFloat16) {
-    add_rows_impl<BFloat16>(x, r, &weight, eps, h, &out);
-  } else {
-    add_rows_impl<float>(x, r, &weight, eps, h, &out);
-  }
+  norm_rows(x, &r, &weight, eps, &h, &out);
   return {h, out};
 }
 
 torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {
   check_cpu(x, "x");
-  check_cpu(weight, "weight");
-  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == x.size(-1) && weight.scalar_type() == x.scalar_type(),
-              "weight must be [dim] in x's dtype");
+  check_weight(x, weight);
   TORCH_CHECK(x.size(-1) % W == 0, "dim must be a multiple of ", W);
   auto out = torch::empty_like(x);
-  if (x.scalar_type() == at::kBFloat16) {
-    rms_norm_impl<BFloat16>(x, weight, eps, out);
-  } else {
-    TORCH_CHECK(x.scalar_type() == at::kFloat, "rms_norm takes bfloat16 or float32");
-    rms_norm_impl<float>(x, weight, eps, out);
-  }
+  norm_rows(x, nullptr, &weight, eps, nullptr, &out);
   return out;
 }
 

@@ -46,9 +46,7 @@ def test_every_cpu_kinds_sections_compile() -> None:
     includes = [f for p in [*cpp_extension.include_paths(), sysconfig.get_paths()["include"]] for f in ("-isystem", p)]
 
     def check(march: str, source: str) -> str:
-        capability = TARGETS[march][0]
-        cmd = ["c++", "-fsyntax-only", "-std=c++20", "-O3", f"-march={march}", "-fopenmp", "-w", *includes,
-               f"-DCPU_CAPABILITY={capability}", f"-DCPU_CAPABILITY_{capability}",
+        cmd = ["c++", "-fsyntax-only", "-std=c++20", "-w", *kernels.cflags(march, TARGETS[march][0]), *includes,
                "-DTORCH_EXTENSION_NAME=souverain_cpu_kernels", "-DTORCH_API_INCLUDE_EXTENSION_H", source]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         return "" if done.returncode == 0 else f"-march={march} {source}:\n{done.stderr[-3000:]}"
