@@ -199,16 +199,23 @@ void attend_item(const DecodeArgs& a, const T* qp, const T* kp, const T* vp, T* 
       }
     }
     const float* sq = scores.data() + q * R * span;
-    for (int64_t j = j0; j < j1; ++j) {
-      if (q == 0 && j + ahead < j1) {
-        for (int64_t k = 0; k < hd; k += line) __builtin_prefetch(values[j + ahead] + k);
-      }
+    auto accumulate = [&](int64_t j) {
       const T* vrow = values[j];
       for (int c = 0; c < CH; ++c) {
         const fVec v = loadv(vrow + c * W);
         for (int r = 0; r < R; ++r) out[r][c] = at::vec::fmadd(fVec(sq[r * span + j]), v, out[r][c]);
       }
+    };
+    int64_t j = j0;
+    // The rows of a run read the same values: the first fetches them, in a loop of its own (with the test
+    // inside the one loop, GCC kept out[][] on the stack: a load and a store around every FMA).
+    if (q == 0) {
+      for (; j + ahead < j1; ++j) {
+        for (int64_t k = 0; k < hd; k += line) __builtin_prefetch(values[j + ahead] + k);
+        accumulate(j);
+      }
     }
+    for (; j < j1; ++j) accumulate(j);
     for (int r = 0; r < R; ++r) {
       float row[hd];
       const fVec inv(1.f / total[r]);

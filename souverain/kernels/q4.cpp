@@ -535,9 +535,12 @@ void tiles_amx(const Quantised& xq, int64_t m, int64_t mpad, int64_t k, const ui
           }
           if (b + 2 < nb) drain(b + 2);
         }
-        for (int r = 0; r < 16 && r0 + r < m; ++r) {
-          const int64_t at = (r0 + r) * n + t * kRows;
-          store(acc[r], out ? out + at : nullptr, out32 ? out32 + at : nullptr);
+#pragma GCC unroll 16
+        for (int r = 0; r < 16; ++r) {  // (all 16, tested: a bound the compiler cannot unroll kept acc in memory)
+          if (r0 + r < m) {
+            const int64_t at = (r0 + r) * n + t * kRows;
+            store(acc[r], out ? out + at : nullptr, out32 ? out32 + at : nullptr);
+          }
         }
       }
     }
