@@ -23,13 +23,19 @@ pytestmark = pytest.mark.skipif(fast is None, reason="no C++ compiler here: the 
 DTYPES = [torch.float32, torch.bfloat16]
 
 
+def random_norm(dtype: torch.dtype) -> RMSNorm:
+    """SmolLM2's RMSNorm (dim 576) with random weights (from the caller's seed)."""
+    norm = RMSNorm(576, 1e-5).to(dtype)
+    norm.weight.data = torch.randn(576).to(dtype)
+    return norm
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @torch.inference_mode()
 def test_the_residual_add_and_its_norm_are_the_separate_ops(dtype: torch.dtype) -> None:
     """add_rows is ATen's add to the bit; add_rms_norm is that sum and rms_norm of it, to the bit."""
     torch.manual_seed(1)
-    norm = RMSNorm(576, 1e-5).to(dtype)
-    norm.weight.data = torch.randn(576).to(dtype)
+    norm = random_norm(dtype)
     for rows in (1, 7, 300):  # 300 rows take the threaded path
         x, r = (torch.randn(rows, 576) * 3).to(dtype), (torch.randn(rows, 576) * 5).to(dtype)
         assert torch.equal(add(x, r, fast), x + r)
@@ -49,8 +55,7 @@ def test_the_residual_add_and_its_norm_are_the_separate_ops(dtype: torch.dtype) 
 @torch.inference_mode()
 def test_rms_norm_rounds_as_the_reference(dtype: torch.dtype) -> None:
     torch.manual_seed(0)
-    norm = RMSNorm(576, 1e-5).to(dtype)
-    norm.weight.data = torch.randn(576).to(dtype)
+    norm = random_norm(dtype)
     for rows in (1, 32, 300):  # 300 rows take the threaded path
         x = (torch.randn(rows, 576) * 3).to(dtype)
         got, want = norm(x, fast), norm(x)  # the kernel, the PyTorch ops
