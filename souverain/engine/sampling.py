@@ -24,13 +24,16 @@ class SamplingTensors:
     repetition: torch.Tensor | None = None
     output_counts: torch.Tensor | None = None  # [R, V] how often each token was generated
     seen: torch.Tensor | None = None  # [R, V] bool: in prompt or output (repetition penalty)
-    banned: torch.Tensor | None = None  # [R, V] bool: not allowed yet (EOS before min_tokens)
+    # (rows, token ids): pairs not allowed yet (EOS and stop ids before min_tokens). A few per row, where an
+    # [R, V] mask would cost a full pass and fresh pages every step.
+    banned: tuple[torch.Tensor, torch.Tensor] | None = None
     bias: torch.Tensor | None = None  # [R, V] added to the logits (logit_bias)
 
 
 def apply_penalties(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
     """OpenAI presence/frequency penalties on generated tokens; HF/vLLM repetition penalty on
-    prompt and generated tokens (positive logits divided, negative multiplied); OpenAI's logit_bias."""
+    prompt and generated tokens (positive logits divided, negative multiplied); OpenAI's logit_bias.
+    (The bans are `ban`'s, in place.)"""
     if t.repetition is not None and t.seen is not None:
         r = t.repetition[:, None]
         penalised = torch.where(logits > 0, logits / r, logits * r)
@@ -40,9 +43,12 @@ def apply_penalties(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
         logits = logits - t.frequency[:, None] * counts - t.presence[:, None] * (counts > 0).to(logits.dtype)
     if t.bias is not None:
         logits = logits + t.bias
-    if t.banned is not None:
-        logits = logits.masked_fill(t.banned, float("-inf"))
     return logits
+
+
+def ban(logits: torch.Tensor, banned: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """The banned (row, token) pairs of `logits` set to -inf, in place."""
+    return logits.index_put_(banned, torch.tensor(float("-inf"), dtype=logits.dtype, device=logits.device))
 
 
 def apply_mask(logits: torch.Tensor, rows: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:

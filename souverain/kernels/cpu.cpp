@@ -600,38 +600,59 @@ void store_kv(torch::Tensor k, torch::Tensor v, torch::Tensor k_cache, torch::Te
 
 // ---------------------------------------------------------------------------------------------
 // Greedy sampling: the index of each row's maximum, the first one on ties, NaN above all (as argmax).
+// One vector pass keeps each lane's maximum and where it first saw it (indices as floats: exact below 2^24,
+// which argmax_rows checks); the lanes then give the smallest index holding the maximum. A row holding a NaN
+// (no lane compares greater than it) is scanned again for its first NaN.
 template <typename T>
 void argmax_impl(const T* xp, int64_t* op, int64_t rows, int64_t n) {
   souverain::parallel_for(0, rows, std::max<int64_t>(1, kInlineWork / n), [&](int64_t begin, int64_t end) {
+    float lane_at[W];
+    for (int64_t l = 0; l < W; ++l) lane_at[l] = static_cast<float>(l);
+    const fVec step(static_cast<float>(W));
     for (int64_t r = begin; r < end; ++r) {
       const T* row = xp + r * n;
-      // Vector pass for the maximum, then the first index holding it.
-      fVec mx(-INFINITY);
-      bool nan = false;
+      fVec mx(-INFINITY), at = fVec::loadu(lane_at), pos = at, nan(0.f);
       int64_t i = 0;
       for (; i + W <= n; i += W) {
         const fVec v = loadv(row + i);
-        nan = nan || v.isnan().zero_mask() != (1 << W) - 1;
-        mx = at::vec::maximum(mx, v);
+        const fVec gt = v > mx;
+        mx = fVec::blendv(mx, v, gt);
+        at = fVec::blendv(at, pos, gt);
+        nan = nan | (v != v);
+        pos = pos + step;
       }
+      float mxs[W], ats[W], nans[W];
+      mx.store(mxs);
+      at.store(ats);
+      nan.store(nans);
       float best = -INFINITY;
-      float lanes[W];
-      mx.store(lanes);
-      for (int64_t l = 0; l < W; ++l) best = std::max(best, lanes[l]);
-      for (int64_t j = i; j < n; ++j) {
-        const float x = to_float(row[j]);
-        nan = nan || std::isnan(x);
-        best = std::max(best, x);
-      }
-      int64_t at = 0;
-      for (int64_t j = 0; j < n; ++j) {
-        const float x = to_float(row[j]);
-        if (nan ? std::isnan(x) : x == best) {
-          at = j;
-          break;
+      int64_t where = 0;
+      bool seen_nan = false;
+      for (int64_t l = 0; l < W; ++l) {
+        seen_nan = seen_nan || nans[l] != 0.f;  // an all-ones bit pattern: a NaN itself
+        const auto a = static_cast<int64_t>(ats[l]);
+        if (mxs[l] > best || (mxs[l] == best && a < where)) {
+          best = mxs[l];
+          where = a;
         }
       }
-      op[r] = at;
+      for (int64_t j = i; j < n; ++j) {
+        const float x = to_float(row[j]);
+        seen_nan = seen_nan || std::isnan(x);
+        if (x > best) {
+          best = x;
+          where = j;
+        }
+      }
+      if (seen_nan) {
+        for (int64_t j = 0; j < n; ++j) {
+          if (std::isnan(to_float(row[j]))) {
+            where = j;
+            break;
+          }
+        }
+      }
+      op[r] = where;
     }
   });
 }
@@ -640,6 +661,7 @@ torch::Tensor argmax_rows(torch::Tensor x) {
   check_cpu(x, "x");
   TORCH_CHECK(x.dim() == 2 && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16) && x.size(1) > 0,
               "x: float32 or bfloat16 [R, V]");
+  TORCH_CHECK(x.size(1) < (int64_t{1} << 24), "argmax_rows: rows of under 2^24 values");
   const int64_t rows = x.size(0), n = x.size(1);
   auto out = torch::empty({rows}, x.options().dtype(at::kLong));
   if (x.scalar_type() == at::kBFloat16) {

@@ -252,6 +252,8 @@ def test_argmax_rows_is_argmax(dtype: torch.dtype) -> None:
     x[2, 12], x[2, 40000] = float("nan"), float("nan")  # NaN wins, the first
     x[3] = float("-inf")
     x[4, 49150] = 1e9  # the maximum in the scalar tail
+    x[5, 5] = x[5, 20] = x[5, 49156] = 1e9  # ties in different lanes: the earlier one, not the lower lane
+    x[6, 40000] = float("nan")  # the only NaN, late in the row
     x = x.to(dtype)  # bf16 rounding makes ties of its own
     assert torch.equal(fast.argmax_rows(x), x.argmax(-1))
 
