@@ -35,12 +35,12 @@ def rounded(kind: str) -> Callable[[torch.Tensor], torch.Tensor]:
 
     def store(x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
-        scale = xf.abs().amax(-1, keepdim=True).clamp_min(1e-12) / top
-        if kind == "int8":
-            codes = torch.round(xf / scale).clamp(-127, 127)
+        amax = xf.abs().amax(-1, keepdim=True).clamp_min(1e-12)
+        if kind == "int8":  # as store_kv writes the engine's int8 values (souverain/kernels/cpu.cpp)
+            codes = torch.round(xf * (top / amax))
         else:
-            codes = (xf / scale).to(torch.float8_e4m3fn).float()
-        return (codes * scale).to(x.dtype)
+            codes = (xf * (top / amax)).to(torch.float8_e4m3fn).float()
+        return (codes * (amax / top)).to(x.dtype)
 
     return store
 

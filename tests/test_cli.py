@@ -225,6 +225,11 @@ def test_plans_set_refuses_an_unknown_plan(tmp_path: Path) -> None:
     assert "team" in souverain("plans", "list", home=home).stdout
 
 
+def test_serve_refuses_an_unknown_kv_values_before_loading(tmp_path: Path) -> None:
+    done = souverain("serve", "--kv-values", "fp8", "--port", "1", home=tmp_path / "home")
+    assert done.returncode != 0 and "--kv-values must be auto, int8 or bf16, got 'fp8'" in done.stderr, done.stderr
+
+
 def test_stop_keep_alive_and_the_loaded_models_cap(home: Path) -> None:
     """`ps` says what is in memory and until when; `stop` unloads; a request loads again (same greedy answer);
     --max-loaded-models 1 keeps one of two in memory; --keep-alive unloads an idle model."""

@@ -48,6 +48,12 @@ class EngineConfig:
     max_batched_tokens: int = 1024  # per step: bounds how long a prompt chunk can stall decodes (vLLM-CPU: 2048)
     max_waiting: int = 256
     max_model_len: int | None = None  # default: the model's context, capped by the pool
+    # Generated tokens read the values of a bf16 cache from an int8 copy beside them (kv_cache.py): half the bytes of
+    # the read that bounds a many-stream decode step, for 1.25x the KV memory a token (vLLM's --kv-cache-dtype
+    # is the nearest knob). None: where prompt tokens attend on the tiles' products (AMX, AVX-512 BF16), which read
+    # the bf16 values (so a prompt's next token is computed as without the copy); True: wherever the C++ decode
+    # kernel runs (every query of an AVX2 step reads the copy), else an error; False: never.
+    int8_values: bool | None = None
 
 
 @dataclass(eq=False)
@@ -84,8 +90,21 @@ class LLMEngine:
         if packed:
             raise ValueError(f"the model's weights are packed for {', '.join(map(str, packed))}, not {backend}")
         fast = backend.ops
+        # The C++ decode kernel reads keys stored transposed; the PyTorch path reads either layout.
+        transposed = fast is not None and p.dtype in (torch.bfloat16, torch.float32) and fast.decode_supported(
+            args.n_heads, args.n_kv_heads, args.hd, config.block_size)
+        # Prompt tokens' queries attend on AMX tiles, or the same products on AVX-512 BF16 (bf16 models, keys
+        # from position 0), generated tokens' through the vector kernel (kv_cache.py's TileSplit).
+        isa = backend.prefill_isa
+        tiles = isa if fast is not None and transposed and isa and p.dtype == torch.bfloat16 and \
+            args.sliding_window is None and config.block_size % 16 == 0 and \
+            fast.prefill_supported(args.n_heads, args.n_kv_heads, args.hd, isa) else 0
+        if config.int8_values and not (transposed and p.dtype == torch.bfloat16):
+            raise ValueError(f"int8 KV values need the C++ decode kernel and a bfloat16 model; backend {backend}, "
+                             f"dtype {p.dtype} (leave int8_values unset, or False)")
+        int8_values = config.int8_values if config.int8_values is not None else bool(tiles)
         num_blocks = PagedKVCache.blocks_for_memory(config.kv_cache_memory, args.n_layers, config.block_size,
-                                                    args.n_kv_heads, args.hd, p.dtype)
+                                                    args.n_kv_heads, args.hd, p.dtype, int8_values)
         if num_blocks < 2:
             raise ValueError(f"kv_cache_memory {config.kv_cache_memory} holds fewer than 2 blocks")
         capacity = num_blocks * config.block_size
@@ -102,18 +121,9 @@ class LLMEngine:
         elif args.sliding_window + 2 * config.block_size > capacity:
             raise ValueError("kv_cache_memory is too small for one sliding window")
         self.max_model_len = max_len
-        # The C++ decode kernel reads keys stored transposed; the PyTorch path reads either layout.
-        transposed = fast is not None and p.dtype in (torch.bfloat16, torch.float32) and fast.decode_supported(
-            args.n_heads, args.n_kv_heads, args.hd, config.block_size)
-        # Prompt tokens' queries attend on AMX tiles, or the same products on AVX-512 BF16 (bf16 models, keys
-        # from position 0), generated tokens' through the vector kernel (kv_cache.py's TileSplit).
-        isa = backend.prefill_isa
-        tiles = isa if fast is not None and transposed and isa and p.dtype == torch.bfloat16 and \
-            args.sliding_window is None and config.block_size % 16 == 0 and \
-            fast.prefill_supported(args.n_heads, args.n_kv_heads, args.hd, isa) else 0
         self.cache = PagedKVCache(args.n_layers, num_blocks, config.block_size, args.n_kv_heads, args.hd,
                                   p.dtype, p.device, k_transposed=transposed, ops=fast if transposed else None,
-                                  tiles=tiles)
+                                  tiles=tiles, int8_values=int8_values)
         # Generated tokens' KV blocks serve later prompts only where prompt rows are computed as generated ones.
         split = bool(tiles) or any(isinstance(m, QuantLinear) and m.prompt_bf16 for m in model.modules())
         self.blocks = BlockManager(num_blocks, config.block_size, share_generated=not split)

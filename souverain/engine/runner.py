@@ -83,7 +83,7 @@ class ModelRunner:
             h = self.model.tok_embeddings(torch.tensor(tokens, device=dev))
             cos, sin = self.model.rope_tables(torch.tensor(positions, device=dev), h.dtype)
             h = self.decoder.forward(h, cos, sin, self.cache.k, self.cache.v, slot_t, rows.tables, rows.lo, rows.hi,
-                                     self.cache.block_size)
+                                     self.cache.block_size, self.cache.v8, self.cache.v_scale)
             return self.model.head(h, self.ops)
         step = PagedStep(self.cache, slot_t, [] if rows is not None else self._groups(items, offsets), rows)
         logits = self.model(torch.tensor([tokens], device=dev), torch.tensor([positions], device=dev), step,

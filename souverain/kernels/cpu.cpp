@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 namespace souverain {
@@ -31,6 +32,17 @@ inline fVec loadv(const BFloat16* p) {
   fVec out;
   at::vec::load_to_float<BFloat16>(p, out);
   return out;
+}
+inline fVec loadv(const int8_t* p) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return fVec(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)))));
+#elif defined(CPU_CAPABILITY_AVX2)
+  return fVec(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)))));
+#else
+  float f[W];
+  for (int64_t i = 0; i < W; ++i) f[i] = p[i];
+  return fVec::loadu(f);
+#endif
 }
 
 // Round to the storage type as an ATen op would (round to nearest even for bf16).
@@ -75,12 +87,18 @@ void check_cpu(const torch::Tensor& t, const char* name) {
 // Work items are (sequence, kv head); the R = H / Hkv query heads sharing a kv head are computed
 // together, so each key and value is read once; R and CH = hd / W are template parameters so
 // the accumulators stay in registers.
+//
+// The values may come from the cache's int8 copy instead (`v_int8`, written beside the bf16 values by store_kv:
+// each slot's head rounded to int8 on a scale of its own, max |v| / 127): half the bytes of the read that bounds
+// this kernel at many streams, for a mean KL to fp32 no larger than bf16 values' (bench/accuracy.py --kv int8-v).
+// A key's scale multiplies its probability (after the softmax's sum); the values' sums are otherwise the same.
 struct DecodeArgs {
   int64_t h, hkv, hd, width, block_size;
   const int32_t* table;
   const int32_t* starts;
   const int32_t* ends;
   float scale;
+  const float* v_scale;  // [slots, Hkv] with int8 values, else null
 };
 
 // Softmax over one query's scores sr[0, n), in place (exp(s - max)); returns their sum. The same
@@ -112,9 +130,9 @@ inline float softmax_row(float* sr, int64_t n) {
 // decode) and kv head g. Each row's arithmetic is a lone row's: its scores key by key as chains of FMAs
 // over the dimensions, its softmax over its own keys [lo, hi), its values summed in key order; the rows
 // only share the loads of the keys and the values' addresses.
-template <typename T, int R, int CH, int NQ>
-void attend_item(const DecodeArgs& a, const T* qp, const T* kp, const T* vp, T* op, int64_t s0, int64_t g,
-                 std::vector<float>& scores, std::vector<const T*>& values) {
+template <typename T, typename V, int R, int CH, int NQ>
+void attend_item(const DecodeArgs& a, const T* qp, const T* kp, const V* vp, T* op, int64_t s0, int64_t g,
+                 std::vector<float>& scores, std::vector<const V*>& values, std::vector<float>& value_scales) {
   constexpr int64_t hd = CH * W;
   constexpr int RQ = R * NQ;
   const int64_t bs = a.block_size;
@@ -179,28 +197,43 @@ void attend_item(const DecodeArgs& a, const T* qp, const T* kp, const T* vp, T* 
     for (int j = 0; j < nv; ++j)
       for (int i = 0; i < RQ; ++i) acc[j][i].store(scores.data() + i * span + (v0 + j) * W);
   }
-  // Where each key's values are (every slot of the blocks in reach).
+  // Where each key's values are (every slot of the blocks in reach), and with int8 values their scales.
+  constexpr bool int8_values = std::is_same_v<V, int8_t>;
   values.resize(span);
+  if (int8_values) value_scales.resize(span);
   for (int64_t b = first; b <= last; ++b) {
-    const T* base = vp + (static_cast<int64_t>(blocks[b]) * bs * a.hkv + g) * hd;
+    const int64_t slot0 = static_cast<int64_t>(blocks[b]) * bs;
+    const V* base = vp + (slot0 * a.hkv + g) * hd;
     for (int64_t o = 0; o < bs; ++o) values[(b - first) * bs + o] = base + o * a.hkv * hd;
+    if constexpr (int8_values) {
+      for (int64_t o = 0; o < bs; ++o) value_scales[(b - first) * bs + o] = a.v_scale[(slot0 + o) * a.hkv + g];
+    }
   }
+  constexpr int64_t vline = 64 / sizeof(V);  // values per cache line
   constexpr int64_t ahead = 12;  // value rows fetched this many keys ahead
   for (int q = 0; q < NQ; ++q) {
     const int64_t j0 = a.starts[s0 + q] - first * bs, j1 = a.ends[s0 + q] - first * bs;
     float total[R];
     for (int r = 0; r < R; ++r) total[r] = softmax_row(scores.data() + (q * R + r) * span + j0, j1 - j0);
+    if constexpr (int8_values) {  // each key's probability times its values' scale
+      for (int r = 0; r < R; ++r) {
+        float* sr = scores.data() + (q * R + r) * span;
+        int64_t j = j0;
+        for (; j + W <= j1; j += W) (fVec::loadu(sr + j) * fVec::loadu(value_scales.data() + j)).store(sr + j);
+        for (; j < j1; ++j) sr[j] *= value_scales[j];
+      }
+    }
     fVec out[R][CH];
     for (int r = 0; r < R; ++r)
       for (int c = 0; c < CH; ++c) out[r][c] = fVec(0.f);
     if (q == 0) {
       for (int64_t j = j0; j < std::min(j1, j0 + ahead); ++j) {
-        for (int64_t k = 0; k < hd; k += line) __builtin_prefetch(values[j] + k);
+        for (int64_t k = 0; k < hd; k += vline) __builtin_prefetch(values[j] + k);
       }
     }
     const float* sq = scores.data() + q * R * span;
     auto accumulate = [&](int64_t j) {
-      const T* vrow = values[j];
+      const V* vrow = values[j];
       for (int c = 0; c < CH; ++c) {
         const fVec v = loadv(vrow + c * W);
         for (int r = 0; r < R; ++r) out[r][c] = at::vec::fmadd(fVec(sq[r * span + j]), v, out[r][c]);
@@ -211,7 +244,7 @@ void attend_item(const DecodeArgs& a, const T* qp, const T* kp, const T* vp, T* 
     // inside the one loop, GCC kept out[][] on the stack: a load and a store around every FMA).
     if (q == 0) {
       for (; j + ahead < j1; ++j) {
-        for (int64_t k = 0; k < hd; k += line) __builtin_prefetch(values[j + ahead] + k);
+        for (int64_t k = 0; k < hd; k += vline) __builtin_prefetch(values[j + ahead] + k);
         accumulate(j);
       }
     }
@@ -230,8 +263,8 @@ void attend_item(const DecodeArgs& a, const T* qp, const T* kp, const T* vp, T* 
 // items holds as many long rows (many keys) as short ones. Every item is computed whole by one thread.
 constexpr int kRun = 4;
 
-template <typename T, int R, int CH>
-void decode_all(const DecodeArgs& a, const T* qp, const T* kp, const T* vp, T* op, int64_t n,
+template <typename T, typename V, int R, int CH>
+void decode_all(const DecodeArgs& a, const T* qp, const T* kp, const V* vp, T* op, int64_t n,
                 const std::vector<std::pair<int64_t, int64_t>>& runs) {
   std::vector<std::pair<int64_t, int64_t>> items;  // (first row, rows)
   size_t next = 0;  // runs are in row order
@@ -248,47 +281,47 @@ void decode_all(const DecodeArgs& a, const T* qp, const T* kp, const T* vp, T* o
   }
   const int64_t m = static_cast<int64_t>(items.size());
   souverain::parallel_for(0, m * a.hkv, 1, [&](int64_t begin, int64_t stop) {
-    std::vector<float> scores;
-    std::vector<const T*> values;
+    std::vector<float> scores, value_scales;
+    std::vector<const V*> values;
     for (int64_t unit = begin; unit < stop; ++unit) {
       const int64_t i = unit / a.hkv, pick = i % 2 == 0 ? i / 2 : m - 1 - i / 2, g = unit % a.hkv;
       const auto [s0, rows] = items[pick];
       if constexpr (R <= 4) {
         if (rows == kRun) {
-          attend_item<T, R, CH, kRun>(a, qp, kp, vp, op, s0, g, scores, values);
+          attend_item<T, V, R, CH, kRun>(a, qp, kp, vp, op, s0, g, scores, values, value_scales);
           continue;
         }
       }
-      attend_item<T, R, CH, 1>(a, qp, kp, vp, op, s0, g, scores, values);
+      attend_item<T, V, R, CH, 1>(a, qp, kp, vp, op, s0, g, scores, values, value_scales);
     }
   });
 }
 
-template <typename T, int CH>
-bool decode_rep(const DecodeArgs& a, const T* qp, const T* kp, const T* vp, T* op, int64_t n, int64_t rep,
+template <typename T, typename V, int CH>
+bool decode_rep(const DecodeArgs& a, const T* qp, const T* kp, const V* vp, T* op, int64_t n, int64_t rep,
                 const std::vector<std::pair<int64_t, int64_t>>& runs) {
   switch (rep) {
-    case 1: decode_all<T, 1, CH>(a, qp, kp, vp, op, n, runs); return true;
-    case 2: decode_all<T, 2, CH>(a, qp, kp, vp, op, n, runs); return true;
-    case 3: decode_all<T, 3, CH>(a, qp, kp, vp, op, n, runs); return true;
-    case 4: decode_all<T, 4, CH>(a, qp, kp, vp, op, n, runs); return true;
-    case 5: decode_all<T, 5, CH>(a, qp, kp, vp, op, n, runs); return true;
-    case 6: decode_all<T, 6, CH>(a, qp, kp, vp, op, n, runs); return true;
-    case 7: decode_all<T, 7, CH>(a, qp, kp, vp, op, n, runs); return true;
-    case 8: decode_all<T, 8, CH>(a, qp, kp, vp, op, n, runs); return true;
+    case 1: decode_all<T, V, 1, CH>(a, qp, kp, vp, op, n, runs); return true;
+    case 2: decode_all<T, V, 2, CH>(a, qp, kp, vp, op, n, runs); return true;
+    case 3: decode_all<T, V, 3, CH>(a, qp, kp, vp, op, n, runs); return true;
+    case 4: decode_all<T, V, 4, CH>(a, qp, kp, vp, op, n, runs); return true;
+    case 5: decode_all<T, V, 5, CH>(a, qp, kp, vp, op, n, runs); return true;
+    case 6: decode_all<T, V, 6, CH>(a, qp, kp, vp, op, n, runs); return true;
+    case 7: decode_all<T, V, 7, CH>(a, qp, kp, vp, op, n, runs); return true;
+    case 8: decode_all<T, V, 8, CH>(a, qp, kp, vp, op, n, runs); return true;
     default: return false;
   }
 }
 
-template <typename T>
-bool decode_dispatch(const DecodeArgs& a, const T* qp, const T* kp, const T* vp, T* op, int64_t n,
+template <typename T, typename V>
+bool decode_dispatch(const DecodeArgs& a, const T* qp, const T* kp, const V* vp, T* op, int64_t n,
                      const std::vector<std::pair<int64_t, int64_t>>& runs) {
   const int64_t rep = a.h / a.hkv;
   switch (a.hd / W) {
-    case 2: return decode_rep<T, 2>(a, qp, kp, vp, op, n, rep, runs);
-    case 4: return decode_rep<T, 4>(a, qp, kp, vp, op, n, rep, runs);
-    case 8: return decode_rep<T, 8>(a, qp, kp, vp, op, n, rep, runs);
-    case 16: return decode_rep<T, 16>(a, qp, kp, vp, op, n, rep, runs);
+    case 2: return decode_rep<T, V, 2>(a, qp, kp, vp, op, n, rep, runs);
+    case 4: return decode_rep<T, V, 4>(a, qp, kp, vp, op, n, rep, runs);
+    case 8: return decode_rep<T, V, 8>(a, qp, kp, vp, op, n, rep, runs);
+    case 16: return decode_rep<T, V, 16>(a, qp, kp, vp, op, n, rep, runs);
     default: return false;
   }
 }
@@ -301,7 +334,8 @@ bool decode_supported(int64_t n_heads, int64_t n_kv_heads, int64_t head_dim, int
 
 torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
                                      torch::Tensor block_table, torch::Tensor k_start, torch::Tensor k_end,
-                                     int64_t block_size, double scale, std::vector<std::pair<int64_t, int64_t>> runs) {
+                                     int64_t block_size, double scale, std::vector<std::pair<int64_t, int64_t>> runs,
+                                     std::optional<torch::Tensor> v_int8, std::optional<torch::Tensor> v_scale) {
   for (auto* t : {&q, &k_cache, &v_cache, &block_table, &k_start, &k_end}) check_cpu(*t, "paged_decode_attention input");
   TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && v_cache.dim() == 3,
               "q [N, H, hd], k_cache [blocks, Hkv, hd, block_size], v_cache [slots, Hkv, hd]");
@@ -314,10 +348,19 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, tor
               "block_table, k_start, k_end must be int32");
   TORCH_CHECK(block_table.size(0) == q.size(0) && k_start.size(0) == q.size(0) && k_end.size(0) == q.size(0),
               "one block table row and key range per query");
+  TORCH_CHECK(v_int8.has_value() == v_scale.has_value(), "v_int8 and v_scale go together");
+  if (v_int8) {
+    check_cpu(*v_int8, "v_int8");
+    check_cpu(*v_scale, "v_scale");
+    TORCH_CHECK(q.scalar_type() == at::kBFloat16 && v_int8->scalar_type() == at::kChar &&
+                    v_scale->scalar_type() == at::kFloat && v_int8->sizes() == v_cache.sizes() &&
+                    v_scale->dim() == 2 && v_scale->size(0) == v_cache.size(0) && v_scale->size(1) == v_cache.size(1),
+                "int8 values: bfloat16 q, v_int8 int8 shaped as v_cache, v_scale float32 [slots, Hkv]");
+  }
   auto out = torch::empty_like(q);
   DecodeArgs a{q.size(1), v_cache.size(1), q.size(2), block_table.size(1), block_size,
                block_table.data_ptr<int32_t>(), k_start.data_ptr<int32_t>(), k_end.data_ptr<int32_t>(),
-               static_cast<float>(scale)};
+               static_cast<float>(scale), v_scale ? v_scale->data_ptr<float>() : nullptr};
   const int64_t n = q.size(0);
   for (int64_t i = 0; i < n; ++i) TORCH_CHECK(a.starts[i] >= 0 && a.starts[i] < a.ends[i], "empty key range");
   int64_t covered = 0;  // rows before the previous run's end
@@ -328,13 +371,16 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, tor
     TORCH_CHECK(std::equal(a.table + row * a.width, a.table + (row + 1) * a.width,
                            a.table + (row + count - 1) * a.width), "the rows of a run must share one block table");
   }
-  if (q.scalar_type() == at::kBFloat16) {
-    decode_dispatch<BFloat16>(a, q.data_ptr<BFloat16>(), k_cache.data_ptr<BFloat16>(), v_cache.data_ptr<BFloat16>(),
-                              out.data_ptr<BFloat16>(), n, runs);
+  if (v_int8) {
+    decode_dispatch<BFloat16, int8_t>(a, q.data_ptr<BFloat16>(), k_cache.data_ptr<BFloat16>(),
+                                      v_int8->data_ptr<int8_t>(), out.data_ptr<BFloat16>(), n, runs);
+  } else if (q.scalar_type() == at::kBFloat16) {
+    decode_dispatch<BFloat16, BFloat16>(a, q.data_ptr<BFloat16>(), k_cache.data_ptr<BFloat16>(),
+                                        v_cache.data_ptr<BFloat16>(), out.data_ptr<BFloat16>(), n, runs);
   } else {
     TORCH_CHECK(q.scalar_type() == at::kFloat, "paged_decode_attention takes bfloat16 or float32");
-    decode_dispatch<float>(a, q.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(),
-                           out.data_ptr<float>(), n, runs);
+    decode_dispatch<float, float>(a, q.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(),
+                                  out.data_ptr<float>(), n, runs);
   }
   return out;
 }
@@ -551,9 +597,22 @@ torch::Tensor rope(torch::Tensor x, torch::Tensor cos, torch::Tensor sin) {
 
 // ---------------------------------------------------------------------------------------------
 // Writing a step's keys and values into the paged cache (keys as [blocks, Hkv, hd, bs] tiles).
+// With an int8 copy of the values (paged_decode_attention's `v_int8`): each slot's head rounded to the nearest
+// int8 step of max |v| / 127 (v * (127 / max |v|), ties to even; an all-zero head: scale 0, codes 0).
+inline void quantise_values(const BFloat16* src, int64_t hd, int8_t* dst, float* scale) {
+  fVec top(0.f);
+  for (int64_t d = 0; d < hd; d += W) top = at::vec::maximum(top, loadv(src + d).abs());
+  float mx = 0.f, lanes[W];
+  top.store(lanes);
+  for (int64_t l = 0; l < W; ++l) mx = std::max(mx, lanes[l]);
+  const float inv = mx > 0.f ? 127.f / mx : 0.f;
+  *scale = mx / 127.f;
+  for (int64_t d = 0; d < hd; ++d) dst[d] = static_cast<int8_t>(std::nearbyint(static_cast<float>(src[d]) * inv));
+}
+
 template <typename T>
 void store_kv_impl(const torch::Tensor& k, const torch::Tensor& v, torch::Tensor& k_cache, torch::Tensor& v_cache,
-                   const torch::Tensor& slots) {
+                   const torch::Tensor& slots, int8_t* v8, float* v_scale) {
   const int64_t n = k.size(0), hkv = k.size(1), hd = k.size(2), bs = k_cache.size(3);
   const int64_t k_stride = k.stride(0), v_stride = v.stride(0);
   const T* kp = k.data_ptr<T>();
@@ -565,6 +624,13 @@ void store_kv_impl(const torch::Tensor& k, const torch::Tensor& v, torch::Tensor
     for (int64_t i = begin; i < end; ++i) {
       const int64_t slot = sp[i], block = slot / bs, off = slot % bs;
       std::copy(vp + i * v_stride, vp + i * v_stride + hkv * hd, vc + slot * hkv * hd);
+      if constexpr (std::is_same_v<T, BFloat16>) {
+        if (v8 != nullptr) {
+          for (int64_t g = 0; g < hkv; ++g) {
+            quantise_values(vp + i * v_stride + g * hd, hd, v8 + (slot * hkv + g) * hd, v_scale + slot * hkv + g);
+          }
+        }
+      }
       for (int64_t g = 0; g < hkv; ++g) {
         const T* src = kp + i * k_stride + g * hd;
         T* tile = kc + (block * hkv + g) * hd * bs + off;
@@ -575,7 +641,8 @@ void store_kv_impl(const torch::Tensor& k, const torch::Tensor& v, torch::Tensor
 }
 
 // k's and v's rows may lie apart (sliced from a fused projection); each row's heads are contiguous.
-void store_kv(torch::Tensor k, torch::Tensor v, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor slots) {
+void store_kv(torch::Tensor k, torch::Tensor v, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor slots,
+              std::optional<torch::Tensor> v_int8, std::optional<torch::Tensor> v_scale) {
   for (auto* t : {&k_cache, &v_cache, &slots}) check_cpu(*t, "store_kv input");
   for (auto* t : {&k, &v}) {
     TORCH_CHECK(t->device().is_cpu() && t->dim() == 3 && t->stride(2) == 1 && t->stride(1) == t->size(2),
@@ -590,11 +657,22 @@ void store_kv(torch::Tensor k, torch::Tensor v, torch::Tensor k_cache, torch::Te
               k.scalar_type() == v.scalar_type(), "one dtype for k, v and the caches");
   const int64_t* sp = slots.data_ptr<int64_t>();
   for (int64_t i = 0; i < slots.size(0); ++i) TORCH_CHECK(sp[i] >= 0 && sp[i] < v_cache.size(0), "slot out of range");
+  TORCH_CHECK(v_int8.has_value() == v_scale.has_value(), "v_int8 and v_scale go together");
+  if (v_int8) {
+    check_cpu(*v_int8, "v_int8");
+    check_cpu(*v_scale, "v_scale");
+    TORCH_CHECK(k.scalar_type() == at::kBFloat16 && v_int8->scalar_type() == at::kChar &&
+                    v_scale->scalar_type() == at::kFloat && v_int8->sizes() == v_cache.sizes() &&
+                    v_scale->dim() == 2 && v_scale->size(0) == v_cache.size(0) && v_scale->size(1) == v_cache.size(1),
+                "int8 values: bfloat16 k and v, v_int8 int8 shaped as v_cache, v_scale float32 [slots, Hkv]");
+  }
+  int8_t* v8 = v_int8 ? v_int8->data_ptr<int8_t>() : nullptr;
+  float* vs = v_scale ? v_scale->data_ptr<float>() : nullptr;
   if (k.scalar_type() == at::kBFloat16) {
-    store_kv_impl<BFloat16>(k, v, k_cache, v_cache, slots);
+    store_kv_impl<BFloat16>(k, v, k_cache, v_cache, slots, v8, vs);
   } else {
     TORCH_CHECK(k.scalar_type() == at::kFloat, "store_kv takes bfloat16 or float32");
-    store_kv_impl<float>(k, v, k_cache, v_cache, slots);
+    store_kv_impl<float>(k, v, k_cache, v_cache, slots, nullptr, nullptr);
   }
 }
 
@@ -683,11 +761,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "cache; runs: (first row, rows) of consecutive rows of one sequence, computed together",
         py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("block_table"), py::arg("k_start"),
         py::arg("k_end"), py::arg("block_size"), py::arg("scale"),
-        py::arg("runs") = std::vector<std::pair<int64_t, int64_t>>{});
+        py::arg("runs") = std::vector<std::pair<int64_t, int64_t>>{}, py::arg("v_int8") = py::none(),
+        py::arg("v_scale") = py::none());
   m.def("rms_norm", &rms_norm, "RMSNorm");
   m.def("add_rows", &add_rows, "x + r, rounded as ATen's add rounds it");
   m.def("add_rms_norm", &add_rms_norm, "(h, RMSNorm(h)) for h = x + r: a residual add and the next norm in one pass");
-  m.def("store_kv", &store_kv, "write keys and values into the paged cache");
+  m.def("store_kv", &store_kv, "write keys and values into the paged cache (and the values' int8 copy, if given)",
+        py::arg("k"), py::arg("v"), py::arg("k_cache"), py::arg("v_cache"), py::arg("slots"),
+        py::arg("v_int8") = py::none(), py::arg("v_scale") = py::none());
   m.def("argmax_rows", &argmax_rows, "argmax of each row of a float32 or bfloat16 matrix");
   m.def("silu_mul", &silu_mul, "silu(a) * b");
   m.def("swiglu", &swiglu, "silu(gate) * up from a fused [gate | up] tensor");

@@ -214,13 +214,18 @@ class Decoder {
 
   // h [N, D]: one token of each of N sequences; cos/sin [N, hd]; the caches hold every layer
   // (k [L, blocks, Hkv, hd, bs], v [L, slots, Hkv, hd]); slots [N] where this step's keys go;
-  // tables [N, W], lo/hi [N]: each sequence's blocks and key range, as paged_decode_attention reads.
+  // tables [N, W], lo/hi [N]: each sequence's blocks and key range, as paged_decode_attention reads;
+  // v_int8 [L, slots, Hkv, hd] and v_scale [L, slots, Hkv]: the values' int8 copy, which attention then reads.
   at::Tensor forward(at::Tensor h, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& k_cache,
                      const at::Tensor& v_cache, const at::Tensor& slots, const at::Tensor& tables,
-                     const at::Tensor& lo, const at::Tensor& hi, int64_t block_size) const {
+                     const at::Tensor& lo, const at::Tensor& hi, int64_t block_size,
+                     const std::optional<at::Tensor>& v_int8, const std::optional<at::Tensor>& v_scale) const {
     TORCH_CHECK(h.dim() == 2 && h.scalar_type() == at::kBFloat16, "Decoder: h must be bfloat16 [N, dim]");
     TORCH_CHECK(k_cache.size(0) == static_cast<int64_t>(layers_.size()) && v_cache.size(0) == k_cache.size(0),
                 "Decoder: the caches must hold one entry per layer");
+    TORCH_CHECK(v_int8.has_value() == v_scale.has_value() &&
+                    (!v_int8 || (v_int8->size(0) == k_cache.size(0) && v_scale->size(0) == k_cache.size(0))),
+                "Decoder: v_int8 and v_scale go together, one entry per layer");
     const int64_t n = h.size(0), q_width = heads_ * hd_, kv_width = kv_heads_ * hd_;
     const double scale = std::pow(static_cast<double>(hd_), -0.5);
     // Each residual add goes with the norm after it (add_rms_norm), the last one alone: the same bits as
@@ -230,6 +235,11 @@ class Decoder {
     for (size_t i = 0; i < layers_.size(); ++i) {
       const Layer& l = layers_[i];
       const at::Tensor kc = k_cache[i], vc = v_cache[i];
+      std::optional<at::Tensor> v8, vs;
+      if (v_int8) {
+        v8 = (*v_int8)[i];
+        vs = (*v_scale)[i];
+      }
       at::Tensor q, k, v;
       if (l.qkv.size() == 1) {
         const at::Tensor y = l.qkv[0](a);
@@ -243,8 +253,8 @@ class Decoder {
       }
       q = rope(q.view({n, heads_, hd_}), cos, sin);
       k = rope(k.view({n, kv_heads_, hd_}), cos, sin);
-      store_kv(k, v.view({n, kv_heads_, hd_}), kc, vc, slots);
-      const at::Tensor o = paged_decode_attention(q, kc, vc, tables, lo, hi, block_size, scale);
+      store_kv(k, v.view({n, kv_heads_, hd_}), kc, vc, slots, v8, vs);
+      const at::Tensor o = paged_decode_attention(q, kc, vc, tables, lo, hi, block_size, scale, {}, v8, vs);
       at::Tensor f;
       std::tie(h, f) = add_rms_norm(h, l.wo(o.view({n, q_width})), l.ffn_norm, eps_);
       at::Tensor out;
@@ -311,7 +321,8 @@ void bind_decoder(pybind11::module& m) {
            py::arg("n_heads"), py::arg("n_kv_heads"), py::arg("head_dim"), py::arg("eps"))
       .def("forward", &Decoder::forward, py::arg("h"), py::arg("cos"), py::arg("sin"), py::arg("k_cache"),
            py::arg("v_cache"), py::arg("slots"), py::arg("tables"), py::arg("lo"), py::arg("hi"),
-           py::arg("block_size"), py::call_guard<py::gil_scoped_release>());
+           py::arg("block_size"), py::arg("v_int8") = py::none(), py::arg("v_scale") = py::none(),
+           py::call_guard<py::gil_scoped_release>());
 }
 
 }  // namespace souverain

@@ -4,6 +4,7 @@
 #include <torch/extension.h>
 
 #include <functional>
+#include <optional>
 #include <tuple>
 
 namespace souverain {
@@ -16,14 +17,18 @@ bool decode_supported(int64_t n_heads, int64_t n_kv_heads, int64_t head_dim, int
 torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
                                      torch::Tensor block_table, torch::Tensor k_start, torch::Tensor k_end,
                                      int64_t block_size, double scale,
-                                     std::vector<std::pair<int64_t, int64_t>> runs = {});
+                                     std::vector<std::pair<int64_t, int64_t>> runs = {},
+                                     std::optional<torch::Tensor> v_int8 = std::nullopt,
+                                     std::optional<torch::Tensor> v_scale = std::nullopt);
 torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps);
 torch::Tensor add_rows(torch::Tensor x, torch::Tensor r);
 std::tuple<torch::Tensor, torch::Tensor> add_rms_norm(torch::Tensor x, torch::Tensor r, torch::Tensor weight, double eps);
 torch::Tensor silu_mul(torch::Tensor a, torch::Tensor b);
 torch::Tensor swiglu(torch::Tensor gu);
 torch::Tensor rope(torch::Tensor x, torch::Tensor cos, torch::Tensor sin);
-void store_kv(torch::Tensor k, torch::Tensor v, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor slots);
+// v_int8/v_scale: the values' int8 copy that paged_decode_attention may read instead (bfloat16 caches only)
+void store_kv(torch::Tensor k, torch::Tensor v, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor slots,
+              std::optional<torch::Tensor> v_int8 = std::nullopt, std::optional<torch::Tensor> v_scale = std::nullopt);
 torch::Tensor argmax_rows(torch::Tensor x);
 
 // gemm.cpp

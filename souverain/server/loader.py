@@ -71,6 +71,7 @@ def load_models(settings: Settings, say: Callable[[str], None] = print) -> Regis
                                                                                 "chat"})}
         config = EngineConfig(kv_cache_memory=settings.kv_cache_memory, max_waiting=settings.max_waiting,
                               max_num_seqs=settings.max_num_seqs, max_batched_tokens=settings.max_num_batched_tokens,
+                              int8_values={"auto": None, "int8": True, "bf16": False}[settings.kv_values],
                               max_model_len=settings.max_model_len or defaults.get("parameters", {}).get("context"))
         build = _builder(path, settings.dtype, bits, tokenizer, config, adapter_cache(registry, name))
         engine = build()

@@ -33,6 +33,7 @@ class Settings(BaseModel):
     max_model_len: int | None = Field(None, ge=16)  # default: each model's context, capped by its pool
     max_num_seqs: int = Field(64, ge=1)  # sequences decoded together
     max_num_batched_tokens: int = Field(1024, ge=16)  # tokens per engine step (prompt chunks + decodes)
+    kv_values: Literal["auto", "int8", "bf16"] = "auto"  # what generated tokens attend to: EngineConfig.int8_values
     chat_template: str | None = None  # a Jinja template (its text) replacing the first chat model's own
     served_model_names: list[str] = Field(default_factory=list)  # the first chat model's id, then its aliases
     max_waiting: int = 256

@@ -119,6 +119,36 @@ def test_an_engine_refuses_a_model_packed_for_another_backend() -> None:
         prepare(model, other)
 
 
+@pytest.mark.parametrize("name", HERE)
+def test_int8_values_by_default_where_prompts_prefill_on_the_tiles(name: str) -> None:
+    """The values' int8 copy (EngineConfig.int8_values): by default where prompt tokens attend on the tiles'
+    products (AMX, AVX-512 BF16: they read the bf16 values); asked for, wherever the C++ decode kernel runs; an
+    error where it cannot (PyTorch ops, fp32 models), and its memory counted in the cache's blocks."""
+    backend = choose(name=name)
+    bf16 = int4_model().to(torch.bfloat16)
+    auto = make_engine(bf16, block_size=16, backend=backend)
+    assert (auto.cache.v8 is not None) == bool(auto.cache.tiles)
+    if backend.ops is None:
+        with pytest.raises(ValueError, match="int8 KV values need the C\\+\\+ decode kernel"):
+            make_engine(int4_model().to(torch.bfloat16), block_size=16, backend=backend, int8_values=True)
+        return
+    on = make_engine(int4_model().to(torch.bfloat16), block_size=16, backend=backend, int8_values=True)
+    off = make_engine(int4_model().to(torch.bfloat16), block_size=16, backend=backend, int8_values=False)
+    assert on.cache.v8 is not None and on.cache.v_scale is not None and off.cache.v8 is None
+    # 2 layers x 16 slots x 2 kv heads: 2 x 32 bf16 values (K and V) against 2 x 32 + 32 + 4 bytes.
+    assert on.cache.num_blocks == off.cache.num_blocks * 128 // 164
+    with pytest.raises(ValueError, match="int8 KV values need"):
+        make_engine(int4_model(), block_size=16, backend=backend, int8_values=True)  # an fp32 model
+    ps = prompts(4, seed=3)
+    params = SamplingParams(temperature=0.0, max_tokens=12)
+    outs = []
+    for engine in (on, off):
+        out = run_all(engine, {0: [Request(f"r{i}", p, params) for i, p in enumerate(ps)]})
+        outs.append([tokens_of(out[(f"r{i}", 0)]) for i in range(len(ps))])
+    assert all(len(t) > 0 for t in outs[0])
+    assert bool(on.cache.v8.any()) and bool(on.cache.v_scale.any())  # written by store_kv as the steps ran
+
+
 @pytest.mark.parametrize("name", [n for n in ("avx512", "avx2", "torch") if n in HERE])
 def test_forced_backends_pass_the_engine_greedy_equality_tests(name: str) -> None:
     """SOUVERAIN_KERNELS=name, then the engine tests that compare batched, preempted, chunked and

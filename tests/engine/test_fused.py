@@ -51,9 +51,10 @@ class Counting:
         return self.decoder.forward(*args)  # type: ignore[attr-defined]
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_decoder_logits_equal_the_python_forward(case: str) -> None:
-    engine = make_engine(model_for(case), block_size=16, max_batched_tokens=64)
+@pytest.mark.parametrize(("case", "int8_values"), [(c, True) for c in CASES] + [("int4", False)])
+def test_decoder_logits_equal_the_python_forward(case: str, int8_values: bool) -> None:
+    engine = make_engine(model_for(case), block_size=16, max_batched_tokens=64, int8_values=int8_values)
+    assert (engine.cache.v8 is not None) == int8_values  # the values' int8 copy, which both paths read
     runner = engine.runner
     assert runner.decoder is not None
     counting = Counting(runner.decoder)

@@ -159,6 +159,76 @@ def test_prefill_rows_get_a_lone_query_bits(dtype: torch.dtype, h: int, hkv: int
         fast.paged_decode_attention(rows, k_tiles, values, tables, lo, hi, bs, hd**-0.5, [(30, 8)])
 
 
+def int8_values(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference of store_kv's int8 copy: each slot's head on a scale of max |v| / 127, ties to even."""
+    v = values.float()
+    top = v.abs().amax(-1)
+    codes = (v * torch.where(top > 0, 127 / top, torch.zeros_like(top))[..., None]).round()
+    return codes.to(torch.int8), top / 127
+
+
+@pytest.mark.parametrize(("h", "hkv", "hd", "window"), [(9, 3, 64, None), (32, 8, 64, 50), (4, 1, 32, 17),
+                                                        (8, 8, 128, None)])
+@torch.inference_mode()
+def test_int8_values_attend_as_their_dequantised_bf16(h: int, hkv: int, hd: int, window: int | None) -> None:
+    """paged_decode_attention on the int8 copy: the reference attention over the codes times their scales, as
+    closely as bf16 values match theirs; and still a lone query's bits in any run of rows."""
+    bs = 16
+    q, keys, values, table, lo, hi, tables = paged_case(12, h, hkv, hd, bs, torch.bfloat16, window, seed=h + hd)
+    values[7] = 0  # a slot whose heads are all zero: scale 0
+    k_tiles = keys.view(-1, bs, hkv, hd).permute(0, 2, 3, 1).contiguous()
+    codes, scales = int8_values(values)
+    got = fast.paged_decode_attention(q, k_tiles, values, table, lo, hi, bs, hd**-0.5, v_int8=codes, v_scale=scales)
+    plain = fast.paged_decode_attention(q, k_tiles, values, table, lo, hi, bs, hd**-0.5)
+    dequantised = codes.float() * scales[..., None]
+    for s, blocks in enumerate(tables):
+        slots = torch.tensor([b * bs + o for b in blocks for o in range(bs)])[int(lo[s]) : int(hi[s])]
+        everything = torch.ones(1, 1, 1, len(slots), dtype=torch.bool)
+        want = attend(q[s][None, None].float(), keys[slots][None].float(), dequantised[slots][None], everything)[0, 0]
+        torch.testing.assert_close(got[s].float(), want, atol=2e-2, rtol=2e-2)
+    assert not torch.equal(got, plain)  # the copy was read
+    # The int8 values' error is the codes' half step at most: within what bf16's own rounding of them allows.
+    assert (got.float() - plain.float()).abs().max() < 0.05
+    longest = int(hi.argmax())
+    n = min(20, int(hi[longest]))  # a run of the longest sequence's last n positions
+    rows = torch.randn(n, h, hd).to(torch.bfloat16)
+    pos = torch.arange(n, dtype=torch.int32) + int(hi[longest]) - n
+    run_hi, run_lo = pos + 1, ((pos + 1 - window).clamp(min=0) if window else torch.zeros_like(pos))
+    run_tables = table[longest : longest + 1].expand(n, -1).contiguous()
+    alone = torch.cat([fast.paged_decode_attention(rows[i : i + 1], k_tiles, values, run_tables[i : i + 1],
+                                                   run_lo[i : i + 1], run_hi[i : i + 1], bs, hd**-0.5,
+                                                   v_int8=codes, v_scale=scales) for i in range(n)])
+    together = fast.paged_decode_attention(rows, k_tiles, values, run_tables, run_lo, run_hi, bs, hd**-0.5, [(0, n)],
+                                           v_int8=codes, v_scale=scales)
+    assert n > 1 and torch.equal(together, alone)
+
+
+def test_store_kv_writes_the_int8_values_of_the_reference() -> None:
+    g = torch.Generator().manual_seed(1)
+    blocks, bs, hkv, hd = 6, 16, 3, 64
+    k_tiles = torch.zeros(blocks, hkv, hd, bs, dtype=torch.bfloat16)
+    v_rows = torch.zeros(blocks * bs, hkv, hd, dtype=torch.bfloat16)
+    codes = torch.zeros(blocks * bs, hkv, hd, dtype=torch.int8)
+    scales = torch.zeros(blocks * bs, hkv)
+    slots = torch.randperm(blocks * bs, generator=g)[:40]
+    k = torch.randn(40, hkv, hd, generator=g).to(torch.bfloat16)
+    v = (torch.randn(40, hkv, hd, generator=g) * torch.logspace(-3, 3, 40)[:, None, None]).to(torch.bfloat16)
+    v[3, 1] = 0
+    v[5, 0] = 0
+    v[5, 0, :3] = torch.tensor([-2.0, 2.0, 1.0])  # ties: v * (127 / 2) = 63.5 rounds to 64 (even)
+    fast.store_kv(k, v, k_tiles, v_rows, slots, v_int8=codes, v_scale=scales)
+    want_codes, want_scales = int8_values(v)
+    assert torch.equal(codes[slots], want_codes) and torch.equal(scales[slots], want_scales)
+    assert torch.equal(v_rows[slots], v)  # the bf16 values too
+    untouched = torch.ones(blocks * bs, dtype=torch.bool)
+    untouched[slots] = False
+    assert not codes[untouched].any() and not scales[untouched].any()
+    with pytest.raises(RuntimeError, match="v_int8 and v_scale"):
+        fast.store_kv(k, v, k_tiles, v_rows, slots, v_int8=codes)
+    with pytest.raises(RuntimeError, match="int8 values"):
+        fast.store_kv(k, v, k_tiles, v_rows, slots, v_int8=codes.float(), v_scale=scales)
+
+
 def test_paged_decode_attention_refuses_bad_input() -> None:
     q, keys, values, table, lo, hi, _ = paged_case(2, 4, 2, 64, 16, torch.float32, None, seed=0)
     tiles = keys.view(-1, 16, 2, 64).permute(0, 2, 3, 1).contiguous()
