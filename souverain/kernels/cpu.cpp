@@ -326,6 +326,19 @@ bool decode_dispatch(const DecodeArgs& a, const T* qp, const T* kp, const V* vp,
   }
 }
 
+// The values' int8 copy, where given: beside a bfloat16 cache, v_int8 shaped as v_cache, v_scale [slots, Hkv].
+void check_int8_values(const std::optional<torch::Tensor>& v_int8, const std::optional<torch::Tensor>& v_scale,
+                       const torch::Tensor& v_cache, at::ScalarType dtype) {
+  TORCH_CHECK(v_int8.has_value() == v_scale.has_value(), "v_int8 and v_scale go together");
+  if (!v_int8) return;
+  check_cpu(*v_int8, "v_int8");
+  check_cpu(*v_scale, "v_scale");
+  TORCH_CHECK(dtype == at::kBFloat16 && v_int8->scalar_type() == at::kChar && v_scale->scalar_type() == at::kFloat &&
+                  v_int8->sizes() == v_cache.sizes() && v_scale->dim() == 2 && v_scale->size(0) == v_cache.size(0) &&
+                  v_scale->size(1) == v_cache.size(1),
+              "int8 values: a bfloat16 cache, v_int8 int8 shaped as v_cache, v_scale float32 [slots, Hkv]");
+}
+
 bool decode_supported(int64_t n_heads, int64_t n_kv_heads, int64_t head_dim, int64_t block_size) {
   const int64_t ch = head_dim / W, rep = n_kv_heads > 0 ? n_heads / n_kv_heads : 0;
   return head_dim % W == 0 && (ch == 2 || ch == 4 || ch == 8 || ch == 16) && n_heads % n_kv_heads == 0 &&
@@ -348,15 +361,7 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, tor
               "block_table, k_start, k_end must be int32");
   TORCH_CHECK(block_table.size(0) == q.size(0) && k_start.size(0) == q.size(0) && k_end.size(0) == q.size(0),
               "one block table row and key range per query");
-  TORCH_CHECK(v_int8.has_value() == v_scale.has_value(), "v_int8 and v_scale go together");
-  if (v_int8) {
-    check_cpu(*v_int8, "v_int8");
-    check_cpu(*v_scale, "v_scale");
-    TORCH_CHECK(q.scalar_type() == at::kBFloat16 && v_int8->scalar_type() == at::kChar &&
-                    v_scale->scalar_type() == at::kFloat && v_int8->sizes() == v_cache.sizes() &&
-                    v_scale->dim() == 2 && v_scale->size(0) == v_cache.size(0) && v_scale->size(1) == v_cache.size(1),
-                "int8 values: bfloat16 q, v_int8 int8 shaped as v_cache, v_scale float32 [slots, Hkv]");
-  }
+  check_int8_values(v_int8, v_scale, v_cache, q.scalar_type());
   auto out = torch::empty_like(q);
   DecodeArgs a{q.size(1), v_cache.size(1), q.size(2), block_table.size(1), block_size,
                block_table.data_ptr<int32_t>(), k_start.data_ptr<int32_t>(), k_end.data_ptr<int32_t>(),
@@ -657,15 +662,7 @@ void store_kv(torch::Tensor k, torch::Tensor v, torch::Tensor k_cache, torch::Te
               k.scalar_type() == v.scalar_type(), "one dtype for k, v and the caches");
   const int64_t* sp = slots.data_ptr<int64_t>();
   for (int64_t i = 0; i < slots.size(0); ++i) TORCH_CHECK(sp[i] >= 0 && sp[i] < v_cache.size(0), "slot out of range");
-  TORCH_CHECK(v_int8.has_value() == v_scale.has_value(), "v_int8 and v_scale go together");
-  if (v_int8) {
-    check_cpu(*v_int8, "v_int8");
-    check_cpu(*v_scale, "v_scale");
-    TORCH_CHECK(k.scalar_type() == at::kBFloat16 && v_int8->scalar_type() == at::kChar &&
-                    v_scale->scalar_type() == at::kFloat && v_int8->sizes() == v_cache.sizes() &&
-                    v_scale->dim() == 2 && v_scale->size(0) == v_cache.size(0) && v_scale->size(1) == v_cache.size(1),
-                "int8 values: bfloat16 k and v, v_int8 int8 shaped as v_cache, v_scale float32 [slots, Hkv]");
-  }
+  check_int8_values(v_int8, v_scale, v_cache, k.scalar_type());
   int8_t* v8 = v_int8 ? v_int8->data_ptr<int8_t>() : nullptr;
   float* vs = v_scale ? v_scale->data_ptr<float>() : nullptr;
   if (k.scalar_type() == at::kBFloat16) {
