@@ -610,9 +610,18 @@ inline void quantise_values(const BFloat16* src, int64_t hd, int8_t* dst, float*
   float mx = 0.f, lanes[W];
   top.store(lanes);
   for (int64_t l = 0; l < W; ++l) mx = std::max(mx, lanes[l]);
-  const float inv = mx > 0.f ? 127.f / mx : 0.f;
+  const fVec inv(mx > 0.f ? 127.f / mx : 0.f);
   *scale = mx / 127.f;
-  for (int64_t d = 0; d < hd; ++d) dst[d] = static_cast<int8_t>(std::nearbyint(static_cast<float>(src[d]) * inv));
+  for (int64_t d = 0; d < hd; d += W) {  // hd is a multiple of W (decode_supported)
+    const fVec codes = (loadv(src + d) * inv).round();  // whole numbers in [-127, 127]
+#if defined(CPU_CAPABILITY_AVX512)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + d), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(codes)));
+#else
+    float f[W];
+    codes.store(f);
+    for (int64_t i = 0; i < W; ++i) dst[d + i] = static_cast<int8_t>(f[i]);
+#endif
+  }
 }
 
 template <typename T>
