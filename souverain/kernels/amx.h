@@ -1,4 +1,4 @@
-// What the AMX kernels share (gemm.cpp, prefill.cpp): whether this build has AMX, the tile
+// What the AMX kernels share (gemm.cpp, prefill.cpp; cpu.cpp its bf16 rounding): whether this build has AMX, the tile
 // configuration, the step of a 32 x 32 output block (four accumulator tiles) and the fp32 -> bf16
 // rounding. SOUVERAIN_AMX is defined where the compiler targets
 // AMX (-march=native on an AMX CPU); `amx_available()` (gemm.cpp) says whether the OS grants it.
@@ -22,6 +22,12 @@ constexpr int64_t kBlock = 2 * kTile;  // two tiles side by side: 32 columns of 
 inline __m512i to_bf16(__m512 lo, __m512 hi) {
   const __m512bh v = _mm512_cvtne2ps_pbh(hi, lo);
   return reinterpret_cast<const __m512i&>(v);
+}
+
+// 16 fp32 values rounded to bf16 and back (nearest even, as ATen's conversion).
+inline __m512 round_bf16(__m512 v) {
+  const __m256bh b = _mm512_cvtneps_pbh(v);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(reinterpret_cast<const __m256i&>(b)), 16));
 }
 
 }  // namespace souverain::amx

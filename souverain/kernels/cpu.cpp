@@ -10,6 +10,7 @@
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
+#include "amx.h"
 #include "kernels.h"
 
 #include <algorithm>
@@ -47,13 +48,9 @@ inline fVec loadv(const int8_t* p) {
 
 // Round to the storage type as an ATen op would (round to nearest even for bf16).
 template <typename T> inline fVec round_to(const fVec& v) { return v; }
-#if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
-// The CPU's own rounding (vcvtneps2bf16: to nearest even, as ATen's): one instruction where ATen's vector
-// classes emulate it in several.
-template <> inline fVec round_to<BFloat16>(const fVec& v) {
-  const __m256bh b = _mm512_cvtneps_pbh(v);
-  return fVec(_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(reinterpret_cast<const __m256i&>(b)), 16)));
-}
+#if defined(CPU_CAPABILITY_AVX512) && defined(SOUVERAIN_BF16)
+// The CPU's own rounding (vcvtneps2bf16, amx.h): one instruction where ATen's vector classes emulate it in several.
+template <> inline fVec round_to<BFloat16>(const fVec& v) { return fVec(souverain::amx::round_bf16(v)); }
 #else
 template <> inline fVec round_to<BFloat16>(const fVec& v) {
   auto [lo, hi] = at::vec::convert_to_float<BFloat16>(at::vec::convert_from_float<BFloat16>(v, v));
@@ -70,9 +67,8 @@ inline void store_row(const float* src, float* dst, int64_t n) {
 inline void store_row(const float* src, BFloat16* dst, int64_t n) {
   int64_t i = 0;
   for (; i + 2 * W <= n; i += 2 * W) {
-#if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
-    const __m512bh b = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(src + i + W), _mm512_loadu_ps(src + i));
-    _mm512_storeu_si512(dst + i, reinterpret_cast<const __m512i&>(b));
+#if defined(CPU_CAPABILITY_AVX512) && defined(SOUVERAIN_BF16)
+    _mm512_storeu_si512(dst + i, souverain::amx::to_bf16(_mm512_loadu_ps(src + i), _mm512_loadu_ps(src + i + W)));
 #else
     at::vec::convert_from_float<BFloat16>(fVec::loadu(src + i), fVec::loadu(src + i + W)).store(dst + i);
 #endif

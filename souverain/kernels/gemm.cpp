@@ -74,6 +74,7 @@ namespace {
 #ifdef SOUVERAIN_BF16  // amx.h: the tiles' layout, and vdpbf16ps (every AMX CPU has it too)
 using souverain::amx::kBlock;
 using souverain::amx::kTile;
+using souverain::amx::round_bf16;
 using souverain::amx::to_bf16;
 constexpr int64_t kPrefetch = 4;         // blocks read ahead
 constexpr int64_t kGroupBytes = 512 << 10;  // bf16 weights a group of column blocks spans (in L2)
@@ -90,11 +91,6 @@ inline void write_rows(const float* acc, at::BFloat16* y, int64_t ldy, int rows)
   }
 }
 
-// 16 fp32 values rounded to bf16 and back (nearest even, as ATen's conversion).
-inline __m512 round_bf16(__m512 v) {
-  const __m256bh b = _mm512_cvtneps_pbh(v);
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(reinterpret_cast<const __m256i&>(b)), 16));
-}
 
 // silu(gate) * up from the accumulators of a gate block and its up block, into y: rounded as the
 // separate ops round them (the product's bf16 output, then `swiglu` in cpu.cpp: silu rounded to bf16,
